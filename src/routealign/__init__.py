@@ -1,0 +1,33 @@
+"""routealign: Mixture-of-Experts quantization that keeps the router's expert choices stable.
+
+An extension of llm-compressor and compressed-tensors. This package provides:
+
+- :mod:`routealign.routing`: every supported MoE router family, described once (selection, ordered top-k,
+  combine weights), before and after llm-compressor's ``linearize_moe``;
+- :mod:`routealign.metrics`: routing-consistency metrics (overlap@k, Jaccard, Match Score, ...);
+- :mod:`routealign.checkpoint`: faithful loading of compressed-tensors MoE checkpoints;
+- :mod:`routealign.evaluate` / :mod:`routealign.report`: ``routealign eval`` as a Python API.
+"""
+
+from .checkpoint import load_model
+from .errors import CheckpointError, InputError, NotMoEError, RouteAlignError, UnsupportedRouterError
+from .evaluate import EvalResult, evaluate
+from .routing import FAMILIES, MoELayer, RouterFamily, Routing, find_moe_layers
+
+__all__ = [
+    "FAMILIES",
+    "MoELayer",
+    "RouterFamily",
+    "Routing",
+    "find_moe_layers",
+    "load_model",
+    "evaluate",
+    "EvalResult",
+    "RouteAlignError",
+    "UnsupportedRouterError",
+    "NotMoEError",
+    "CheckpointError",
+    "InputError",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,180 @@
+"""Loading model folders faithfully.
+
+transformers 5.17's ``from_pretrained`` loads NVFP4 and asymmetric compressed-tensors MoE checkpoints wrongly. We
+therefore never let transformers' quantizer touch a compressed checkpoint: the model is built as an empty skeleton
+from its config, its experts are linearized the way llm-compressor linearized them before saving (per-expert 2-D
+``mlp.experts.E.{gate,up,down}_proj``), the checkpoint's quantization config is applied with compressed-tensors,
+the compressed tensors are loaded as stored (dtypes kept), and compressed-tensors decompresses them. Any missing or
+unexpected tensor is an error that names it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+from pathlib import Path
+
+import torch
+from loguru import logger
+from safetensors import safe_open
+
+from .errors import CheckpointError
+
+__all__ = ["load_model", "read_config", "is_compressed", "weight_files"]
+
+
+def _folder(path: str | Path) -> Path:
+    folder = Path(path)
+    if not folder.exists():
+        raise CheckpointError(f"model folder does not exist: {folder}")
+    if not folder.is_dir():
+        raise CheckpointError(f"not a model folder (it is a file): {folder}")
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"model folder has no config.json: {folder}")
+    return folder
+
+
+def read_config(path: str | Path) -> dict:
+    folder = _folder(path)
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{folder / 'config.json'} is not valid JSON: {exc}") from None
+
+
+def is_compressed(path: str | Path) -> bool:
+    qconfig = read_config(path).get("quantization_config") or {}
+    return qconfig.get("quant_method") == "compressed-tensors"
+
+
+def weight_files(path: str | Path) -> list[Path]:
+    folder = _folder(path)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [folder / n for n in names]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index} names weight files that are missing: {', '.join(missing)}")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"model folder has no *.safetensors weights: {folder}")
+    return files
+
+
+def _load_plain(folder: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    weight_files(folder)
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+
+
+_QPARAM_PREFIXES = ("weight_", "input_", "output_", "k_", "v_")
+
+
+def _is_qparam(key: str) -> bool:
+    return key.rsplit(".", 1)[-1].startswith(_QPARAM_PREFIXES)
+
+
+def _checkpoint_renamer(model):
+    """Map saved key names to the in-memory ones with the model's own key renamings (e.g. Mixtral's
+    ``block_sparse_moe`` -> ``mlp``, Nemotron-H's ``backbone`` -> ``model``). Weight *converters* (fusing per-expert
+    tensors into 3-D ones) do not apply: the skeleton is linearized like the saved model."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
+
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+
+    def rename(key: str) -> str:
+        for renaming in renamings:
+            key, _ = renaming.rename_source_key(key)
+        return key
+
+    return rename
+
+
+def _load_compressed(folder: Path, dtype: torch.dtype):
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
+    from llmcompressor.modeling.moe.linearize import linearize_moe
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    files = weight_files(folder)
+    config = AutoConfig.from_pretrained(str(folder))
+    qdict = config.quantization_config
+    del config.quantization_config
+    try:
+        qconfig = QuantizationConfig.model_validate(qdict)
+    except Exception as exc:
+        raise CheckpointError(f"{folder / 'config.json'}: invalid quantization_config: {exc}") from None
+
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    linearize_moe(model)
+    apply_quantization_config(model, qconfig)
+    compressor = ModelCompressor(quantization_config=qconfig)
+    compressor.compress_model(model)  # give every quantized module its compressed parameter layout
+
+    expected = set(model.state_dict().keys())
+    rename = _checkpoint_renamer(model)
+    loaded: set[str] = set()
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            state = {rename(key): handle.get_tensor(key) for key in handle.keys()}
+        unexpected = sorted(set(state) - expected)
+        if unexpected:
+            raise CheckpointError(
+                f"{file} holds tensors the model does not have ({len(unexpected)}), e.g. {', '.join(unexpected[:5])}"
+            )
+        current = model.state_dict()
+        wrong = [k for k, v in state.items() if tuple(v.shape) != tuple(current[k].shape)]
+        if wrong:
+            k = wrong[0]
+            raise CheckpointError(
+                f"{file}: tensor {k} has shape {tuple(state[k].shape)}, the model expects {tuple(current[k].shape)}"
+            )
+        for key, value in state.items():
+            # ordinary weights take the requested dtype; quantization parameters keep their stored dtype
+            if not _is_qparam(key) and value.is_floating_point() and current[key].is_floating_point():
+                state[key] = value.to(current[key].dtype)
+        model.load_state_dict(state, strict=False, assign=True)
+        loaded |= set(state)
+
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    params = dict(model.state_dict(keep_vars=True))
+    loaded_ptrs = {params[k].data_ptr() for k in loaded if k in params}
+    missing = sorted(k for k in expected - loaded if params[k].data_ptr() not in loaded_ptrs)
+    if missing:
+        raise CheckpointError(
+            f"{folder}: checkpoint lacks {len(missing)} tensors the model needs, e.g. {', '.join(missing[:5])}"
+        )
+    with _fp4_unpacked_in(dtype):
+        compressor.decompress_model(model)
+    return model
+
+
+@contextlib.contextmanager
+def _fp4_unpacked_in(dtype: torch.dtype):
+    """compressed-tensors 0.19 unpacks NVFP4 weights to bfloat16 whatever the model's dtype; a float32 model would
+    then carry bf16-rounded dequantized weights. Unpack in the model's dtype instead (FP4 values are exact in any
+    float dtype; the dequantization arithmetic then matches the in-memory fake-quant model's)."""
+    from compressed_tensors.compressors.nvfp4 import base as nvfp4_base
+    from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
+    from compressed_tensors.utils import patch_attr
+
+    with patch_attr(nvfp4_base, "unpack_fp4_from_uint8", functools.partial(unpack_fp4_from_uint8, dtype=dtype)):
+        yield
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"):
+    """Load a model folder for evaluation: compressed-tensors checkpoints by decompression into a linearized
+    skeleton, anything else with ``from_pretrained``. The folder is only read, never written."""
+    folder = _folder(path)
+    compressed = is_compressed(folder)
+    logger.info(f"loading {'compressed-tensors' if compressed else 'unquantized'} model from {folder}")
+    model = _load_compressed(folder, dtype) if compressed else _load_plain(folder, dtype)
+    model.to(device)
+    model.eval()
+    return model

@@ -1,0 +1,33 @@
+"""Errors routealign raises for bad input.
+
+Every error is a :class:`RouteAlignError`; the command line prints its message on one line and exits with
+status 2. Messages name the module, field or file at fault.
+"""
+
+__all__ = [
+    "RouteAlignError",
+    "UnsupportedRouterError",
+    "NotMoEError",
+    "CheckpointError",
+    "InputError",
+]
+
+
+class RouteAlignError(Exception):
+    """Base class of every error routealign raises on bad input."""
+
+
+class UnsupportedRouterError(RouteAlignError):
+    """A module looks like an MoE router, but no router family describes its class."""
+
+
+class NotMoEError(RouteAlignError):
+    """The model has no Mixture-of-Experts layer."""
+
+
+class CheckpointError(RouteAlignError):
+    """A model folder is missing, incomplete or inconsistent."""
+
+
+class InputError(RouteAlignError):
+    """Evaluation or calibration input (text, token ids, options) is unusable."""

@@ -1,0 +1,65 @@
+"""Evaluation and calibration token ids, following the shared protocol.
+
+Text is split on ``"\\n"``; each line is encoded as ``line + "\\n"`` with the model's own ``tokenizer.json`` and no
+special tokens; the ids are concatenated. Evaluation takes the first ``rows x seq_len`` ids as ``rows`` rows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .errors import InputError
+
+__all__ = ["find_tokenizer", "encode_text", "eval_rows"]
+
+
+def find_tokenizer(model_dir: str | Path | None, tokenizer: str | Path | None = None) -> Path:
+    """The ``tokenizer.json`` to use: ``tokenizer`` if given (a file or a folder holding one), else the model's."""
+    for candidate in (tokenizer, model_dir):
+        if candidate is None:
+            continue
+        path = Path(candidate)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        if path.is_file():
+            return path
+        if candidate is tokenizer:
+            raise InputError(f"tokenizer not found: {path}")
+    raise InputError(f"no tokenizer.json in {model_dir}; pass --tokenizer FILE")
+
+
+def encode_text(text_file: str | Path, tokenizer_file: str | Path) -> torch.Tensor:
+    """All ids of ``text_file`` encoded line by line (1-D long tensor)."""
+    from tokenizers import Tokenizer
+
+    path = Path(text_file)
+    if not path.is_file():
+        raise InputError(f"text file does not exist: {path}")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise InputError(f"text file is empty: {path}")
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    lines = [line + "\n" for line in text.split("\n")]
+    ids: list[int] = []
+    for enc in tok.encode_batch(lines, add_special_tokens=False):
+        ids.extend(enc.ids)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def eval_rows(ids: torch.Tensor, rows: int, seq_len: int, vocab_size: int | None = None,
+              source: str = "text") -> torch.Tensor:
+    """The first ``rows x seq_len`` ids as a ``[rows, seq_len]`` tensor (fewer rows if the text is short)."""
+    if seq_len < 2:
+        raise InputError(f"seq_len must be at least 2, got {seq_len}")
+    if rows < 1:
+        raise InputError(f"rows must be at least 1, got {rows}")
+    available = ids.numel() // seq_len
+    if available == 0:
+        raise InputError(f"{source} has {ids.numel()} tokens, fewer than one row of seq_len={seq_len}")
+    rows = min(rows, available)
+    out = ids[: rows * seq_len].view(rows, seq_len)
+    if vocab_size is not None and int(out.max()) >= vocab_size:
+        raise InputError(f"{source} has token id {int(out.max())} outside the model's vocabulary ({vocab_size})")
+    return out

@@ -1,0 +1,160 @@
+"""Faithful reload of compressed-tensors checkpoints and `routealign eval` end to end."""
+
+import json
+
+import pytest
+import torch
+
+from routealign.checkpoint import load_model
+from routealign.cli import main
+from routealign.errors import CheckpointError, InputError, NotMoEError
+from routealign.evaluate import evaluate
+from routealign.tiny import save_tiny
+
+from .conftest import calibration_ids, quantize_with_llmcompressor
+
+CASES = [
+    ("qwen3_moe", "W4A16", "pack-quantized"),
+    ("qwen3_moe", "NVFP4", "nvfp4-pack-quantized"),
+    ("glm4_moe", "W4A16_ASYM", "pack-quantized"),
+    ("glm4_moe", "NVFP4", "nvfp4-pack-quantized"),
+    ("mixtral", "NVFP4A16", "nvfp4-pack-quantized"),  # saved keys renamed (block_sparse_moe)
+]
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ref")
+    return {t: save_tiny(t, root / t, seed=11) and root / t for t in {c[0] for c in CASES}}
+
+
+@pytest.mark.parametrize("model_type,scheme,fmt", CASES)
+def test_reload_reproduces_fake_quant_logits_exactly(tmp_path, references, model_type, scheme, fmt):
+    ids = calibration_ids(rows=4, seq_len=48)
+    expected = quantize_with_llmcompressor(references[model_type], tmp_path / "q", scheme, ids)
+    config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert config["format"] == fmt
+    reloaded = load_model(tmp_path / "q", dtype=torch.float32)
+    with torch.no_grad():
+        got = reloaded(input_ids=ids).logits
+    assert torch.equal(got, expected)
+    # the reference folder is untouched by quantization and by loading
+    assert "quantization_config" not in json.loads((references[model_type] / "config.json").read_text())
+
+
+def test_eval_of_model_against_itself_is_perfect(references):
+    ref = load_model(references["glm4_moe"], dtype=torch.float32)
+    ids = calibration_ids(rows=3, seq_len=32, seed=3)
+    result = evaluate(ref, ref, ids, batch_size=2, perfect_routing=True, progress=False)
+    report = result.report
+    mean = report["routing"]["mean"]
+    for key in ("overlap_at_k", "jaccard", "exact_set", "top1", "match_score", "rank_weighted_jaccard"):
+        assert mean[key] == 1.0
+    for key in ("routing_kl", "weights_l1", "load_drift"):
+        assert mean[key] == pytest.approx(0.0, abs=1e-7)
+    ppl = report["perplexity"]
+    assert ppl["reference"] == ppl["quantized"] == ppl["quantized_perfect_routing"]
+    assert report["predictions"] == 3 * 31
+    assert [l["layer_index"] for l in report["layers"]] == [1, 2]
+
+
+def test_perfect_routing_restores_reference_choices(tmp_path, references):
+    """Under forced routing the quantized model's routers must pick exactly the reference experts."""
+    ids = calibration_ids(rows=2, seq_len=32, seed=5)
+    quantize_with_llmcompressor(references["qwen3_moe"], tmp_path / "q", "W4A16", ids)
+    ref = load_model(references["qwen3_moe"], dtype=torch.float32)
+    quant = load_model(tmp_path / "q", dtype=torch.float32)
+    plain = evaluate(ref, quant, ids, perfect_routing=True, progress=False).report
+    assert plain["routing"]["mean"]["exact_set"] < 1.0  # W4A16 on this random model changes some routes
+    assert plain["perplexity"]["quantized_perfect_routing"] != plain["perplexity"]["quantized"]
+
+
+def test_cli_eval_writes_report_and_plots(tmp_path, references, sample_text, capsys):
+    ids = calibration_ids(rows=2, seq_len=32, seed=9)
+    quantize_with_llmcompressor(references["qwen3_moe"], tmp_path / "q", "W4A16", ids)
+    out = tmp_path / "report"
+    code = main(["eval", "--reference", str(references["qwen3_moe"]), "--quantized", str(tmp_path / "q"),
+                 "--text", sample_text, "--rows", "4", "--seq-len", "64", "--dtype", "float32",
+                 "--out", str(out), "--no-progress", "--perfect-routing"])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["rows"] == 4 and report["seq_len"] == 64
+    assert set(report["perplexity"]) == {"reference", "quantized", "quantized_perfect_routing"}
+    assert len(report["routing"]["per_layer"]) == 2
+    assert 0.0 < report["routing"]["mean"]["overlap_at_k"] <= 1.0
+    for name in ("agreement_per_layer.png", "rank_confusion.png", "boundary_margin.png"):
+        assert (out / name).stat().st_size > 1000
+    md = (out / "report.md").read_text()
+    assert "| overlap@k |" in md and "model.layers.1.mlp" in md
+    assert "Routing agreement" in capsys.readouterr().out
+
+
+def _error_line(capsys):
+    """The one error line (progress bars and logs may precede it on stderr); it must be the last line."""
+    err = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()
+    errors = [line for line in err if line.startswith("routealign: error:")]
+    assert len(errors) == 1 and err[-1] == errors[0]
+    return errors[0]
+
+
+def test_cli_bad_paths_one_line_errors(tmp_path, references, sample_text, capsys):
+    ref = str(references["qwen3_moe"])
+    assert main(["eval", "--reference", str(tmp_path / "nope"), "--quantized", ref, "--text", sample_text]) == 2
+    assert _error_line(capsys) == f"routealign: error: model folder does not exist: {tmp_path / 'nope'}"
+    assert main(["eval", "--reference", ref, "--quantized", str(tmp_path), "--text", sample_text,
+                 "--dtype", "float32"]) == 2
+    assert _error_line(capsys) == f"routealign: error: model folder has no config.json: {tmp_path}"
+    assert main(["eval", "--reference", ref, "--quantized", ref, "--text", str(tmp_path / "x.txt"),
+                 "--dtype", "float32"]) == 2
+    assert _error_line(capsys) == f"routealign: error: text file does not exist: {tmp_path / 'x.txt'}"
+
+
+def test_cli_non_moe_model_error(tmp_path, sample_text, capsys):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from routealign.tiny import byte_tokenizer
+
+    dense = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128,
+                                                         num_hidden_layers=1, num_attention_heads=2))
+    dense.save_pretrained(tmp_path / "dense")
+    byte_tokenizer().save_pretrained(tmp_path / "dense")
+    d = str(tmp_path / "dense")
+    assert main(["eval", "--reference", d, "--quantized", d, "--text", sample_text, "--rows", "2",
+                 "--seq-len", "32", "--dtype", "float32", "--out", str(tmp_path / "o")]) == 2
+    assert _error_line(capsys) == "routealign: error: LlamaForCausalLM has no MoE layer " \
+                                  "(no module holds both `experts` and a `gate`/`router`)"
+
+
+def test_incomplete_checkpoint_is_rejected(tmp_path, references):
+    from safetensors.torch import load_file, save_file
+
+    ids = calibration_ids(rows=2, seq_len=32)
+    quantize_with_llmcompressor(references["qwen3_moe"], tmp_path / "q", "W4A16", ids)
+    state = load_file(tmp_path / "q" / "model.safetensors")
+    dropped = "model.layers.1.mlp.experts.3.down_proj.weight_scale"
+    del state[dropped]
+    save_file(state, tmp_path / "q" / "model.safetensors")
+    with pytest.raises(CheckpointError, match=f"checkpoint lacks 1 tensors the model needs, e.g. {dropped}"):
+        load_model(tmp_path / "q")
+
+
+def test_eval_input_errors(references):
+    from routealign.textdata import eval_rows
+
+    ref = load_model(references["qwen3_moe"], dtype=torch.float32)
+    with pytest.raises(InputError, match=r"token ids must lie in \[0, 320\)"):
+        evaluate(ref, ref, torch.full((1, 8), 400), progress=False)
+    with pytest.raises(InputError, match="fewer than one row of seq_len=512"):
+        eval_rows(torch.arange(100), rows=4, seq_len=512, source="t.txt")
+    assert eval_rows(torch.arange(100), rows=4, seq_len=30).shape == (3, 30)
+    with pytest.raises(InputError, match="outside the model's vocabulary"):
+        eval_rows(torch.arange(1000), rows=4, seq_len=100, vocab_size=320)
+
+
+def test_non_moe_evaluate_raises():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    dense = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                         num_hidden_layers=1, num_attention_heads=2))
+    with pytest.raises(NotMoEError):
+        evaluate(dense, dense, torch.zeros(1, 4, dtype=torch.long), progress=False)
