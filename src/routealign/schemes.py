@@ -1,0 +1,188 @@
+"""Straight-through fake quantization of weights, on compressed-tensors' own arithmetic.
+
+Learned rounding needs gradients through quantization; compressed-tensors' ``fake_quantize`` has none. This module
+computes the *same values* as compressed-tensors (bit for bit, tested) while letting gradients through:
+
+- rounding (to the int grid, or to FP4 e2m1 values) is a custom autograd function whose forward is
+  compressed-tensors' ``round_to_quantized_type_args`` and whose backward is the identity inside the clamp range;
+- scales and zero-points take their *values* from compressed-tensors' ``calculate_qparams`` (so FP8 rounding of
+  NVFP4 group scales, eps replacement and zero-point rounding are exactly theirs) and their *gradients* from the
+  continuous min/max formula they round.
+
+Weights may be 2-D ``[out, in]`` or stacked experts ``[E, out, in]``; groups run along the last dimension. NVFP4's
+per-tensor global scale follows llm-compressor's observers (``generate_gparam`` of the absolute maximum over a fused
+group: q/k/v, or one expert's gate/up); for stacked experts it is computed per expert.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from compressed_tensors.quantization import QuantizationArgs, QuantizationStrategy, QuantizationType
+from compressed_tensors.quantization.quant_args import FP4_E2M1_DATA, FP8_E4M3_DATA, round_to_quantized_type_args
+from compressed_tensors.quantization.utils import calculate_qparams, calculate_range
+
+__all__ = ["WeightQuantizer", "QParams", "nvfp4_global_scale"]
+
+
+@dataclass
+class QParams:
+    """Quantization parameters of one weight: ``scale`` and ``zero_point`` are ``[..., out, groups]``;
+    ``global_scale`` is ``[1]`` (2-D weight), ``[E, 1, 1]`` (stacked experts) or ``None``."""
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    global_scale: torch.Tensor | None = None
+
+
+class _RoundSTE(torch.autograd.Function):
+    """compressed-tensors' clamp-and-round in the forward, identity gradient inside the range."""
+
+    @staticmethod
+    def forward(ctx, x, args, q_min, q_max):
+        ctx.save_for_backward((x >= q_min) & (x <= q_max))
+        return round_to_quantized_type_args(tensor=x, args=args, min=q_min, max=q_max)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None, None
+
+
+def _value_with_grad(exact: torch.Tensor, continuous: torch.Tensor) -> torch.Tensor:
+    """``exact``'s value with ``continuous``'s gradient (exact when no gradient is taken)."""
+    if not continuous.requires_grad:
+        return exact
+    return _Substitute.apply(continuous, exact)
+
+
+class _Substitute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, continuous, exact):
+        return exact.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def nvfp4_global_scale(absmax: torch.Tensor) -> torch.Tensor:
+    """compressed-tensors' ``generate_gparam`` applied elementwise to absolute maxima (float32)."""
+    absmax = absmax.float().clamp(min=torch.finfo(torch.float32).tiny)
+    scale = FP8_E4M3_DATA.max * FP4_E2M1_DATA.max / absmax
+    return torch.nan_to_num(scale, nan=1.0, posinf=1.0, neginf=1.0)
+
+
+class WeightQuantizer:
+    """Fake quantization of weights for one compressed-tensors weight ``QuantizationArgs``.
+
+    Supported: int (2..8 bits) group or channel, symmetric or asymmetric (W4A16, W4A16_ASYM, W3A16, W2A16, W8A16);
+    FP4 tensor-group (NVFP4, NVFP4A16).
+    """
+
+    def __init__(self, args: QuantizationArgs):
+        strategy = args.strategy
+        if strategy not in (QuantizationStrategy.GROUP, QuantizationStrategy.TENSOR_GROUP,
+                            QuantizationStrategy.CHANNEL):
+            raise ValueError(f"weight strategy '{QuantizationStrategy(strategy).value}' is not supported by learned rounding "
+                             "(supported: group, tensor_group, channel)")
+        if args.type == QuantizationType.FLOAT and args.num_bits != 4:
+            raise ValueError(f"float weights of {args.num_bits} bits are not supported (FP4 only)")
+        self.args = args
+
+    @property
+    def is_fp4(self) -> bool:
+        return self.args.type == QuantizationType.FLOAT and self.args.num_bits == 4
+
+    @property
+    def uses_global_scale(self) -> bool:
+        return self.args.strategy == QuantizationStrategy.TENSOR_GROUP
+
+    def group_size(self, in_features: int) -> int:
+        if self.args.strategy == QuantizationStrategy.CHANNEL:
+            return in_features
+        size = int(self.args.group_size)
+        if in_features % size:
+            raise ValueError(f"group_size {size} does not divide the input dimension {in_features}")
+        return size
+
+    def _grouped(self, w: torch.Tensor) -> torch.Tensor:
+        size = self.group_size(w.shape[-1])
+        return w.unflatten(-1, (w.shape[-1] // size, size))
+
+    def group_minmax(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-group minimum and maximum, ``[..., out, groups]``."""
+        g = self._grouped(w)
+        return g.amin(-1), g.amax(-1)
+
+    def global_scale(self, *weights: torch.Tensor) -> torch.Tensor | None:
+        """Shared NVFP4 global scale of a fused group of weights (``None`` for other schemes): ``[1]`` for 2-D
+        weights, ``[E, 1, 1]`` per expert for stacked ``[E, out, in]`` weights."""
+        if not self.uses_global_scale:
+            return None
+        dims = (-1, -2)
+        absmax = torch.stack([w.detach().abs().amax(dim=dims) for w in weights]).amax(0)
+        scale = nvfp4_global_scale(absmax)
+        return scale.reshape(1) if weights[0].ndim == 2 else scale.reshape(-1, 1, 1)
+
+    def qparams(self, wmin: torch.Tensor, wmax: torch.Tensor, global_scale: torch.Tensor | None = None) -> QParams:
+        """Scale and zero-point from (possibly clipped) group minima and maxima. Values are compressed-tensors'
+        ``calculate_qparams``; gradients flow to ``wmin``/``wmax`` through the continuous formula."""
+        with torch.no_grad():
+            if global_scale is not None and global_scale.numel() > 1:
+                # calculate_qparams takes one global scale: apply it per expert
+                pairs = [calculate_qparams(lo, hi, self.args, global_scale=gs.reshape(1))
+                         for lo, hi, gs in zip(wmin.detach(), wmax.detach(), global_scale)]
+                scale = torch.stack([p[0] for p in pairs])
+                zero_point = torch.stack([p[1] for p in pairs])
+            else:
+                scale, zero_point = calculate_qparams(wmin.detach(), wmax.detach(), self.args, global_scale)
+        if not (wmin.requires_grad or wmax.requires_grad):
+            return QParams(scale, zero_point, global_scale)
+        q_min, q_max = calculate_range(self.args, wmin.device)
+        lo = torch.minimum(wmin, torch.zeros_like(wmin))
+        hi = torch.maximum(wmax, torch.zeros_like(wmax))
+        if self.args.symmetric:
+            cont_scale = torch.maximum(lo.abs(), hi.abs()) / ((q_max - q_min).to(hi.dtype) / 2)
+            cont_zp = None
+        else:
+            cont_scale = (hi - lo) / (q_max - q_min).to(hi.dtype)
+            cont_zp = q_min - lo / cont_scale.clamp_min(torch.finfo(cont_scale.dtype).tiny)
+        if global_scale is not None:
+            cont_scale = global_scale * cont_scale
+        scale = _value_with_grad(scale, cont_scale.to(scale.dtype))
+        if cont_zp is not None:
+            zero_point = _value_with_grad(zero_point, cont_zp.to(zero_point.dtype)) if zero_point.is_floating_point() \
+                else zero_point
+        return QParams(scale, zero_point, global_scale)
+
+    def rtn_qparams(self, w: torch.Tensor, global_scale: torch.Tensor | None = None) -> QParams:
+        """Round-to-nearest parameters (llm-compressor's memoryless min/max observer)."""
+        if global_scale is None:
+            global_scale = self.global_scale(w)
+        return self.qparams(*self.group_minmax(w.detach()), global_scale)
+
+    def fake_quant(self, w: torch.Tensor, qp: QParams, offset: torch.Tensor | None = None) -> torch.Tensor:
+        """Quantize-dequantize ``w`` (with an optional rounding ``offset`` added before rounding, in grid units).
+
+        With ``offset=None`` the value equals compressed-tensors' ``fake_quantize(w, scale, zero_point, args,
+        global_scale)`` bit for bit; gradients reach ``w``, ``offset`` and ``qp``'s scale/zero-point.
+        """
+        q_min, q_max = calculate_range(self.args, w.device)
+        x = self._grouped(w)
+        scale = qp.scale.unsqueeze(-1)
+        zp = qp.zero_point.unsqueeze(-1) if qp.zero_point is not None else None
+        if qp.global_scale is not None:
+            gs = qp.global_scale if qp.global_scale.ndim <= 1 else qp.global_scale.unsqueeze(-1)
+            scale = scale / gs
+        scaled = x / scale
+        if zp is not None:
+            scaled = scaled + zp.to(x.dtype)
+        if offset is not None:
+            scaled = scaled + self._grouped(offset).to(scaled.dtype)
+        q = _RoundSTE.apply(scaled, self.args, q_min, q_max)
+        dq = q.to(scale.dtype)
+        if zp is not None:
+            dq = dq - zp.to(scale.dtype)
+        return (dq * scale).flatten(start_dim=-2).to(w.dtype)

@@ -1,0 +1,115 @@
+"""Router objectives: zero when quantized equals full precision, hand-computed values, useful gradients."""
+
+import math
+
+import pytest
+import torch
+
+from routealign.losses import OBJECTIVES, RouterLoss, RouterLossConfig
+from routealign.metrics import rank_weighted_jaccard
+from routealign.routing import find_moe_layers
+from routealign.tiny import tiny_model
+
+
+def _router(model_type, **overrides):
+    layer = find_moe_layers(tiny_model(model_type, **overrides))[0]
+    return layer.family, layer.router
+
+
+def sp(x):
+    return math.log1p(math.exp(x))
+
+
+def sig(x):
+    return 1 / (1 + math.exp(-x))
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "deepseek_v3", "glm4_moe", "gpt_oss", "qwen2_moe"])
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_zero_when_quantized_equals_full_precision(model_type, objective):
+    family, router = _router(model_type)
+    z = torch.randn(64, router.num_experts, generator=torch.Generator().manual_seed(0)) * 2
+    loss = RouterLoss(RouterLossConfig(objective=objective), family, router)
+    tgt = loss.target(z)
+    value = loss(z.clone().requires_grad_(), tgt)
+    assert value.item() == pytest.approx(0.0, abs=1e-6)
+    if objective != "none":
+        noisy = loss(z + 0.5 * torch.randn(z.shape, generator=torch.Generator().manual_seed(1)), tgt)
+        assert noisy.item() > 1e-4
+
+
+def _hand_case():
+    family, router = _router("qwen3_moe", num_experts=4, num_experts_per_tok=2)
+    z_fp = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    z_q = torch.tensor([[2.5, 2.2, 1.1, 0.0]], requires_grad=True)
+    return family, router, z_fp, z_q
+
+
+def test_vsraq_hand_computed():
+    family, router, z_fp, z_q = _hand_case()
+    topk = ((2.5 - 3) ** 2 + (2.2 - 2) ** 2) / 2
+    w3, w2 = sig(3) * (1 - sig(3)) + 1e-3, sig(2) * (1 - sig(2)) + 1e-3
+    sigm = (w3 * (sig(2.5) - sig(3)) ** 2 + w2 * (sig(2.2) - sig(2)) ** 2) / 2
+    margin = ((2.2 - 1.1) - (2 - 1)) ** 2
+    for anchor, rank in ((False, sp(-(2.5 - 2.2))), (True, sp(-(2.5 - 2.2)) - sp(-(3 - 2)))):
+        loss = RouterLoss(RouterLossConfig(objective="vsraq", rank_anchor=anchor), family, router)
+        terms = loss.terms(z_q, loss.target(z_fp))
+        assert terms["topk_mse"].item() == pytest.approx(topk, rel=1e-6)
+        assert terms["sigmoid_mse"].item() == pytest.approx(sigm, rel=1e-5)
+        assert terms["rank"].item() == pytest.approx(rank, rel=1e-6)
+        assert terms["margin"].item() == pytest.approx(margin, rel=1e-5)
+        total = loss(z_q, loss.target(z_fp)).item()
+        assert total == pytest.approx(0.7 * topk + 0.3 * sigm + 0.01 * rank + 0.05 * margin, rel=1e-5)
+
+
+def test_anchored_rank_is_zero_when_gap_grows():
+    family, router, z_fp, _ = _hand_case()
+    loss = RouterLoss(RouterLossConfig(objective="vsraq"), family, router)
+    wider = torch.tensor([[3.5, 2.0, 1.0, 0.0]])
+    assert loss.rank_loss(wider, loss.target(z_fp)).item() == 0.0
+    paper = RouterLoss(RouterLossConfig(objective="vsraq", rank_anchor=False), family, router)
+    assert paper.rank_loss(wider, paper.target(z_fp)).item() == pytest.approx(sp(-1.5))
+
+
+def test_topk_mse_kl_gap_hinge_hand_computed():
+    family, router, z_fp, z_q = _hand_case()
+    tgt = RouterLoss(RouterLossConfig(), family, router).target(z_fp)
+    kl = RouterLoss(RouterLossConfig(objective="kl"), family, router)
+    p = [sig(1.0), 1 - sig(1.0)]  # softmax over the two chosen logits (norm_topk_prob)
+    q = [sig(0.3), 1 - sig(0.3)]
+    assert kl.kl(z_q, tgt).item() == pytest.approx(sum(a * math.log(a / b) for a, b in zip(p, q)), rel=1e-5)
+    eq = RouterLoss(RouterLossConfig(objective="expertquant"), family, router)
+    assert eq.gap_hinge(z_q, tgt).item() == pytest.approx((3 - 2) - (2.5 - 2.2), rel=1e-6)
+
+
+def test_soft_jaccard_tends_to_exact_rank_weighted_jaccard():
+    family, router = _router("qwen3_moe", num_experts=8, num_experts_per_tok=4)
+    z_fp = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0, -1.0, -2.0, -3.0]])
+    z_q = torch.tensor([[4.0, 3.0, 0.9, 1.0, 0.0, -1.0, -2.0, -3.0]])  # experts 2 and 3 swap
+    loss = RouterLoss(RouterLossConfig(objective="expertquant", tau=1e-3), family, router)
+    exact = 1 - rank_weighted_jaccard(torch.tensor([[0, 1, 2, 3]]), torch.tensor([[0, 1, 3, 2]])).item()
+    assert loss.soft_rank_jaccard(z_q, loss.target(z_fp)).item() == pytest.approx(exact, abs=1e-4)
+    dropped = torch.tensor([[4.0, 3.0, 2.0, -0.5, 0.0, -1.0, -2.0, -3.0]])  # expert 3 leaves, 4 enters
+    exact = 1 - rank_weighted_jaccard(torch.tensor([[0, 1, 2, 3]]), torch.tensor([[0, 1, 2, 4]])).item()
+    assert loss.soft_rank_jaccard(dropped, loss.target(z_fp)).item() == pytest.approx(exact, abs=1e-4)
+
+
+def test_gradients_push_toward_full_precision_order():
+    family, router, z_fp, _ = _hand_case()
+    z_q = torch.tensor([[2.0, 2.4, 1.0, 0.0]], requires_grad=True)  # top-2 order inverted
+    for objective in ("vsraq", "expertquant", "topk_mse", "kl"):
+        z = z_q.detach().clone().requires_grad_()
+        loss = RouterLoss(RouterLossConfig(objective=objective), family, router)
+        loss(z, loss.target(z_fp)).backward()
+        assert z.grad[0, 0] < 0 and z.grad[0, 1] > 0, objective  # descent raises expert 0, lowers expert 1
+
+
+def test_sigmoid_family_uses_corrected_scores_and_groups():
+    family, router = _router("deepseek_v3")
+    z = torch.randn(16, router.num_experts, generator=torch.Generator().manual_seed(3))
+    loss = RouterLoss(RouterLossConfig(objective="vsraq"), family, router)
+    tgt = loss.target(z)
+    selected = family.route(router, z).indices
+    assert torch.equal(tgt.order[:, : loss.k].sort(-1).values, selected.sort(-1).values)
+    expected = z.sigmoid() + router.e_score_correction_bias
+    torch.testing.assert_close(loss.selection(z), expected)
