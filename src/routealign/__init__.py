@@ -6,15 +6,24 @@ An extension of llm-compressor and compressed-tensors. This package provides:
   combine weights), before and after llm-compressor's ``linearize_moe``;
 - :mod:`routealign.metrics`: routing-consistency metrics (overlap@k, Jaccard, Match Score, ...);
 - :mod:`routealign.checkpoint`: faithful loading of compressed-tensors MoE checkpoints;
-- :mod:`routealign.evaluate` / :mod:`routealign.report`: ``routealign eval`` as a Python API.
+- :mod:`routealign.evaluate` / :mod:`routealign.report`: ``routealign eval`` as a Python API;
+- :class:`RouterAlignedRoundingModifier` (:mod:`routealign.tuning`, :mod:`routealign.losses`,
+  :mod:`routealign.schemes`): router-aligned learned rounding as an llm-compressor modifier.
+
+Importing the package registers its modifiers with llm-compressor's ``ModifierFactory`` so YAML recipes can name
+them.
 """
 
 from .checkpoint import load_model
 from .errors import CheckpointError, InputError, NotMoEError, RouteAlignError, UnsupportedRouterError
 from .evaluate import EvalResult, evaluate
+from .modifiers import RouterAlignedRoundingModifier, register_modifiers
 from .routing import FAMILIES, MoELayer, RouterFamily, Routing, find_moe_layers
 
+register_modifiers()
+
 __all__ = [
+    "RouterAlignedRoundingModifier",
     "FAMILIES",
     "MoELayer",
     "RouterFamily",

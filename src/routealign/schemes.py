@@ -68,10 +68,11 @@ class _Substitute(torch.autograd.Function):
 
 
 def nvfp4_global_scale(absmax: torch.Tensor) -> torch.Tensor:
-    """compressed-tensors' ``generate_gparam`` applied elementwise to absolute maxima (float32)."""
-    absmax = absmax.float().clamp(min=torch.finfo(torch.float32).tiny)
+    """compressed-tensors' ``generate_gparam`` applied elementwise to absolute maxima: computed in the maxima's
+    dtype (bf16 weights give a bf16-rounded scale, as llm-compressor's observers do), returned as float32."""
+    absmax = absmax.clamp(min=torch.finfo(absmax.dtype).tiny)
     scale = FP8_E4M3_DATA.max * FP4_E2M1_DATA.max / absmax
-    return torch.nan_to_num(scale, nan=1.0, posinf=1.0, neginf=1.0)
+    return torch.nan_to_num(scale, nan=1.0, posinf=1.0, neginf=1.0).to(torch.float32)
 
 
 class WeightQuantizer:

@@ -1,0 +1,15 @@
+"""llm-compressor modifiers of routealign (thin lifecycle glue; the math lives in tuning, losses, schemes)."""
+
+from .rounding import RouterAlignedRoundingModifier
+
+__all__ = ["RouterAlignedRoundingModifier", "MODIFIERS", "register_modifiers"]
+
+MODIFIERS = (RouterAlignedRoundingModifier,)
+
+
+def register_modifiers() -> None:
+    """Make the modifiers nameable in YAML recipes (llm-compressor resolves names only through its factory)."""
+    from llmcompressor.modifiers.factory import ModifierFactory
+
+    for cls in MODIFIERS:
+        ModifierFactory.register(cls.__name__, cls)

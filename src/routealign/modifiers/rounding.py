@@ -1,0 +1,245 @@
+"""RouterAlignedRoundingModifier: llm-compressor lifecycle glue for :mod:`routealign.tuning`."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from compressed_tensors.quantization import QuantizationStrategy
+from compressed_tensors.quantization.utils import generate_gparam, is_module_quantized
+from compressed_tensors.utils import align_modules, match_named_modules, update_offload_parameter
+from loguru import logger
+from pydantic import Field, PrivateAttr
+from torch.utils._pytree import tree_map
+
+from llmcompressor.core import Event, State
+from llmcompressor.modifiers import Modifier
+from llmcompressor.modifiers.quantization.calibration import apply_calibration_status
+from llmcompressor.modifiers.quantization.quantization import QuantizationMixin
+from llmcompressor.utils.pytorch import infer_sequential_targets
+
+from ..errors import NotMoEError
+from ..losses import Objective, RouterLossConfig
+from ..routing import find_moe_layers
+from ..tuning import BlockInputs, BlockTuner, RouterScope, TuningConfig, suspended_offloading
+
+__all__ = ["RouterAlignedRoundingModifier"]
+
+
+class RouterAlignedRoundingModifier(Modifier, QuantizationMixin):
+    """Learned rounding (AutoRound-style signed gradient descent on rounding offsets and clip ranges, block by
+    block) whose loss adds a router-alignment objective, so that the quantized model keeps the full-precision
+    model's expert choices. Writes ordinary compressed-tensors parameters: ``save_pretrained(save_compressed=True)``
+    gives a ``pack-quantized`` (int) or ``nvfp4-pack-quantized`` checkpoint that vLLM loads.
+
+    Sample yaml:
+
+    ```yaml
+    quant_stage:
+      quant_modifiers:
+        RouterAlignedRoundingModifier:
+          objective: vsraq          # none | topk_mse | kl | vsraq | expertquant
+          router_scope: next        # block | next | both
+          router_weight: 0.1
+          iters: 200
+          scheme: W4A16             # W4A16, W4A16_ASYM, W3A16, W2A16, NVFP4, NVFP4A16
+          targets: [Linear]
+          ignore: [lm_head]
+    ```
+
+    Routers and ``shared_expert_gate`` are added to ``ignore`` automatically (vLLM needs them unquantized).
+
+    Lifecycle:
+
+    - on_initialize
+        - add every router and shared_expert_gate to ``ignore``; apply the quantization config to the model
+        - find the decoder layers (llm-compressor's sequential targets)
+    - on_calibration_start
+        - mark targets as calibrating; capture each decoder layer's inputs with forward-pre hooks
+    - on_sequential_epoch_end (once per decoder layer, in order)
+        - stack the layer's captured inputs (the quantized model's activations); take the unquantized model's
+          activations from the previous layer's tuning (the captured ones for the first layer)
+        - :class:`~routealign.tuning.BlockTuner`: unquantized targets, starving-expert fallback, tuning loop
+        - write quantize-dequantized weights, ``weight_scale``, ``weight_zero_point``, ``weight_global_scale``, and
+          for activation-quantized NVFP4 ``input_global_scale`` from routed tokens
+    - on_calibration_end
+        - remove hooks; freeze quantization (observers removed, quantization enabled)
+
+    :param objective: router objective (see :mod:`routealign.losses`); ``none`` is plain learned rounding
+    :param router_scope: which routers the objective sees (see :mod:`routealign.tuning`)
+    :param router_weight: λ, weight of the router objective against the block-output MSE
+    :param iters: tuning iterations per block (0: RTN)
+    :param lr: signed-gradient step, decayed linearly to 0 (default 1/iters)
+    :param batch_size: calibration sequences per iteration
+    :param min_expert_tokens: experts routed fewer calibration tokens get MSE-clipped RTN
+    :param seed: seed of the minibatch sampling
+    """
+
+    requires_calibration_data: bool = True
+
+    objective: Objective = "vsraq"
+    router_scope: RouterScope = "next"
+    router_weight: float = Field(0.1, ge=0)
+    iters: int = Field(200, ge=0)
+    lr: float | None = Field(None, gt=0)
+    batch_size: int = Field(8, ge=1)
+    min_expert_tokens: int = Field(8, ge=0)
+    seed: int = 0
+    # VSRAQ
+    alpha: float = Field(0.3, ge=0, le=1)
+    gamma: float = Field(1.0, ge=0)
+    eps: float = Field(1e-3, ge=0)
+    rank_margin: float = 0.0
+    beta_rank: float = Field(0.01, ge=0)
+    beta_margin: float = Field(0.05, ge=0)
+    boundary: int = Field(1, ge=1)
+    rank_anchor: bool = True
+    # ExpertQuant
+    raj_beta: float = Field(0.95, gt=0, le=1)
+    lambda_raj: float = Field(1.0, ge=0)
+    lambda_gh: float = Field(1.0, ge=0)
+    gh_gamma: float = Field(0.0, ge=0)
+    tau: float = Field(0.5, gt=0)
+
+    _layer_names: dict[int, str] = PrivateAttr(default_factory=dict)
+    _layer_order: list[str] = PrivateAttr(default_factory=list)
+    _captured: dict[str, list] = PrivateAttr(default_factory=dict)
+    _capture_hooks: dict[str, Any] = PrivateAttr(default_factory=dict)
+    _fp_hidden: torch.Tensor | None = PrivateAttr(default=None)
+    _report: list[dict] = PrivateAttr(default_factory=list)
+
+    # -- configuration ------------------------------------------------------------------------------------
+    def loss_config(self) -> RouterLossConfig:
+        return RouterLossConfig(
+            objective=self.objective, alpha=self.alpha, gamma=self.gamma, eps=self.eps,
+            rank_margin=self.rank_margin, beta_rank=self.beta_rank, beta_margin=self.beta_margin,
+            boundary=self.boundary, rank_anchor=self.rank_anchor, raj_beta=self.raj_beta,
+            lambda_raj=self.lambda_raj, lambda_gh=self.lambda_gh, gh_gamma=self.gh_gamma, tau=self.tau,
+        )
+
+    def tuning_config(self) -> TuningConfig:
+        return TuningConfig(iters=self.iters, lr=self.lr, batch_size=self.batch_size,
+                            router_weight=self.router_weight, router_scope=self.router_scope,
+                            min_expert_tokens=self.min_expert_tokens, seed=self.seed)
+
+    @property
+    def report(self) -> list[dict]:
+        """Per tuned layer: name, loss before/after, iterations, seconds, experts that fell back to RTN."""
+        return list(self._report)
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+    def on_initialize(self, state: State, **kwargs) -> bool:
+        model = state.model
+        moe_layers = find_moe_layers(model, require=False)
+        if self.objective != "none" and not moe_layers:
+            raise NotMoEError(
+                f"RouterAlignedRoundingModifier(objective='{self.objective}'): {type(model).__name__} has no MoE "
+                "layer, so there is no router to align; use objective: none for dense models"
+            )
+        keep_unquantized = [l.router_name for l in moe_layers] + [
+            n for l in moe_layers for n in l.shared_expert_names if n.endswith("shared_expert_gate")
+        ]
+        self.ignore = list(self.ignore) + [n for n in keep_unquantized if n not in self.ignore]
+        if QuantizationMixin.has_config(self):
+            from compressed_tensors.offload import disable_onloading
+
+            with disable_onloading():
+                QuantizationMixin.initialize_quantization(self, model)
+        for param in model.parameters():
+            param.requires_grad_(False)
+        classes = set(infer_sequential_targets(model, sequential_targets=kwargs.get("sequential_targets")))
+        self._layer_order = [n for n, m in model.named_modules() if type(m).__name__ in classes]
+        self._layer_names = {id(model.get_submodule(n)): n for n in self._layer_order}
+        return True
+
+    def on_calibration_start(self, state: State, event: Event, **kwargs):
+        for _, module in match_named_modules(state.model, self.resolved_targets, self.ignore):
+            apply_calibration_status(module)
+        for name in self._layer_order:
+            module = state.model.get_submodule(name)
+            self._capture_hooks[name] = self.register_hook(module, self._capture, "forward_pre", with_kwargs=True)
+
+    def _capture(self, module, args, kwargs):
+        name = self._layer_names[id(module)]
+        detach = lambda x: x.detach() if isinstance(x, torch.Tensor) else x  # noqa: E731
+        self._captured.setdefault(name, []).append((tree_map(detach, args), tree_map(detach, kwargs)))
+
+    def on_sequential_epoch_end(self, state: State, event: Event, modules: list[torch.nn.Module], **kwargs):
+        layers = [m for m in modules if id(m) in self._layer_names]
+        if len(layers) > 1:
+            raise ValueError("RouterAlignedRoundingModifier tunes one decoder layer per sequential subgraph; got "
+                             f"{[self._layer_names[id(m)] for m in layers]} (sequential_targets_per_subgraph=1)")
+        for block in layers:
+            self._tune_layer(state.model, block)
+
+    def _tune_layer(self, model: torch.nn.Module, block: torch.nn.Module) -> None:
+        name = self._layer_names[id(block)]
+        if name in self._capture_hooks:
+            self.remove_hooks({self._capture_hooks.pop(name)})
+        q = BlockInputs.from_captured(self._captured.pop(name, []), name)
+        fp = q if self._fp_hidden is None or self._fp_hidden.shape != q.hidden.shape \
+            else BlockInputs(self._fp_hidden, q.kwargs)
+        targets = {n: m.quantization_scheme.weights for n, m in block.named_modules()
+                   if is_module_quantized(m) and m.quantization_scheme.weights is not None
+                   and hasattr(m, "weight")}
+        index = self._layer_order.index(name)
+        next_block = model.get_submodule(self._layer_order[index + 1]) if index + 1 < len(self._layer_order) else None
+        start = time.perf_counter()
+        aligned = [block] + ([next_block] if next_block is not None else [])
+        with align_modules(aligned):
+            with suspended_offloading(block, next_block):
+                tuner = BlockTuner(block, targets, self.loss_config(), self.tuning_config(), next_block, name)
+                self._warn_unreachable(tuner, name)
+                y_fp = tuner.tune(q, fp)
+            tuner.apply()
+            with suspended_offloading(block):
+                self._set_input_global_scales(block, tuner, q)
+        self._fp_hidden = y_fp.cpu() if y_fp.device.type != "cpu" else y_fp
+        history = tuner.history
+        row = {"layer": name, "weights": len(tuner.weights), "iters": len(history),
+               "loss_first": history[0] if history else None, "loss_best": min(history) if history else None,
+               "seconds": round(time.perf_counter() - start, 3), "rtn_fallback": dict(tuner.fallback),
+               "routers": [f"{w}:{(name if w == 'block' else self._layer_order[index + 1])}.{l.router_name}"
+                           for w, l in tuner.scoped]}
+        self._report.append(row)
+        if history:
+            logger.info(f"{name}: tuned {len(tuner.weights)} weights, {len(history)} iters, loss "
+                        f"{history[0]:.4g} -> best {min(history):.4g} ({row['seconds']:.1f} s)")
+
+    def _warn_unreachable(self, tuner: BlockTuner, name: str) -> None:
+        for where, layer in tuner.scoped:
+            if where != "block":
+                continue
+            prefix = layer.name.removeprefix(name).lstrip(".")
+            if all(w.name.startswith(prefix) for w in tuner.weights):
+                logger.warning(f"{name}: router objective at router_scope 'block' cannot reach any tuned weight "
+                               f"(every target lies after {layer.router_name}); use router_scope 'next' or 'both'")
+
+    def _set_input_global_scales(self, block: torch.nn.Module, tuner: BlockTuner, q: BlockInputs) -> None:
+        """NVFP4 activation global scales from the tokens each module really sees (experts: routed tokens)."""
+        names = [n for n, m in block.named_modules()
+                 if is_module_quantized(m) and m.quantization_scheme.input_activations is not None
+                 and m.quantization_scheme.input_activations.strategy == QuantizationStrategy.TENSOR_GROUP
+                 and hasattr(m, "input_global_scale")]
+        if not names:
+            return
+        amax = tuner.routed_input_amax(q, names)
+        by_leaf: dict[str, torch.Tensor] = {}
+        for n, value in amax.items():
+            leaf = n.rsplit(".", 1)[-1]
+            by_leaf[leaf] = torch.maximum(by_leaf[leaf], value) if leaf in by_leaf else value
+        for n in names:
+            module = block.get_submodule(n)
+            value = amax.get(n, by_leaf.get(n.rsplit(".", 1)[-1]))
+            if value is None:
+                continue
+            scale = generate_gparam(-value.reshape(1).float(), value.reshape(1).float())
+            update_offload_parameter(module, "input_global_scale", scale.to(module.input_global_scale.dtype))
+
+    def on_calibration_end(self, state: State, event: Event, **kwargs):
+        QuantizationMixin.end_calibration(self, state.model)
+        self.remove_hooks()
+        self._captured.clear()
+        self._capture_hooks.clear()
+        self._fp_hidden = None

@@ -1,0 +1,499 @@
+"""Learned rounding for one decoder block (AutoRound-style), with router objectives.
+
+Per targeted weight ``W`` (``[out, in]``): a rounding offset ``v`` (``[out, in]``, in grid units, kept in
+``[-0.5, 0.5]``) and per-group clip factors ``c_lo``, ``c_hi`` (kept in ``[0, 1]``) that scale the group minimum
+and maximum before the scale is computed. Signed gradient descent (``p -= lr_t * sign(grad)``) with a learning
+rate decaying linearly from ``lr`` (default ``1/iters``) to 0; each iteration samples ``batch_size`` calibration
+sequences; the parameters of the iteration with the lowest loss are kept. With ``iters=0`` the result is plain RTN,
+identical to llm-compressor's QuantizationModifier.
+
+Loss: mean-squared error between the tuned block's output on the *quantized model's* input activations and the
+unquantized block's output on the *unquantized model's* input activations, plus ``router_weight`` times the mean
+router objective (:mod:`routealign.losses`) over the routers in scope:
+
+- ``block``: this block's own routers, on the tuned block's activations (their logits only depend on the block's
+  attention weights);
+- ``next``: the next block's routers, evaluated (next block's weights unquantized) on the tuned block's output;
+  this is where the tuned experts' rounding changes the routing;
+- ``both``.
+
+Experts that the router sends fewer than ``min_expert_tokens`` calibration tokens cannot be tuned from data: they
+get MSE-optimal clipping RTN (per group, the clip factor on a grid that minimises the weight reconstruction error)
+and are listed in a log line with their token counts.
+
+The tuning forward runs in float32 on float32 copies of the block's parameters (the model is not modified until
+:meth:`BlockTuner.apply`), with compressed-tensors' quantized forward and llm-compressor's all-experts calibration
+switched off, so each expert sees only its routed tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from compressed_tensors.utils import patch_attr
+from loguru import logger
+from torch.func import functional_call
+
+from .losses import RouterLoss, RouterTarget
+from .routing import MoELayer, find_moe_layers
+from .schemes import QParams, WeightQuantizer
+
+__all__ = ["TuningConfig", "TunedWeight", "BlockTuner", "BlockInputs", "RouterScope", "FUSED_GROUPS"]
+
+RouterScope = Literal["block", "next", "both"]
+
+# weights that must share one NVFP4 global scale (vLLM fuses them), as llm-compressor's observers do
+FUSED_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("gate_proj", "up_proj"),
+    ("q_proj", "k_proj", "v_proj"),
+    ("q_a_proj", "kv_a_proj_with_mqa"),
+    ("w1", "w3"),
+)
+
+_EXPERT_RE = re.compile(r"(?:^|\.)experts\.(\d+)\.")
+
+
+@dataclass
+class TuningConfig:
+    iters: int = 200
+    lr: float | None = None
+    batch_size: int = 8
+    router_weight: float = 0.1
+    router_scope: RouterScope = "next"
+    min_expert_tokens: int = 8
+    seed: int = 0
+    clip_grid: tuple[float, ...] = tuple(1.0 - 0.05 * i for i in range(11))  # fallback search: 1.0 .. 0.5
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else 1.0 / max(self.iters, 1)
+
+
+@dataclass
+class BlockInputs:
+    """The calibration inputs of one block: hidden states ``[N, T, H]`` and the keyword arguments shared by all
+    sequences (rotary embeddings, masks)."""
+
+    hidden: torch.Tensor
+    kwargs: dict
+
+    @staticmethod
+    def from_captured(captured: list[tuple[tuple, dict]], where: str) -> "BlockInputs":
+        """Stack what a forward-pre hook captured per calibration batch."""
+        if not captured:
+            raise RuntimeError(f"no calibration inputs were captured for {where}")
+        hidden = torch.cat([args[0] if args else kw["hidden_states"] for args, kw in captured])
+        first = {k: v for k, v in captured[0][1].items() if k != "hidden_states"}
+        for args, kw in captured[1:]:
+            for key, value in first.items():
+                if not _same(value, kw.get(key)):
+                    raise ValueError(
+                        f"{where}: calibration batches differ in '{key}' (variable-length or padded batches); "
+                        "use equal-length calibration sequences (e.g. max_seq_length with packing/truncation)"
+                    )
+        for key, value in first.items():
+            if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] not in (1,):
+                raise ValueError(f"{where}: keyword '{key}' has batch dimension {value.shape[0]}; use batch_size=1")
+        return BlockInputs(hidden=hidden, kwargs=first)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a is b or a == b
+
+
+def _to(value, dtype=None, device=None):
+    if isinstance(value, torch.Tensor):
+        if dtype is not None and value.is_floating_point():
+            value = value.to(dtype)
+        return value.to(device) if device is not None else value
+    if isinstance(value, tuple):
+        return tuple(_to(v, dtype, device) for v in value)
+    if isinstance(value, list):
+        return [_to(v, dtype, device) for v in value]
+    return value
+
+
+class _StopForward(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def plain_forwards(module: torch.nn.Module):
+    """Run ``module``'s submodules with their class forward (no compressed-tensors fake quantization, no
+    activation quantization) and without llm-compressor's all-experts calibration."""
+    from llmcompressor.modeling.moe import context as moe_context
+
+    saved = {}
+    for sub in module.modules():
+        if "forward" in sub.__dict__:
+            saved[sub] = sub.__dict__.pop("forward")
+    try:
+        with patch_attr(moe_context, "_CALIBRATE_ALL_EXPERTS", False):
+            yield
+    finally:
+        for sub, fwd in saved.items():
+            sub.forward = fwd
+
+
+@contextlib.contextmanager
+def suspended_offloading(*modules: torch.nn.Module | None):
+    """Take compressed-tensors' offloading off ``modules`` (their tensors stay on the execution device) and put it
+    back afterwards. functional_call swaps parameters in ``_parameters``; an offload cache would copy them and cut
+    the gradient."""
+    from compressed_tensors.offload import get_execution_device, get_offloaded_device
+    from compressed_tensors.offload.cache.base import OffloadCache
+    from compressed_tensors.offload.module import offload_module, remove_module_offload
+
+    suspended = []
+    for root in modules:
+        if root is None:
+            continue
+        for sub in root.modules():
+            if isinstance(sub._parameters, OffloadCache):
+                suspended.append((sub, get_execution_device(sub), get_offloaded_device(sub)))
+                remove_module_offload(sub, onload_tensors=True)
+    try:
+        yield
+    finally:
+        for sub, onload, offload in suspended:
+            offload_module(sub, onload, offload)
+
+
+@dataclass
+class TunedWeight:
+    """One targeted Linear weight and its rounding parameters."""
+
+    name: str  # relative to the block
+    module: torch.nn.Module
+    quantizer: WeightQuantizer
+    global_scale: torch.Tensor | None
+    expert: int | None
+    offset: torch.Tensor = field(init=False)
+    clip_lo: torch.Tensor = field(init=False)
+    clip_hi: torch.Tensor = field(init=False)
+    trainable: bool = True
+
+    def __post_init__(self):
+        w = self.module.weight.detach()
+        self.weight32 = w.float()
+        wmin, wmax = self.quantizer.group_minmax(self.weight32)
+        self._min32, self._max32 = wmin, wmax
+        self.offset = torch.zeros_like(self.weight32, requires_grad=True)
+        self.clip_lo = torch.ones_like(wmin, requires_grad=True)
+        self.clip_hi = torch.ones_like(wmax, requires_grad=True)
+        self._gs32 = self.global_scale.float() if self.global_scale is not None else None
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [self.offset, self.clip_lo, self.clip_hi]
+
+    def fake_weight(self) -> torch.Tensor:
+        """float32 fake-quantized weight with gradients to the rounding parameters."""
+        qp = self.quantizer.qparams(self._min32 * self.clip_lo, self._max32 * self.clip_hi, self._gs32)
+        return self.quantizer.fake_quant(self.weight32, qp, self.offset)
+
+    @torch.no_grad()
+    def mse_clip_fallback(self, grid: tuple[float, ...]) -> None:
+        """Per group, the clip factor on ``grid`` that minimises the weight reconstruction error (symmetric clip)."""
+        best_err, best_c = None, None
+        for c in grid:
+            lo = torch.full_like(self.clip_lo, c)
+            qp = self.quantizer.qparams(self._min32 * lo, self._max32 * lo, self._gs32)
+            err = (self.quantizer.fake_quant(self.weight32, qp) - self.weight32).pow(2)
+            err = err.unflatten(-1, (lo.shape[-1], -1)).sum(-1)
+            if best_err is None:
+                best_err, best_c = err, lo.clone()
+            else:
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best_c = torch.where(better, lo, best_c)
+        self.clip_lo.copy_(best_c)
+        self.clip_hi.copy_(best_c)
+        self.offset.zero_()
+        self.trainable = False
+
+    @torch.no_grad()
+    def final(self) -> tuple[torch.Tensor, QParams]:
+        """Quantize-dequantized weight in the model's dtype and its parameters, exactly as compressed-tensors will
+        store and re-quantize them (scales computed in the weight's dtype, as llm-compressor's observers do)."""
+        w = self.module.weight.detach()
+        wmin, wmax = self.quantizer.group_minmax(w)
+        lo = (wmin.float() * self.clip_lo).to(w.dtype)
+        hi = (wmax.float() * self.clip_hi).to(w.dtype)
+        qp = self.quantizer.qparams(lo, hi, self.global_scale)
+        offset = None if not bool(self.offset.any()) else self.offset
+        return self.quantizer.fake_quant(w, qp, offset), qp
+
+
+class BlockTuner:
+    """Learned rounding of every targeted Linear in ``block``.
+
+    ``targets`` maps names relative to ``block`` to compressed-tensors weight ``QuantizationArgs``.
+    ``next_block`` (or ``None``) is the following decoder layer, used by ``router_scope`` ``next``/``both``.
+    """
+
+    def __init__(self, block: torch.nn.Module, targets: dict, loss_config, config: TuningConfig,
+                 next_block: torch.nn.Module | None = None, name: str = "block"):
+        self.block = block
+        self.next_block = next_block
+        self.config = config
+        self.name = name
+        self.device = next(block.parameters()).device
+        modules = dict(block.named_modules())
+        self.weights: list[TunedWeight] = []
+        quantizers = {n: WeightQuantizer(args) for n, args in targets.items()}
+        global_scales = self._global_scales(modules, quantizers)
+        for n, quantizer in quantizers.items():
+            match = _EXPERT_RE.search(n)
+            self.weights.append(TunedWeight(n, modules[n], quantizer, global_scales.get(n),
+                                            int(match.group(1)) if match else None))
+        self.own_layers = find_moe_layers(block, require=False)
+        self.next_layers = find_moe_layers(next_block, require=False) if next_block is not None else []
+        scope = config.router_scope
+        self.scoped: list[tuple[str, MoELayer]] = []
+        if scope in ("block", "both"):
+            self.scoped += [("block", l) for l in self.own_layers]
+        if scope in ("next", "both"):
+            self.scoped += [("next", l) for l in self.next_layers]
+        self.losses = {(where, l.name): RouterLoss(loss_config, l.family, l.router) for where, l in self.scoped}
+        self.loss_config = loss_config
+        self._params32 = self._float_params(block)
+        self._next_params32 = self._float_params(next_block) if next_block is not None else {}
+        self.history: list[float] = []
+        self.fallback: dict[str, int] = {}
+
+    @staticmethod
+    def _float_params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+            leaf = name.rsplit(".", 1)[-1]
+            if tensor.is_floating_point() and not leaf.startswith(("weight_", "input_", "output_")):
+                out[name] = tensor.detach().float()
+        return out
+
+    @staticmethod
+    def _global_scales(modules: dict, quantizers: dict) -> dict[str, torch.Tensor]:
+        """One NVFP4 global scale per fused group (siblings under one parent), else per weight."""
+        scales: dict[str, torch.Tensor] = {}
+        for name, quantizer in quantizers.items():
+            if not quantizer.uses_global_scale or name in scales:
+                continue
+            parent, _, leaf = name.rpartition(".")
+            group = next((g for g in FUSED_GROUPS if leaf in g), (leaf,))
+            members = [f"{parent}.{m}" if parent else m for m in group]
+            members = [m for m in members if m in quantizers]
+            scale = quantizer.global_scale(*[modules[m].weight.detach() for m in members])
+            for m in members:
+                scales[m] = scale
+        return scales
+
+    # -- forward passes -----------------------------------------------------------------------------------
+    def _router_logits(self, layers: list[MoELayer]):
+        captured: dict[str, torch.Tensor] = {}
+        handles = [l.router.register_forward_hook(
+            lambda mod, args, out, n=l.name: captured.__setitem__(n, out[0])) for l in layers]
+        return captured, handles
+
+    def _run(self, module, params, hidden, kwargs, layers, stop_after: bool = False):
+        """Forward ``module`` with ``params``; returns (output or None, router logits by layer name)."""
+        captured, handles = self._router_logits(layers)
+        stopper = None
+        if stop_after and layers:
+            last = layers[-1].router
+
+            def stop(mod, args, out):
+                raise _StopForward
+
+            stopper = last.register_forward_hook(stop)
+        try:
+            with plain_forwards(module):
+                out = functional_call(module, params, (hidden,), kwargs, strict=False)
+            out = out[0] if isinstance(out, tuple) else out
+        except _StopForward:
+            out = None
+        finally:
+            for h in handles:
+                h.remove()
+            if stopper is not None:
+                stopper.remove()
+        return out, captured
+
+    def _block_params(self) -> dict[str, torch.Tensor]:
+        params = dict(self._params32)
+        for w in self.weights:
+            params[f"{w.name}.weight"] = w.fake_weight()
+        return params
+
+    @torch.no_grad()
+    def targets(self, fp: BlockInputs, chunk: int = 8):
+        """Unquantized outputs and router targets on the unquantized stream; returns the outputs (the next block's
+        unquantized inputs) in the input dtype."""
+        kwargs = _to(fp.kwargs, torch.float32, self.device)
+        outs, own, nxt = [], {l.name: [] for l in self.own_layers}, {l.name: [] for l in self.next_layers}
+        for start in range(0, fp.hidden.shape[0], chunk):
+            h = fp.hidden[start : start + chunk].to(self.device, torch.float32)
+            y, logits = self._run(self.block, self._params32, h, kwargs, self.own_layers)
+            outs.append(y)
+            for n in own:
+                own[n].append(logits[n].float())
+            if self.next_layers:
+                _, logits = self._run(self.next_block, self._next_params32, y, kwargs, self.next_layers,
+                                      stop_after=True)
+                for n in nxt:
+                    nxt[n].append(logits[n].float())
+        self._y_fp = torch.cat(outs)
+        seq = fp.hidden.shape[1]
+        self._targets: dict[tuple[str, str], RouterTarget] = {}
+        for (where, name), loss in self.losses.items():
+            z = torch.cat(own[name] if where == "block" else nxt[name]).view(fp.hidden.shape[0], seq, -1)
+            self._targets[(where, name)] = loss.target(z.reshape(-1, z.shape[-1]))
+            self._targets[(where, name)].seq = seq
+        return self._y_fp.to(fp.hidden.dtype)
+
+    def _slice_target(self, tgt: RouterTarget, idx: torch.Tensor) -> RouterTarget:
+        seq = tgt.seq
+        rows = (idx.view(-1, 1) * seq + torch.arange(seq, device=idx.device).view(1, -1)).reshape(-1)
+        return tgt[rows.to(tgt.logits.device)]
+
+    @torch.no_grad()
+    def expert_token_counts(self, q: BlockInputs, chunk: int = 8) -> dict[str, torch.Tensor]:
+        """Routed calibration tokens per expert of each MoE layer in the block, on the quantized stream."""
+        counts = {l.name: torch.zeros(l.num_experts, dtype=torch.long) for l in self.own_layers}
+        if not self.own_layers:
+            return counts
+        kwargs = _to(q.kwargs, torch.float32, self.device)
+        for start in range(0, q.hidden.shape[0], chunk):
+            h = q.hidden[start : start + chunk].to(self.device, torch.float32)
+            _, logits = self._run(self.block, self._params32, h, kwargs, self.own_layers, stop_after=True)
+            for l in self.own_layers:
+                idx = l.family.route(l.router, logits[l.name]).indices
+                counts[l.name] += torch.bincount(idx.reshape(-1).cpu(), minlength=l.num_experts)
+        return counts
+
+    def _apply_fallback(self, counts: dict[str, torch.Tensor]) -> None:
+        if not self.own_layers:
+            return
+        starving: dict[int, int] = {}
+        for l in self.own_layers:
+            for e, c in enumerate(counts[l.name].tolist()):
+                if c < self.config.min_expert_tokens:
+                    starving[e] = c
+        self.fallback = {}
+        for w in self.weights:
+            if w.expert is not None and w.expert in starving:
+                w.mse_clip_fallback(self.config.clip_grid)
+                self.fallback[w.name] = starving[w.expert]
+        if starving:
+            listed = ", ".join(f"experts.{e} ({c} tokens)" for e, c in sorted(starving.items()))
+            logger.info(f"{self.name}: {len(starving)} experts with fewer than {self.config.min_expert_tokens} "
+                        f"routed calibration tokens use MSE-clipped RTN: {listed}")
+
+    # -- the loop -----------------------------------------------------------------------------------------
+    def tune(self, q: BlockInputs, fp: BlockInputs) -> torch.Tensor:
+        """Tune on quantized-stream inputs ``q`` against unquantized-stream inputs ``fp``; returns the unquantized
+        block outputs (the next block's unquantized-stream inputs)."""
+        y_fp = self.targets(fp)
+        self._apply_fallback(self.expert_token_counts(q))
+        cfg = self.config
+        if cfg.iters <= 0 or not self.weights:
+            return y_fp
+        params = [p for w in self.weights if w.trainable for p in w.parameters()]
+        gen = torch.Generator().manual_seed(cfg.seed)
+        kwargs = _to(q.kwargs, torch.float32, self.device)
+        n = q.hidden.shape[0]
+        best_loss, best = math.inf, None
+        with torch.enable_grad():
+            for it in range(cfg.iters):
+                idx = torch.randperm(n, generator=gen)[: cfg.batch_size]
+                h = q.hidden[idx].to(self.device, torch.float32)
+                y, logits = self._run(self.block, self._block_params(), h, kwargs, self.own_layers)
+                loss = torch.nn.functional.mse_loss(y, self._y_fp[idx.to(self._y_fp.device)].to(y.device))
+                router = self._router_loss(y, logits, kwargs, idx)
+                total = loss + cfg.router_weight * router if router is not None else loss
+                value = float(total.detach())
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"{self.name}: non-finite tuning loss at iteration {it}")
+                self.history.append(value)
+                if value < best_loss:
+                    best_loss = value
+                    best = [p.detach().clone() for p in params]
+                for p in params:
+                    p.grad = None
+                total.backward()
+                lr = cfg.learning_rate * (1 - it / cfg.iters)
+                with torch.no_grad():
+                    for w in self.weights:
+                        if not w.trainable:
+                            continue
+                        for p in w.parameters():
+                            if p.grad is not None:
+                                p.add_(p.grad.sign(), alpha=-lr)
+                        w.offset.clamp_(-0.5, 0.5)
+                        w.clip_lo.clamp_(0.0, 1.0)
+                        w.clip_hi.clamp_(0.0, 1.0)
+        with torch.no_grad():
+            for p, b in zip(params, best):
+                p.copy_(b)
+                p.grad = None
+        return y_fp
+
+    def _router_loss(self, y, logits, kwargs, idx):
+        if not self.scoped:
+            return None
+        next_logits = {}
+        if any(where == "next" for where, _ in self.scoped):
+            _, next_logits = self._run(self.next_block, self._next_params32, y, kwargs, self.next_layers,
+                                       stop_after=True)
+        total = None
+        for (where, name), loss in self.losses.items():
+            z = logits[name] if where == "block" else next_logits[name]
+            value = loss(z, self._slice_target(self._targets[(where, name)], idx))
+            total = value if total is None else total + value
+        return total / len(self.losses)
+
+    @torch.no_grad()
+    def routed_input_amax(self, q: BlockInputs, names: list[str], chunk: int = 8) -> dict[str, torch.Tensor]:
+        """Largest absolute input each named module sees when the block (with its current weights) runs on the
+        quantized stream; experts see only their routed tokens. Modules that see no token are absent."""
+        modules = dict(self.block.named_modules())
+        params = self._float_params(self.block)
+        amax: dict[str, torch.Tensor] = {}
+
+        def hook(mod, args, n):
+            value = args[0].detach().abs().amax() if args[0].numel() else None
+            if value is not None:
+                amax[n] = torch.maximum(amax[n], value) if n in amax else value
+
+        handles = [modules[n].register_forward_pre_hook(lambda mod, args, n=n: hook(mod, args, n)) for n in names]
+        kwargs = _to(q.kwargs, torch.float32, self.device)
+        try:
+            for start in range(0, q.hidden.shape[0], chunk):
+                h = q.hidden[start : start + chunk].to(self.device, torch.float32)
+                self._run(self.block, params, h, kwargs, [])
+        finally:
+            for h in handles:
+                h.remove()
+        return amax
+
+    # -- results ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def apply(self) -> None:
+        """Write quantize-dequantized weights and their quantization parameters into the block's modules."""
+        from compressed_tensors.utils import update_offload_parameter
+
+        for w in self.weights:
+            weight, qp = w.final()
+            update_offload_parameter(w.module, "weight", weight)
+            for key, value in (("weight_scale", qp.scale), ("weight_zero_point", qp.zero_point),
+                               ("weight_global_scale", qp.global_scale)):
+                current = getattr(w.module, key, None)
+                if value is not None and current is not None:
+                    update_offload_parameter(w.module, key, value.to(current.dtype).reshape(current.shape))

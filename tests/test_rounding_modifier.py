@@ -1,0 +1,205 @@
+"""RouterAlignedRoundingModifier inside llm-compressor's oneshot: exact RTN at iters=0, exact save/reload,
+vLLM-ready config, YAML recipes, starving experts."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from llmcompressor import oneshot
+from loguru import logger
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import routealign  # noqa: F401  (registers the modifiers)
+from routealign import RouterAlignedRoundingModifier
+from routealign.checkpoint import load_model
+from routealign.errors import NotMoEError
+from routealign.tiny import save_tiny
+
+from .conftest import calibration_ids, quantize_with_llmcompressor
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def _dataset(ids):
+    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+
+
+def _run(model_dir, recipe, ids, dtype=torch.float32, out=None):
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    oneshot(model=model, dataset=_dataset(ids), recipe=recipe, num_calibration_samples=ids.shape[0],
+            max_seq_length=ids.shape[1])
+    logits = None
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    if out is not None:
+        model.save_pretrained(str(out), save_compressed=True)
+    return model, logits
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    for t in ("qwen3_moe", "glm4_moe", "qwen2_moe"):
+        save_tiny(t, root / t, seed=21)
+        save_tiny(t, root / f"{t}-bf16", seed=21, dtype=torch.bfloat16)
+    return root
+
+
+@pytest.mark.parametrize("model_type,scheme", [("qwen3_moe", "W4A16"), ("glm4_moe", "W4A16_ASYM"),
+                                               ("qwen2_moe", "W3A16")])
+def test_none_with_zero_iters_equals_rtn_checkpoint(tmp_path, tiny, model_type, scheme):
+    ids = calibration_ids(rows=4, seq_len=32)
+    model_dir = tiny / f"{model_type}-bf16"
+    quantize_with_llmcompressor(model_dir, tmp_path / "rtn", scheme, ids, dtype=torch.bfloat16)
+    ours = RouterAlignedRoundingModifier(objective="none", iters=0, min_expert_tokens=0, scheme=scheme,
+                                         targets="Linear", ignore=["lm_head"])
+    _run(model_dir, ours, ids, dtype=torch.bfloat16, out=tmp_path / "ours")
+    a = load_file(tmp_path / "rtn" / "model.safetensors")
+    b = load_file(tmp_path / "ours" / "model.safetensors")
+    assert set(a) == set(b)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+def test_none_with_zero_iters_equals_rtn_nvfp4_values(tmp_path, tiny):
+    """NVFP4A16: same scales and global scales, same dequantized weights (packed bytes may differ only in the sign
+    of exact zeros: compressed-tensors maps -0 to +0 when the stored weight is already quantize-dequantized)."""
+    ids = calibration_ids(rows=4, seq_len=32)
+    model_dir = tiny / "qwen3_moe-bf16"
+    quantize_with_llmcompressor(model_dir, tmp_path / "rtn", "NVFP4A16", ids, dtype=torch.bfloat16)
+    ours = RouterAlignedRoundingModifier(objective="none", iters=0, min_expert_tokens=0, scheme="NVFP4A16",
+                                         targets="Linear", ignore=["lm_head"])
+    _run(model_dir, ours, ids, dtype=torch.bfloat16, out=tmp_path / "ours")
+    a = load_file(tmp_path / "rtn" / "model.safetensors")
+    b = load_file(tmp_path / "ours" / "model.safetensors")
+    for key in a:
+        if not key.endswith("weight_packed"):
+            assert torch.equal(a[key], b[key]), key
+    ra = dict(load_model(tmp_path / "rtn").named_parameters())
+    rb = dict(load_model(tmp_path / "ours").named_parameters())
+    assert all(torch.equal(ra[k], rb[k]) for k in ra)
+
+
+@pytest.mark.parametrize("scheme", ["W4A16", "W4A16_ASYM", "NVFP4", "NVFP4A16"])
+def test_tuned_checkpoint_reloads_to_the_in_memory_model(tmp_path, tiny, scheme):
+    ids = calibration_ids(rows=6, seq_len=32, seed=2)
+    mod = RouterAlignedRoundingModifier(objective="vsraq", router_scope="both", iters=6, batch_size=3,
+                                        scheme=scheme, targets="Linear", ignore=["lm_head"])
+    _, logits = _run(tiny / "glm4_moe", mod, ids, out=tmp_path / "q")
+    reloaded = load_model(tmp_path / "q", dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, logits)
+    # tuning moved away from RTN and lowered the loss in every tuned layer
+    assert all(row["iters"] == 6 and row["loss_best"] <= row["loss_first"] for row in mod.report)
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == ("nvfp4-pack-quantized" if scheme.startswith("NVFP4") else "pack-quantized")
+    assert {"model.layers.1.mlp.gate", "model.layers.2.mlp.gate"} <= set(qc["ignore"])
+    state = load_file(tmp_path / "q" / "model.safetensors")
+    assert "model.layers.1.mlp.gate.weight" in state and "model.layers.1.mlp.gate.weight_packed" not in state
+    if scheme.startswith("NVFP4"):
+        for e in range(8):
+            p = f"model.layers.1.mlp.experts.{e}."
+            assert torch.equal(state[p + "gate_proj.weight_global_scale"], state[p + "up_proj.weight_global_scale"])
+        p = "model.layers.0.self_attn."
+        assert torch.equal(state[p + "q_proj.weight_global_scale"], state[p + "k_proj.weight_global_scale"])
+        assert torch.equal(state[p + "q_proj.weight_global_scale"], state[p + "v_proj.weight_global_scale"])
+
+
+def test_shared_expert_gate_stays_unquantized(tmp_path, tiny):
+    ids = calibration_ids(rows=4, seq_len=32)
+    mod = RouterAlignedRoundingModifier(objective="topk_mse", iters=2, batch_size=2, scheme="W4A16",
+                                        targets="Linear", ignore=["lm_head"])
+    _run(tiny / "qwen2_moe", mod, ids, out=tmp_path / "q")
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert "model.layers.0.mlp.shared_expert_gate" in qc["ignore"]
+    state = load_file(tmp_path / "q" / "model.safetensors")
+    assert state["model.layers.0.mlp.shared_expert_gate.weight"].dtype == torch.float32
+    assert "model.layers.0.mlp.shared_expert.up_proj.weight_packed" in state
+
+
+@pytest.mark.parametrize("name", ["vsraq_w4a16", "vsraq_nvfp4", "expertquant_w4a16", "autoround_w4a16"])
+def test_recipes_load_and_run(tmp_path, tiny, name):
+    text = (RECIPES / f"{name}.yaml").read_text().replace("iters: 200", "iters: 2")
+    recipe = tmp_path / f"{name}.yaml"
+    recipe.write_text(text)
+    model, _ = _run(tiny / "qwen3_moe", str(recipe), calibration_ids(rows=2, seq_len=32))
+    from llmcompressor.core import active_session
+
+    mods = active_session().lifecycle.recipe.modifiers
+    assert [type(m).__name__ for m in mods] == ["RouterAlignedRoundingModifier"]
+    assert mods[0].iters == 2 and mods[0].report
+    assert model.model.layers[0].mlp.experts[0].gate_proj.quantization_scheme is not None
+
+
+def test_recipe_typo_fails_with_pydantic_message(tmp_path, tiny):
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text("quant_stage:\n  quant_modifiers:\n    RouterAlignedRoundingModifier:\n"
+                      "      objectiv: vsraq\n      scheme: W4A16\n")
+    with pytest.raises(Exception, match=r"objectiv[\s\S]*Extra inputs are not permitted"):
+        _run(tiny / "qwen3_moe", str(recipe), calibration_ids(rows=2, seq_len=16))
+    with pytest.raises(Exception, match="Input should be 'none', 'topk_mse', 'kl', 'vsraq' or 'expertquant'"):
+        RouterAlignedRoundingModifier(objective="vsrq", scheme="W4A16")
+    with pytest.raises(Exception, match="router_scope"):
+        RouterAlignedRoundingModifier(router_scope="previous", scheme="W4A16")
+
+
+def test_starved_expert_gets_rtn_fallback_and_is_logged(tmp_path):
+    """A correction bias of -100 keeps expert 7 out of every top-k: it gets no routed token."""
+    model = save_tiny("glm4_moe", tmp_path / "ref", seed=5)
+    with torch.no_grad():
+        for layer in model.model.layers[1:]:
+            layer.mlp.gate.e_score_correction_bias[7] = -100.0
+    model.save_pretrained(tmp_path / "ref")
+    lines = []
+    sink = logger.add(lambda m: lines.append(str(m)), level="INFO")
+    try:
+        mod = RouterAlignedRoundingModifier(objective="vsraq", iters=3, batch_size=2, min_expert_tokens=1,
+                                            scheme="W4A16", targets="Linear", ignore=["lm_head"])
+        _run(tmp_path / "ref", mod, calibration_ids(rows=4, seq_len=32))
+    finally:
+        logger.remove(sink)
+    for row in mod.report[1:]:
+        assert row["rtn_fallback"] == {f"mlp.experts.7.{p}": 0 for p in ("gate_proj", "up_proj", "down_proj")}
+    assert mod.report[0]["rtn_fallback"] == {}  # the dense first layer has no experts
+    logged = [line for line in lines if "routed calibration tokens use MSE-clipped RTN" in line]
+    assert len(logged) == 2 and all("1 experts with fewer than 1" in l and "experts.7 (0 tokens)" in l for l in logged)
+
+
+def test_mse_clip_fallback_is_no_worse_than_rtn():
+    from compressed_tensors.quantization import preset_name_to_scheme
+
+    from routealign.schemes import WeightQuantizer
+    from routealign.tuning import TunedWeight
+
+    lin = torch.nn.Linear(256, 32, bias=False)
+    with torch.no_grad():
+        lin.weight.normal_(0, 0.02)
+        lin.weight[:, 5] = 0.5  # outliers make clipping worthwhile
+    quant = WeightQuantizer(preset_name_to_scheme("W4A16", ["Linear"]).weights)
+    tw = TunedWeight("x", lin, quant, None, expert=0)
+    rtn, _ = tw.final()
+    tw.mse_clip_fallback(tuple(1.0 - 0.05 * i for i in range(11)))
+    clipped, _ = tw.final()
+    err = lambda w: (w - lin.weight).pow(2).sum().item()  # noqa: E731
+    assert err(clipped) < err(rtn) and not tw.trainable and (tw.clip_lo < 1).any()
+
+
+def test_router_objective_on_dense_model_is_an_error(tmp_path):
+    from transformers import LlamaConfig
+
+    from routealign.tiny import byte_tokenizer
+
+    dense = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=320, hidden_size=128, intermediate_size=256,
+                                                         num_hidden_layers=1, num_attention_heads=2))
+    dense.save_pretrained(tmp_path / "dense")
+    byte_tokenizer().save_pretrained(tmp_path / "dense")
+    mod = RouterAlignedRoundingModifier(objective="vsraq", iters=1, scheme="W4A16", targets="Linear",
+                                        ignore=["lm_head"])
+    with pytest.raises(NotMoEError, match="objective='vsraq'.*LlamaForCausalLM has no MoE layer"):
+        _run(tmp_path / "dense", mod, calibration_ids(rows=2, seq_len=16))
+    plain = RouterAlignedRoundingModifier(objective="none", iters=2, batch_size=2, scheme="W4A16",
+                                          targets="Linear", ignore=["lm_head"])
+    _run(tmp_path / "dense", plain, calibration_ids(rows=2, seq_len=16))
+    assert plain.report[0]["iters"] == 2
