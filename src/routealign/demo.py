@@ -2,8 +2,9 @@
 
 1. Build a tiny Qwen3-MoE (2 MoE layers, 8 experts, top-2) with a byte-level tokenizer and train it briefly on the
    bundled public-domain text, so that its router is trained (peaked, balanced) rather than random.
-2. Quantize copies with llm-compressor's QuantizationModifier (RTN W4A16, and NVFP4 with calibration on the
-   training text) and save them as compressed-tensors checkpoints.
+2. Quantize copies to W4A16 with llm-compressor's RTN (QuantizationModifier), with plain learned rounding
+   (RouterAlignedRoundingModifier, objective none: the AutoRound baseline) and with VSRAQ (objective vsraq), and
+   save them as compressed-tensors checkpoints.
 3. Reload each checkpoint faithfully and evaluate routing agreement and perplexity against the reference on the
    held-out bundled text, with and without perfect routing; print a table and write reports.
 """
@@ -21,7 +22,9 @@ from tqdm.auto import tqdm
 
 __all__ = ["run_demo", "train_tiny_moe", "bundled_text"]
 
-DEMO_SCHEMES = ("W4A16", "NVFP4")
+DEMO_METHODS = ("rtn", "none", "vsraq")
+_LABELS = {"rtn": "RTN (llm-compressor QuantizationModifier)", "none": "learned rounding (objective none)",
+           "vsraq": "VSRAQ (objective vsraq)"}
 
 
 def bundled_text(name: str = "shakespeare.txt") -> Path:
@@ -60,17 +63,24 @@ def train_tiny_moe(out_dir: Path, seed: int = 0, steps: int = 300, seq_len: int 
     return model
 
 
-def _quantize(reference_dir: Path, out_dir: Path, scheme: str, calib: torch.Tensor) -> float:
+def _quantize(reference_dir: Path, out_dir: Path, method: str, calib: torch.Tensor, seed: int) -> float:
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from transformers import AutoModelForCausalLM
 
+    from .modifiers import RouterAlignedRoundingModifier
+
     model = AutoModelForCausalLM.from_pretrained(str(reference_dir), dtype=torch.float32)
     data = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
+    if method == "rtn":
+        recipe = QuantizationModifier(targets="Linear", scheme="W4A16", ignore=["lm_head", "re:.*mlp.gate$"])
+    else:
+        recipe = RouterAlignedRoundingModifier(objective=method, scheme="W4A16", targets="Linear",
+                                               ignore=["lm_head"], iters=200, seed=seed)
     start = time.perf_counter()
     oneshot(model=model, dataset=data, num_calibration_samples=calib.shape[0], max_seq_length=calib.shape[1],
-            recipe=QuantizationModifier(targets="Linear", scheme=scheme, ignore=["lm_head", "re:.*mlp.gate$"]))
+            recipe=recipe, moe_calibrate_all_experts=False)
     seconds = time.perf_counter() - start
     model.save_pretrained(str(out_dir), save_compressed=True)
     return seconds
@@ -90,21 +100,21 @@ def run_demo(out_dir: str | Path = "routealign-out", seed: int = 0) -> list[dict
 
     train_ids = _byte_ids(bundled_text())
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, train_ids.numel() - 129, (16,), generator=gen)
+    starts = torch.randint(0, train_ids.numel() - 129, (32,), generator=gen)
     calib = torch.stack([train_ids[s : s + 128] for s in starts])
     eval_ids = _byte_ids(bundled_text("shakespeare_eval.txt"))
     eval_ids = eval_ids[: (eval_ids.numel() // 256) * 256].view(-1, 256)[:32]
 
     reference = load_model(reference_dir, dtype=torch.float32)
     rows = []
-    for scheme in DEMO_SCHEMES:
-        qdir = out / f"rtn-{scheme.lower()}"
-        seconds = _quantize(reference_dir, qdir, scheme, calib)
+    for method in DEMO_METHODS:
+        qdir = out / f"w4a16-{method}"
+        seconds = _quantize(reference_dir, qdir, method, calib, seed)
         quantized = load_model(qdir, dtype=torch.float32)
         result = evaluate(reference, quantized, eval_ids, batch_size=8, perfect_routing=True)
-        write_report(result, out / f"eval-rtn-{scheme.lower()}", title=f"routealign demo: RTN {scheme}")
+        write_report(result, out / f"eval-w4a16-{method}", title=f"routealign demo: W4A16 {_LABELS[method]}")
         ppl, mean = result.report["perplexity"], result.report["routing"]["mean"]
-        rows.append({"method": f"RTN {scheme} (llm-compressor)", "oneshot_s": seconds, "ppl_reference": ppl["reference"],
+        rows.append({"method": f"W4A16 {_LABELS[method]}", "oneshot_s": seconds, "ppl_reference": ppl["reference"],
                      "ppl": ppl["quantized"], "ppl_perfect_routing": ppl["quantized_perfect_routing"],
                      **{k: mean[k] for k in ("overlap_at_k", "jaccard", "exact_set", "match_score")}})
 

@@ -131,14 +131,8 @@ class WeightQuantizer:
         """Scale and zero-point from (possibly clipped) group minima and maxima. Values are compressed-tensors'
         ``calculate_qparams``; gradients flow to ``wmin``/``wmax`` through the continuous formula."""
         with torch.no_grad():
-            if global_scale is not None and global_scale.numel() > 1:
-                # calculate_qparams takes one global scale: apply it per expert
-                pairs = [calculate_qparams(lo, hi, self.args, global_scale=gs.reshape(1))
-                         for lo, hi, gs in zip(wmin.detach(), wmax.detach(), global_scale)]
-                scale = torch.stack([p[0] for p in pairs])
-                zero_point = torch.stack([p[1] for p in pairs])
-            else:
-                scale, zero_point = calculate_qparams(wmin.detach(), wmax.detach(), self.args, global_scale)
+            # a per-expert global scale [E, 1, 1] broadcasts against [E, out, groups]
+            scale, zero_point = calculate_qparams(wmin.detach(), wmax.detach(), self.args, global_scale)
         if not (wmin.requires_grad or wmax.requires_grad):
             return QParams(scale, zero_point, global_scale)
         q_min, q_max = calculate_range(self.args, wmin.device)

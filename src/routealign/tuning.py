@@ -119,6 +119,8 @@ def _to(value, dtype=None, device=None):
         return tuple(_to(v, dtype, device) for v in value)
     if isinstance(value, list):
         return [_to(v, dtype, device) for v in value]
+    if isinstance(value, dict):
+        return {k: _to(v, dtype, device) for k, v in value.items()}
     return value
 
 
@@ -129,15 +131,24 @@ class _StopForward(Exception):
 @contextlib.contextmanager
 def plain_forwards(module: torch.nn.Module):
     """Run ``module``'s submodules with their class forward (no compressed-tensors fake quantization, no
-    activation quantization) and without llm-compressor's all-experts calibration."""
+    activation quantization), without llm-compressor's all-experts calibration, and with SDPA attention."""
     from llmcompressor.modeling.moe import context as moe_context
 
     saved = {}
+    configs = {}
     for sub in module.modules():
         if "forward" in sub.__dict__:
             saved[sub] = sub.__dict__.pop("forward")
+        config = getattr(sub, "config", None)
+        if getattr(config, "_attn_implementation", None) == "eager":
+            configs[id(config)] = config
     try:
-        with patch_attr(moe_context, "_CALIBRATE_ALL_EXPERTS", False):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(patch_attr(moe_context, "_CALIBRATE_ALL_EXPERTS", False))
+            # llm-compressor forces eager attention for its traced calibration graphs; SDPA computes the same
+            # attention (with the same additive mask) several times faster, forward and backward
+            for config in configs.values():
+                stack.enter_context(patch_attr(config, "_attn_implementation", "sdpa"))
             yield
     finally:
         for sub, fwd in saved.items():

@@ -17,6 +17,7 @@ from llmcompressor.core import Event, State
 from llmcompressor.modifiers import Modifier
 from llmcompressor.modifiers.quantization.calibration import apply_calibration_status
 from llmcompressor.modifiers.quantization.quantization import QuantizationMixin
+from llmcompressor.modifiers.utils.hooks import HooksMixin
 from llmcompressor.utils.pytorch import infer_sequential_targets
 
 from ..errors import NotMoEError
@@ -107,6 +108,7 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin):
     _captured: dict[str, list] = PrivateAttr(default_factory=dict)
     _capture_hooks: dict[str, Any] = PrivateAttr(default_factory=dict)
     _fp_hidden: torch.Tensor | None = PrivateAttr(default=None)
+    _samples: int | None = PrivateAttr(default=None)
     _report: list[dict] = PrivateAttr(default_factory=list)
 
     # -- configuration ------------------------------------------------------------------------------------
@@ -185,9 +187,15 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin):
                    and hasattr(m, "weight")}
         index = self._layer_order.index(name)
         next_block = model.get_submodule(self._layer_order[index + 1]) if index + 1 < len(self._layer_order) else None
+        if self._samples is None:
+            self._samples = q.hidden.shape[0]
+        elif q.hidden.shape[0] != self._samples:
+            raise RuntimeError(f"{name}: captured {q.hidden.shape[0]} calibration sequences, the first layer saw "
+                               f"{self._samples}")
         start = time.perf_counter()
         aligned = [block] + ([next_block] if next_block is not None else [])
-        with align_modules(aligned):
+        # our own forwards must not trigger hooks (ours would capture them as the next layer's inputs)
+        with HooksMixin.disable_hooks(), align_modules(aligned):
             with suspended_offloading(block, next_block):
                 tuner = BlockTuner(block, targets, self.loss_config(), self.tuning_config(), next_block, name)
                 self._warn_unreachable(tuner, name)
@@ -197,7 +205,7 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin):
                 self._set_input_global_scales(block, tuner, q)
         self._fp_hidden = y_fp.cpu() if y_fp.device.type != "cpu" else y_fp
         history = tuner.history
-        row = {"layer": name, "weights": len(tuner.weights), "iters": len(history),
+        row = {"layer": name, "samples": q.hidden.shape[0], "weights": len(tuner.weights), "iters": len(history),
                "loss_first": history[0] if history else None, "loss_best": min(history) if history else None,
                "seconds": round(time.perf_counter() - start, 3), "rtn_fallback": dict(tuner.fallback),
                "routers": [f"{w}:{(name if w == 'block' else self._layer_order[index + 1])}.{l.router_name}"
@@ -243,3 +251,4 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin):
         self._captured.clear()
         self._capture_hooks.clear()
         self._fp_hidden = None
+        self._samples = None

@@ -1,0 +1,121 @@
+"""Quantize one model with one method and evaluate it (one process per run, so that wall time and peak memory
+belong to that run alone). Used by compare.py; runnable by hand:
+
+    python benchmarks/run_one.py --model ../shared/models/tiny-qwen3_moe --method vsraq --scheme W4A16 \
+        --seed 0 --out /tmp/bench/vsraq-w4a16-s0
+
+Methods: rtn (QuantizationModifier), gptq (GPTQModifier), autoround (llm-compressor's AutoRoundModifier), and
+routealign's RouterAlignedRoundingModifier objectives none | topk_mse | kl | vsraq | expertquant.
+Protocol: ../shared/models/README.md (calibration: windows of wiki.train.tokens at offsets from
+numpy default_rng(seed); evaluation: first 64 x 512 ids of wiki.test.tokens, bf16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+OURS = ("none", "topk_mse", "kl", "vsraq", "expertquant")
+IGNORE = ["lm_head", "re:.*mlp.gate$", "re:.*shared_expert_gate$"]
+
+
+def calibration(train_text: Path, tokenizer: Path, n: int, seq_len: int, seed: int) -> torch.Tensor:
+    from routealign.textdata import encode_text
+
+    ids = encode_text(train_text, tokenizer)
+    starts = np.random.default_rng(seed).integers(0, ids.numel() - seq_len, size=n)
+    return torch.stack([ids[s : s + seq_len] for s in starts])
+
+
+def recipe(method: str, scheme: str, iters: int, seed: int, extra: dict):
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+
+    if method == "rtn":
+        return QuantizationModifier(targets="Linear", scheme=scheme, ignore=IGNORE)
+    if method == "gptq":
+        return GPTQModifier(targets="Linear", scheme=scheme, ignore=IGNORE)
+    if method == "autoround":
+        from llmcompressor.modifiers.autoround import AutoRoundModifier
+
+        return AutoRoundModifier(targets="Linear", scheme=scheme, ignore=IGNORE, iters=iters,
+                                 enable_torch_compile=False)
+    from routealign import RouterAlignedRoundingModifier
+
+    return RouterAlignedRoundingModifier(objective=method, scheme=scheme, targets="Linear", ignore=["lm_head"],
+                                         iters=iters, seed=seed, **extra)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--method", required=True, choices=("rtn", "gptq", "autoround") + OURS)
+    parser.add_argument("--scheme", default="W4A16")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--iters", type=int, default=200)
+    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--eval-rows", type=int, default=64)
+    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/wikitext-2")
+    parser.add_argument("--extra", default="{}", help="JSON of extra RouterAlignedRoundingModifier fields")
+    parser.add_argument("--moe-calibrate-all-experts", action="store_true",
+                        help="llm-compressor's default; off here unless given (routealign does not need it)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+    import routealign  # noqa: F401  (registers the modifiers)
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM
+
+    from routealign.checkpoint import load_model
+    from routealign.evaluate import evaluate
+    from routealign.textdata import encode_text, eval_rows, find_tokenizer
+
+    tokenizer = find_tokenizer(args.model)
+    calib = calibration(args.data / "wiki.train.tokens", tokenizer, args.samples, args.seq_len, args.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(str(args.model), dtype=torch.bfloat16)
+    data = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
+    mod = recipe(args.method, args.scheme, args.iters, args.seed, json.loads(args.extra))
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    oneshot(model=model, dataset=data, recipe=mod, num_calibration_samples=args.samples,
+            max_seq_length=args.seq_len, moe_calibrate_all_experts=args.moe_calibrate_all_experts)
+    seconds = time.perf_counter() - start
+    peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    qdir = args.out / "checkpoint"
+    model.save_pretrained(str(qdir), save_compressed=True)
+    del model
+
+    ids = eval_rows(encode_text(args.data / "wiki.test.tokens", tokenizer), args.eval_rows, 512)
+    reference = load_model(args.model, dtype=torch.bfloat16, device=device)
+    quantized = load_model(qdir, dtype=torch.bfloat16, device=device)
+    result = evaluate(reference, quantized, ids, batch_size=4, progress=False)
+    mean = result.report["routing"]["mean"]
+    row = {"model": args.model.name, "method": args.method, "scheme": args.scheme, "seed": args.seed,
+           "iters": args.iters if args.method not in ("rtn", "gptq") else None,
+           "extra": json.loads(args.extra), "oneshot_s": round(seconds, 2),
+           "peak_rss_mib": round(peak_rss), "peak_gpu_mib": None if peak_gpu is None else round(peak_gpu),
+           "ppl_reference": result.report["perplexity"]["reference"], "ppl": result.report["perplexity"]["quantized"],
+           **{k: mean[k] for k in ("overlap_at_k", "jaccard", "exact_set", "top1", "match_score",
+                                   "rank_weighted_jaccard", "routing_kl")},
+           "flip_rate": 1 - mean["overlap_at_k"],
+           "layers": getattr(mod, "report", None), "device": device, "torch": torch.__version__}
+    (args.out / "row.json").write_text(json.dumps(row, indent=2))
+    print(json.dumps({k: v for k, v in row.items() if k != "layers"}))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

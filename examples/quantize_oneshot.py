@@ -1,0 +1,44 @@
+"""Quantize an MoE with VSRAQ W4A16 from Python and save a vLLM-ready compressed-tensors checkpoint.
+
+    python examples/quantize_oneshot.py --model ../shared/models/tiny-qwen3_moe --text ../shared/data/wikitext-2/wiki.train.tokens --out qwen-vsraq-w4a16
+
+Any local transformers MoE folder works (Qwen3-MoE, OLMoE, Mixtral, DeepSeek-V3, GLM-4.5, ...). Calibration here is
+128 windows of 512 tokens of a local text file, tokenized with the model's own tokenizer.
+"""
+
+import argparse
+
+import numpy as np
+import torch
+from datasets import Dataset
+from llmcompressor import oneshot
+from transformers import AutoModelForCausalLM
+
+import routealign  # noqa: F401  (registers RouterAlignedRoundingModifier with llm-compressor)
+from routealign import RouterAlignedRoundingModifier
+from routealign.textdata import encode_text, find_tokenizer
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--model", required=True)
+parser.add_argument("--text", required=True, help="calibration text")
+parser.add_argument("--out", required=True)
+parser.add_argument("--scheme", default="W4A16", help="W4A16, W4A16_ASYM, W3A16, NVFP4, NVFP4A16")
+parser.add_argument("--objective", default="vsraq", help="none, topk_mse, kl, vsraq, expertquant")
+parser.add_argument("--samples", type=int, default=128)
+parser.add_argument("--seq-len", type=int, default=512)
+args = parser.parse_args()
+
+ids = encode_text(args.text, find_tokenizer(args.model))
+starts = np.random.default_rng(0).integers(0, ids.numel() - args.seq_len, size=args.samples)
+calib = torch.stack([ids[s : s + args.seq_len] for s in starts])
+dataset = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
+
+model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16)
+recipe = RouterAlignedRoundingModifier(objective=args.objective, scheme=args.scheme, targets="Linear",
+                                       ignore=["lm_head"], iters=200)
+# routealign's tuning routes each expert its own tokens; llm-compressor's all-experts calibration is not needed
+oneshot(model=model, dataset=dataset, recipe=recipe, num_calibration_samples=args.samples,
+        max_seq_length=args.seq_len, moe_calibrate_all_experts=False)
+model.save_pretrained(args.out, save_compressed=True)
+for row in recipe.report:
+    print(row["layer"], f"loss {row['loss_first']:.4g} -> {row['loss_best']:.4g}", f"{row['seconds']} s")

@@ -1,0 +1,35 @@
+"""Quantize with a YAML recipe (compose routealign's modifier with llm-compressor's own in one file).
+
+    python examples/quantize_yaml.py --model ../shared/models/tiny-glm4_moe --recipe recipes/vsraq_nvfp4.yaml \
+        --text ../shared/data/wikitext-2/wiki.train.tokens --out glm-vsraq-nvfp4
+
+`import routealign` must come before `oneshot`: llm-compressor resolves YAML modifier names only through its
+ModifierFactory, where routealign registers RouterAlignedRoundingModifier.
+"""
+
+import argparse
+
+import numpy as np
+import torch
+from datasets import Dataset
+from llmcompressor import oneshot
+from transformers import AutoModelForCausalLM
+
+import routealign  # noqa: F401
+from routealign.textdata import encode_text, find_tokenizer
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--model", required=True)
+parser.add_argument("--recipe", required=True)
+parser.add_argument("--text", required=True)
+parser.add_argument("--out", required=True)
+args = parser.parse_args()
+
+ids = encode_text(args.text, find_tokenizer(args.model))
+starts = np.random.default_rng(0).integers(0, ids.numel() - 512, size=128)
+calib = torch.stack([ids[s : s + 512] for s in starts])
+dataset = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
+model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16)
+oneshot(model=model, dataset=dataset, recipe=args.recipe, num_calibration_samples=128, max_seq_length=512,
+        moe_calibrate_all_experts=False)
+model.save_pretrained(args.out, save_compressed=True)
