@@ -19,17 +19,7 @@ import platform
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-
-
-def calibration_windows(train_text: Path, tokenizer: Path, n: int = 128, seq_len: int = 512, seed: int = 0):
-    from routealign.textdata import encode_text
-
-    ids = encode_text(train_text, tokenizer)
-    rng = np.random.default_rng(seed)
-    starts = rng.integers(0, ids.numel() - seq_len, size=n)
-    return torch.stack([ids[s : s + seq_len] for s in starts])
 
 
 def quantize(model_dir: Path, out_dir: Path, scheme: str, calib: torch.Tensor | None) -> float:
@@ -67,7 +57,7 @@ def main() -> None:
     from routealign.checkpoint import load_model
     from routealign.evaluate import evaluate
     from routealign.report import write_report
-    from routealign.textdata import encode_text, eval_rows, find_tokenizer
+    from routealign.textdata import calibration_windows, encode_text, eval_rows, find_tokenizer
 
     tokenizer = find_tokenizer(args.model)
     eval_ids = eval_rows(encode_text(args.data / "wiki.test.tokens", tokenizer), 64, 512)
@@ -76,7 +66,8 @@ def main() -> None:
     rows = []
     for scheme in args.scheme:
         needs_calibration = scheme.upper().startswith("NVFP4") and scheme.upper() != "NVFP4A16"
-        calib = calibration_windows(args.data / "wiki.train.tokens", tokenizer) if needs_calibration else None
+        calib = calibration_windows(encode_text(args.data / "wiki.train.tokens", tokenizer), 128, 512) \
+            if needs_calibration else None
         qdir = args.out / f"{args.model.name}-rtn-{scheme.lower()}"
         seconds = quantize(args.model, qdir, scheme, calib)
         quantized = load_model(qdir, dtype=torch.bfloat16, device=device)

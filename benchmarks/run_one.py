@@ -19,19 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 OURS = ("none", "topk_mse", "kl", "vsraq", "expertquant")
 IGNORE = ["lm_head", "re:.*mlp.gate$", "re:.*shared_expert_gate$"]
-
-
-def calibration(train_text: Path, tokenizer: Path, n: int, seq_len: int, seed: int) -> torch.Tensor:
-    from routealign.textdata import encode_text
-
-    ids = encode_text(train_text, tokenizer)
-    starts = np.random.default_rng(seed).integers(0, ids.numel() - seq_len, size=n)
-    return torch.stack([ids[s : s + seq_len] for s in starts])
 
 
 def recipe(method: str, scheme: str, iters: int, seed: int, extra: dict):
@@ -79,10 +70,11 @@ def main() -> None:
 
     from routealign.checkpoint import load_model
     from routealign.evaluate import evaluate
-    from routealign.textdata import encode_text, eval_rows, find_tokenizer
+    from routealign.textdata import calibration_windows, encode_text, eval_rows, find_tokenizer
 
     tokenizer = find_tokenizer(args.model)
-    calib = calibration(args.data / "wiki.train.tokens", tokenizer, args.samples, args.seq_len, args.seed)
+    calib = calibration_windows(encode_text(args.data / "wiki.train.tokens", tokenizer), args.samples, args.seq_len,
+                                args.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(str(args.model), dtype=torch.bfloat16)
     data = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})

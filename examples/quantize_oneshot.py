@@ -8,7 +8,6 @@ Any local transformers MoE folder works (Qwen3-MoE, OLMoE, Mixtral, DeepSeek-V3,
 
 import argparse
 
-import numpy as np
 import torch
 from datasets import Dataset
 from llmcompressor import oneshot
@@ -16,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 import routealign  # noqa: F401  (registers RouterAlignedRoundingModifier with llm-compressor)
 from routealign import RouterAlignedRoundingModifier
-from routealign.textdata import encode_text, find_tokenizer
+from routealign.textdata import calibration_windows, encode_text, find_tokenizer
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", required=True)
@@ -29,8 +28,7 @@ parser.add_argument("--seq-len", type=int, default=512)
 args = parser.parse_args()
 
 ids = encode_text(args.text, find_tokenizer(args.model))
-starts = np.random.default_rng(0).integers(0, ids.numel() - args.seq_len, size=args.samples)
-calib = torch.stack([ids[s : s + args.seq_len] for s in starts])
+calib = calibration_windows(ids, n=args.samples, seq_len=args.seq_len, seed=0)
 dataset = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
 
 model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16)

@@ -9,14 +9,13 @@ ModifierFactory, where routealign registers RouterAlignedRoundingModifier.
 
 import argparse
 
-import numpy as np
 import torch
 from datasets import Dataset
 from llmcompressor import oneshot
 from transformers import AutoModelForCausalLM
 
 import routealign  # noqa: F401
-from routealign.textdata import encode_text, find_tokenizer
+from routealign.textdata import calibration_windows, encode_text, find_tokenizer
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", required=True)
@@ -26,8 +25,7 @@ parser.add_argument("--out", required=True)
 args = parser.parse_args()
 
 ids = encode_text(args.text, find_tokenizer(args.model))
-starts = np.random.default_rng(0).integers(0, ids.numel() - 512, size=128)
-calib = torch.stack([ids[s : s + 512] for s in starts])
+calib = calibration_windows(ids, n=128, seq_len=512, seed=0)
 dataset = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
 model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16)
 oneshot(model=model, dataset=dataset, recipe=args.recipe, num_calibration_samples=128, max_seq_length=512,

@@ -1,7 +1,8 @@
 """Evaluation and calibration token ids, following the shared protocol.
 
 Text is split on ``"\\n"``; each line is encoded as ``line + "\\n"`` with the model's own ``tokenizer.json`` and no
-special tokens; the ids are concatenated. Evaluation takes the first ``rows x seq_len`` ids as ``rows`` rows.
+special tokens; the ids are concatenated. Evaluation takes the first ``rows x seq_len`` ids as ``rows`` rows;
+calibration takes ``n`` windows of ``seq_len`` ids at offsets drawn with numpy ``default_rng(seed)``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 
 from .errors import InputError
 
-__all__ = ["find_tokenizer", "encode_text", "eval_rows"]
+__all__ = ["find_tokenizer", "encode_text", "eval_rows", "calibration_windows"]
 
 
 def find_tokenizer(model_dir: str | Path | None, tokenizer: str | Path | None = None) -> Path:
@@ -63,3 +64,13 @@ def eval_rows(ids: torch.Tensor, rows: int, seq_len: int, vocab_size: int | None
     if vocab_size is not None and int(out.max()) >= vocab_size:
         raise InputError(f"{source} has token id {int(out.max())} outside the model's vocabulary ({vocab_size})")
     return out
+
+
+def calibration_windows(ids: torch.Tensor, n: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """``[n, seq_len]`` windows of ``ids`` at random offsets (numpy ``default_rng(seed).integers``)."""
+    import numpy as np
+
+    if ids.numel() <= seq_len:
+        raise InputError(f"calibration text has {ids.numel()} tokens, not more than seq_len={seq_len}")
+    starts = np.random.default_rng(seed).integers(0, ids.numel() - seq_len, size=n)
+    return torch.stack([ids[int(s) : int(s) + seq_len] for s in starts])

@@ -233,15 +233,31 @@ class TunedWeight:
 
     @torch.no_grad()
     def final(self) -> tuple[torch.Tensor, QParams]:
-        """Quantize-dequantized weight in the model's dtype and its parameters, exactly as compressed-tensors will
-        store and re-quantize them (scales computed in the weight's dtype, as llm-compressor's observers do)."""
+        """Quantize-dequantized weight in the model's dtype and its parameters.
+
+        Scales are computed as llm-compressor's observers compute them (from the clipped group range, in the
+        weight's dtype). Untuned weights (offset 0, clip 1) are quantized with compressed-tensors' own arithmetic:
+        exactly RTN. Tuned weights take their integers from the float32 arithmetic they were tuned in: signed
+        gradient descent leaves many offsets just across a rounding boundary, and re-deriving the integers in bf16
+        (relative error 2^-9) would undo those decisions at random. The dequantized value ``(q - zp) * scale`` is
+        then rounded once to the model's dtype; compressed-tensors re-quantizes it to the same integers (<= 4 bits).
+        """
         w = self.module.weight.detach()
         wmin, wmax = self.quantizer.group_minmax(w)
         lo = (wmin.float() * self.clip_lo).to(w.dtype)
         hi = (wmax.float() * self.clip_hi).to(w.dtype)
         qp = self.quantizer.qparams(lo, hi, self.global_scale)
-        offset = None if not bool(self.offset.any()) else self.offset
-        return self.quantizer.fake_quant(w, qp, offset), qp
+        if not bool(self.offset.any()) and bool((self.clip_lo == 1).all() and (self.clip_hi == 1).all()):
+            return self.quantizer.fake_quant(w, qp), qp
+        qp32 = QParams(qp.scale.float(), qp.zero_point, qp.global_scale)
+        return self.quantizer.fake_quant(self.weight32, qp32, self.offset).to(w.dtype), qp
+
+    @torch.no_grad()
+    def integers(self, weight: torch.Tensor, qp: QParams) -> torch.Tensor:
+        """The integers (or FP4 codes' values) compressed-tensors will store for ``weight`` with ``qp``."""
+        from compressed_tensors.quantization.lifecycle.forward import quantize
+
+        return quantize(weight, qp.scale, qp.zero_point, self.quantizer.args, global_scale=qp.global_scale)
 
 
 class BlockTuner:

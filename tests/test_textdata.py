@@ -1,0 +1,31 @@
+"""Token ids for evaluation and calibration, as the shared protocol defines them."""
+
+import numpy as np
+import pytest
+import torch
+
+from routealign.errors import InputError
+from routealign.textdata import calibration_windows, encode_text, eval_rows
+from routealign.tiny import byte_tokenizer
+
+
+def test_encode_line_by_line_without_special_tokens(tmp_path, sample_text):
+    byte_tokenizer().save_pretrained(tmp_path)
+    ids = encode_text(sample_text, tmp_path / "tokenizer.json")
+    raw = open(sample_text, encoding="utf-8").read()
+    expected = [b + 3 for line in raw.split("\n") for b in (line + "\n").encode()]
+    assert ids.tolist() == expected
+
+
+def test_calibration_windows_follow_numpy_default_rng():
+    ids = torch.arange(1000)
+    windows = calibration_windows(ids, n=5, seq_len=16, seed=3)
+    starts = np.random.default_rng(3).integers(0, 1000 - 16, size=5)
+    assert windows.tolist() == [list(range(s, s + 16)) for s in starts]
+    with pytest.raises(InputError, match="calibration text has 10 tokens, not more than seq_len=16"):
+        calibration_windows(torch.arange(10), n=1, seq_len=16)
+
+
+def test_eval_rows_takes_the_first_ids():
+    rows = eval_rows(torch.arange(100), rows=3, seq_len=20)
+    assert rows.shape == (3, 20) and rows[2, 0].item() == 40
