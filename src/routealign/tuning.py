@@ -8,8 +8,10 @@ sequences; the parameters of the iteration with the lowest loss are kept. With `
 identical to llm-compressor's QuantizationModifier.
 
 Loss: mean-squared error between the tuned block's output on the *quantized model's* input activations and the
-unquantized block's output on the *unquantized model's* input activations, plus ``router_weight`` times the mean
-router objective (:mod:`routealign.losses`) over the routers in scope:
+unquantized block's output on the *unquantized model's* input activations (for the last decoder block, after the
+model's final norm, the only consumer of that output: measured on the raw residual stream, tuning the last block
+made the model worse than RTN on tiny-qwen3_moe), plus ``router_weight`` times the mean router objective
+(:mod:`routealign.losses`) over the routers in scope:
 
 - ``block``: this block's own routers, on the tuned block's activations (their logits only depend on the block's
   attention weights);
@@ -268,9 +270,11 @@ class BlockTuner:
     """
 
     def __init__(self, block: torch.nn.Module, targets: dict, loss_config, config: TuningConfig,
-                 next_block: torch.nn.Module | None = None, name: str = "block"):
+                 next_block: torch.nn.Module | None = None, name: str = "block",
+                 output_norm: torch.nn.Module | None = None):
         self.block = block
         self.next_block = next_block
+        self.output_norm = output_norm
         self.config = config
         self.name = name
         self.device = next(block.parameters()).device
@@ -294,6 +298,7 @@ class BlockTuner:
         self.loss_config = loss_config
         self._params32 = self._float_params(block)
         self._next_params32 = self._float_params(next_block) if next_block is not None else {}
+        self._norm_params32 = self._float_params(output_norm) if output_norm is not None else {}
         self.history: list[float] = []
         self.fallback: dict[str, int] = {}
 
@@ -442,7 +447,8 @@ class BlockTuner:
                 idx = torch.randperm(n, generator=gen)[: cfg.batch_size]
                 h = q.hidden[idx].to(self.device, torch.float32)
                 y, logits = self._run(self.block, self._block_params(), h, kwargs, self.own_layers)
-                loss = torch.nn.functional.mse_loss(y, self._y_fp[idx.to(self._y_fp.device)].to(y.device))
+                target = self._y_fp[idx.to(self._y_fp.device)].to(y.device)
+                loss = torch.nn.functional.mse_loss(self._normed(y), self._normed(target))
                 router = self._router_loss(y, logits, kwargs, idx)
                 total = loss + cfg.router_weight * router if router is not None else loss
                 value = float(total.detach())
@@ -471,6 +477,12 @@ class BlockTuner:
                 p.copy_(b)
                 p.grad = None
         return y_fp
+
+    def _normed(self, y: torch.Tensor) -> torch.Tensor:
+        """The last block's output is read only through the model's final norm: measure its error there."""
+        if self.output_norm is None:
+            return y
+        return functional_call(self.output_norm, self._norm_params32, (y,))
 
     def _router_loss(self, y, logits, kwargs, idx):
         if not self.scoped:

@@ -196,8 +196,10 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin):
         aligned = [block] + ([next_block] if next_block is not None else [])
         # our own forwards must not trigger hooks (ours would capture them as the next layer's inputs)
         with HooksMixin.disable_hooks(), align_modules(aligned):
-            with suspended_offloading(block, next_block):
-                tuner = BlockTuner(block, targets, self.loss_config(), self.tuning_config(), next_block, name)
+            output_norm = self._final_norm(model) if next_block is None else None
+            with suspended_offloading(block, next_block, output_norm):
+                tuner = BlockTuner(block, targets, self.loss_config(), self.tuning_config(), next_block, name,
+                                   output_norm=output_norm)
                 self._warn_unreachable(tuner, name)
                 y_fp = tuner.tune(q, fp)
             tuner.apply()
@@ -214,6 +216,16 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin):
         if history:
             logger.info(f"{name}: tuned {len(tuner.weights)} weights, {len(history)} iters, loss "
                         f"{history[0]:.4g} -> best {min(history):.4g} ({row['seconds']:.1f} s)")
+
+    @staticmethod
+    def _final_norm(model: torch.nn.Module) -> torch.nn.Module | None:
+        """The norm between the last decoder layer and the LM head, where transformers models keep it."""
+        base = getattr(model, "model", model)
+        for attr in ("norm", "norm_f", "final_layernorm"):
+            module = getattr(base, attr, None)
+            if isinstance(module, torch.nn.Module):
+                return module
+        return None
 
     def _warn_unreachable(self, tuner: BlockTuner, name: str) -> None:
         for where, layer in tuner.scoped:
