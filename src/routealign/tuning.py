@@ -522,6 +522,19 @@ class BlockTuner:
                 h.remove()
         return amax
 
+    @torch.no_grad()
+    def propagate(self, q: BlockInputs, chunk: int = 8) -> torch.Tensor:
+        """The block's output, with its current (written) weights, on the quantized stream: the next block's
+        quantized-stream input (in the input dtype)."""
+        params = self._float_params(self.block)
+        kwargs = _to(q.kwargs, torch.float32, self.device)
+        outs = []
+        for start in range(0, q.hidden.shape[0], chunk):
+            h = q.hidden[start : start + chunk].to(self.device, torch.float32)
+            y, _ = self._run(self.block, params, h, kwargs, [])
+            outs.append(y.to(q.hidden.dtype).to(q.hidden.device))
+        return torch.cat(outs)
+
     # -- results ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def apply(self) -> None:

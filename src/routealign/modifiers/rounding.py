@@ -59,8 +59,9 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin):
     - on_calibration_start
         - mark targets as calibrating; capture each decoder layer's inputs with forward-pre hooks
     - on_sequential_epoch_end (once per decoder layer, in order)
-        - stack the layer's captured inputs (the quantized model's activations); take the unquantized model's
-          activations from the previous layer's tuning (the captured ones for the first layer)
+        - inputs: the first layer's captured inputs; after that the quantized and unquantized streams that the
+          previous layer's tuning computed (causal attention; llm-compressor's propagated activations are not
+          used, see ``_tune_layer``)
         - :class:`~routealign.tuning.BlockTuner`: unquantized targets, starving-expert fallback, tuning loop
         - write quantize-dequantized weights, ``weight_scale``, ``weight_zero_point``, ``weight_global_scale``, and
           for activation-quantized NVFP4 ``input_global_scale`` from routed tokens
@@ -108,6 +109,7 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin):
     _captured: dict[str, list] = PrivateAttr(default_factory=dict)
     _capture_hooks: dict[str, Any] = PrivateAttr(default_factory=dict)
     _fp_hidden: torch.Tensor | None = PrivateAttr(default=None)
+    _q_hidden: torch.Tensor | None = PrivateAttr(default=None)
     _samples: int | None = PrivateAttr(default=None)
     _report: list[dict] = PrivateAttr(default_factory=list)
 
@@ -179,9 +181,13 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin):
         name = self._layer_names[id(block)]
         if name in self._capture_hooks:
             self.remove_hooks({self._capture_hooks.pop(name)})
-        q = BlockInputs.from_captured(self._captured.pop(name, []), name)
-        fp = q if self._fp_hidden is None or self._fp_hidden.shape != q.hidden.shape \
-            else BlockInputs(self._fp_hidden, q.kwargs)
+        captured = BlockInputs.from_captured(self._captured.pop(name, []), name)
+        # Both streams are ours: llm-compressor 0.14.0.1's sequential pipeline runs decoder layers with eager
+        # attention and attention_mask=None (bidirectional attention), so the activations it propagates to layer
+        # 2 onwards are not the causal model's. Only the first layer's captured inputs (embeddings) and the
+        # shared keyword arguments (rotary embeddings) are taken from it.
+        q = captured if self._q_hidden is None else BlockInputs(self._q_hidden, captured.kwargs)
+        fp = captured if self._fp_hidden is None else BlockInputs(self._fp_hidden, captured.kwargs)
         targets = {n: m.quantization_scheme.weights for n, m in block.named_modules()
                    if is_module_quantized(m) and m.quantization_scheme.weights is not None
                    and hasattr(m, "weight")}
@@ -205,7 +211,8 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin):
             tuner.apply()
             with suspended_offloading(block):
                 self._set_input_global_scales(block, tuner, q)
-        self._fp_hidden = y_fp.cpu() if y_fp.device.type != "cpu" else y_fp
+                self._q_hidden = tuner.propagate(q).cpu()
+        self._fp_hidden = y_fp.cpu()
         history = tuner.history
         row = {"layer": name, "samples": q.hidden.shape[0], "weights": len(tuner.weights), "iters": len(history),
                "loss_first": history[0] if history else None, "loss_best": min(history) if history else None,
@@ -263,4 +270,5 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin):
         self._captured.clear()
         self._capture_hooks.clear()
         self._fp_hidden = None
+        self._q_hidden = None
         self._samples = None
