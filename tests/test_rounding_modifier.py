@@ -239,3 +239,41 @@ def test_saved_integers_are_the_tuned_float32_decisions(scheme):
     bf16_path = quant.fake_quant(lin.weight.detach(), qp, tw.offset)
     changed = (bf16_path != written).float().mean().item()
     assert changed > 0.01 if not scheme.startswith("NVFP4") else changed == 0.0
+
+
+def test_router_scope_reaches_the_documented_weights():
+    """The block's own router depends only on attention weights; the next block's router on everything."""
+    from compressed_tensors.quantization import preset_name_to_scheme
+
+    from routealign.losses import RouterLossConfig
+    from routealign.tiny import tiny_model
+    from routealign.tuning import BlockInputs, BlockTuner, TuningConfig
+
+    from llmcompressor.modeling.moe.linearize import linearize_moe
+
+    from routealign.tuning import suspended_offloading
+
+    model = tiny_model("qwen3_moe", seed=2)
+    linearize_moe(model)  # per-expert Linears, as oneshot does
+    block, nxt = model.model.layers[0], model.model.layers[1]
+    args = preset_name_to_scheme("W4A16", ["Linear"]).weights
+    targets = {n: args for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    ids = calibration_ids(rows=2, seq_len=16)
+    with torch.no_grad():
+        h = model.model.embed_tokens(ids)
+        pos = torch.arange(16).unsqueeze(0)
+        q = BlockInputs(h, {"position_embeddings": model.model.rotary_emb(h, pos), "attention_mask": None})
+    for scope in ("block", "next"):
+        with suspended_offloading(block, nxt):
+            tuner = BlockTuner(block, targets, RouterLossConfig("vsraq"),
+                               TuningConfig(iters=1, router_scope=scope, router_weight=1.0), nxt)
+            tuner.targets(q)
+            with torch.enable_grad():
+                y, logits = tuner._run(block, tuner._block_params(), q.hidden.float(), q.kwargs, tuner.own_layers)
+                tuner._router_loss(y, logits, q.kwargs, torch.arange(2)).backward()
+        reached = {w.name for w in tuner.weights if w.offset.grad is not None and w.offset.grad.abs().sum() > 0}
+        attention = {w.name for w in tuner.weights if w.name.startswith("self_attn.")}
+        if scope == "block":
+            assert reached == attention  # q/k/v/o feed the router through the residual stream; no expert does
+        else:
+            assert any(n.startswith("mlp.experts.") for n in reached) and attention <= reached, sorted(reached)
