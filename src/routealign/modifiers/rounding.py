@@ -183,8 +183,8 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin):
             self.remove_hooks({self._capture_hooks.pop(name)})
         captured = BlockInputs.from_captured(self._captured.pop(name, []), name)
         # Both streams are ours: llm-compressor 0.14.0.1's sequential pipeline runs decoder layers with eager
-        # attention and attention_mask=None (bidirectional attention), so the activations it propagates to layer
-        # 2 onwards are not the causal model's. Only the first layer's captured inputs (embeddings) and the
+        # attention and attention_mask=None (bidirectional attention), so the activations it propagates to the
+        # second layer onwards are not the causal model's. Only the first layer's captured inputs (embeddings) and the
         # shared keyword arguments (rotary embeddings) are taken from it.
         q = captured if self._q_hidden is None else BlockInputs(self._q_hidden, captured.kwargs)
         fp = captured if self._fp_hidden is None else BlockInputs(self._fp_hidden, captured.kwargs)
@@ -194,10 +194,10 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin):
         index = self._layer_order.index(name)
         next_block = model.get_submodule(self._layer_order[index + 1]) if index + 1 < len(self._layer_order) else None
         if self._samples is None:
-            self._samples = q.hidden.shape[0]
-        elif q.hidden.shape[0] != self._samples:
-            raise RuntimeError(f"{name}: captured {q.hidden.shape[0]} calibration sequences, the first layer saw "
-                               f"{self._samples}")
+            self._samples = captured.hidden.shape[0]
+        elif captured.hidden.shape[0] != self._samples:
+            raise RuntimeError(f"{name}: captured {captured.hidden.shape[0]} calibration sequences, the first layer "
+                               f"saw {self._samples}")
         start = time.perf_counter()
         aligned = [block] + ([next_block] if next_block is not None else [])
         # our own forwards must not trigger hooks (ours would capture them as the next layer's inputs)
