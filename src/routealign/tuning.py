@@ -254,13 +254,6 @@ class TunedWeight:
         qp32 = QParams(qp.scale.float(), qp.zero_point, qp.global_scale)
         return self.quantizer.fake_quant(self.weight32, qp32, self.offset).to(w.dtype), qp
 
-    @torch.no_grad()
-    def integers(self, weight: torch.Tensor, qp: QParams) -> torch.Tensor:
-        """The integers (or FP4 codes' values) compressed-tensors will store for ``weight`` with ``qp``."""
-        from compressed_tensors.quantization.lifecycle.forward import quantize
-
-        return quantize(weight, qp.scale, qp.zero_point, self.quantizer.args, global_scale=qp.global_scale)
-
 
 class BlockTuner:
     """Learned rounding of every targeted Linear in ``block``.
