@@ -6,8 +6,7 @@ from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
 from llmcompressor.modeling.moe.linearize import linearize_moe
 
 from routealign.errors import NotMoEError, UnsupportedRouterError
-from routealign.evaluate import RouterTap
-from routealign.routing import FAMILIES, find_moe_layers, supported_router_classes
+from routealign.routing import FAMILIES, RouterTap, find_moe_layers, supported_router_classes
 from routealign.tiny import TINY_FAMILIES, tiny_model
 
 EXPECTED_FAMILY = {

@@ -12,7 +12,6 @@ the degradation that routing does not explain.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
@@ -22,47 +21,11 @@ from tqdm.auto import tqdm
 
 from .errors import InputError
 from .metrics import RoutingAgreement
-from .routing import MoELayer, Routing, find_moe_layers
+from .routing import MoELayer, RouterTap, find_moe_layers
 
 __all__ = ["RouterTap", "EvalResult", "evaluate", "MARGIN_THRESHOLDS"]
 
 MARGIN_THRESHOLDS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0)
-
-
-class RouterTap(contextlib.AbstractContextManager):
-    """Forward hooks on every router of ``layers``: records each router's logits per forward, and, when ``force``
-    maps a layer name to ``[T, k]`` indices, makes the router return those experts instead of its own."""
-
-    def __init__(self, layers: list[MoELayer], force: dict[str, torch.Tensor] | None = None):
-        self.layers = layers
-        self.force = force
-        self.logits: dict[str, torch.Tensor] = {}
-        self._handles: list = []
-
-    def _hook(self, layer: MoELayer):
-        def hook(module, args, output):
-            logits = output[0]
-            self.logits[layer.name] = logits.detach()
-            if self.force is None:
-                return None
-            indices = self.force[layer.name].to(logits.device)
-            weights = layer.family.weights_for(module, logits.reshape(-1, logits.shape[-1]), indices)
-            return (logits, weights, indices)
-
-        return hook
-
-    def __enter__(self):
-        self._handles = [layer.router.register_forward_hook(self._hook(layer)) for layer in self.layers]
-        return self
-
-    def __exit__(self, *exc):
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        return False
-
-    def routing(self, layer: MoELayer) -> Routing:
-        return layer.family.route(layer.router, self.logits[layer.name])
 
 
 @dataclass

@@ -89,9 +89,6 @@ class RouterTarget:
     def __getitem__(self, index) -> "RouterTarget":
         return RouterTarget(self.logits[index], self.scores[index], self.order[index])
 
-    def to(self, device) -> "RouterTarget":
-        return RouterTarget(self.logits.to(device), self.scores.to(device), self.order.to(device))
-
 
 class RouterLoss:
     """One router's objective: ``target(z_fp)`` once, then ``loss(z_q, target)`` per step."""

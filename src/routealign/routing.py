@@ -24,6 +24,7 @@ The same description holds before and after llm-compressor's ``linearize_moe`` (
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass, field
 from typing import Literal
@@ -42,6 +43,8 @@ __all__ = [
     "family_of",
     "find_moe_layers",
     "supported_router_classes",
+    "RouterTap",
+    "StopForward",
 ]
 
 Selection = Literal["softmax", "sigmoid_bias", "logits"]
@@ -323,3 +326,52 @@ def find_moe_layers(model: torch.nn.Module, require: bool = True) -> list[MoELay
             f"{type(model).__name__} has no MoE layer (no module holds both `experts` and a `gate`/`router`)"
         )
     return layers
+
+
+class StopForward(Exception):
+    """Raised by a :class:`RouterTap` with ``stop_after`` once the routers it watches have run."""
+
+
+class RouterTap(contextlib.AbstractContextManager):
+    """Forward hooks on every router of ``layers``: records each router's logits per forward (detached unless
+    ``detach=False``); when ``force`` maps a layer name to ``[T, k]`` indices, makes the router return those experts
+    instead of its own; with ``stop_after``, raises :class:`StopForward` once the last router has run (the rest of
+    the forward is not needed)."""
+
+    def __init__(self, layers: list[MoELayer], force: dict[str, torch.Tensor] | None = None, detach: bool = True,
+                 stop_after: bool = False):
+        self.layers = layers
+        self.force = force
+        self.detach = detach
+        self.stop_after = stop_after and bool(layers)
+        self.logits: dict[str, torch.Tensor] = {}
+        self._handles: list = []
+
+    def _hook(self, layer: MoELayer):
+        last = layer is self.layers[-1]
+
+        def hook(module, args, output):
+            logits = output[0]
+            self.logits[layer.name] = logits.detach() if self.detach else logits
+            if self.stop_after and last:
+                raise StopForward
+            if self.force is None:
+                return None
+            indices = self.force[layer.name].to(logits.device)
+            weights = layer.family.weights_for(module, logits.reshape(-1, logits.shape[-1]), indices)
+            return (logits, weights, indices)
+
+        return hook
+
+    def __enter__(self):
+        self._handles = [layer.router.register_forward_hook(self._hook(layer)) for layer in self.layers]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        return False
+
+    def routing(self, layer: MoELayer) -> Routing:
+        return layer.family.route(layer.router, self.logits[layer.name])

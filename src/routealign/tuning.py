@@ -42,7 +42,7 @@ from loguru import logger
 from torch.func import functional_call
 
 from .losses import RouterLoss, RouterTarget
-from .routing import MoELayer, find_moe_layers
+from .routing import MoELayer, RouterTap, StopForward, find_moe_layers
 from .schemes import QParams, WeightQuantizer
 
 __all__ = ["TuningConfig", "TunedWeight", "BlockTuner", "BlockInputs", "RouterScope", "FUSED_GROUPS"]
@@ -124,10 +124,6 @@ def _to(value, dtype=None, device=None):
     if isinstance(value, dict):
         return {k: _to(v, dtype, device) for k, v in value.items()}
     return value
-
-
-class _StopForward(Exception):
-    pass
 
 
 @contextlib.contextmanager
@@ -321,35 +317,24 @@ class BlockTuner:
         return scales
 
     # -- forward passes -----------------------------------------------------------------------------------
-    def _router_logits(self, layers: list[MoELayer]):
-        captured: dict[str, torch.Tensor] = {}
-        handles = [l.router.register_forward_hook(
-            lambda mod, args, out, n=l.name: captured.__setitem__(n, out[0])) for l in layers]
-        return captured, handles
-
     def _run(self, module, params, hidden, kwargs, layers, stop_after: bool = False):
-        """Forward ``module`` with ``params``; returns (output or None, router logits by layer name)."""
-        captured, handles = self._router_logits(layers)
-        stopper = None
-        if stop_after and layers:
-            last = layers[-1].router
+        """Forward ``module`` with ``params``; returns (output, or None when stopped after the last of ``layers``'
+        routers, and their logits by layer name, with gradients)."""
+        out = None
+        with RouterTap(layers, detach=False, stop_after=stop_after) as tap:
+            try:
+                with plain_forwards(module):
+                    out = functional_call(module, params, (hidden,), kwargs, strict=False)
+                out = out[0] if isinstance(out, tuple) else out
+            except StopForward:
+                pass
+        return out, tap.logits
 
-            def stop(mod, args, out):
-                raise _StopForward
-
-            stopper = last.register_forward_hook(stop)
-        try:
-            with plain_forwards(module):
-                out = functional_call(module, params, (hidden,), kwargs, strict=False)
-            out = out[0] if isinstance(out, tuple) else out
-        except _StopForward:
-            out = None
-        finally:
-            for h in handles:
-                h.remove()
-            if stopper is not None:
-                stopper.remove()
-        return out, captured
+    def _chunks(self, inputs: BlockInputs, chunk: int = 8):
+        """``(float32 hidden chunk, float32 kwargs)`` over the calibration sequences in order, on the block's device."""
+        kwargs = _to(inputs.kwargs, torch.float32, self.device)
+        for start in range(0, inputs.hidden.shape[0], chunk):
+            yield inputs.hidden[start : start + chunk].to(self.device, torch.float32), kwargs
 
     def _block_params(self) -> dict[str, torch.Tensor]:
         params = dict(self._params32)
@@ -361,10 +346,8 @@ class BlockTuner:
     def targets(self, fp: BlockInputs, chunk: int = 8):
         """Unquantized outputs and router targets on the unquantized stream; returns the outputs (the next block's
         unquantized inputs) in the input dtype."""
-        kwargs = _to(fp.kwargs, torch.float32, self.device)
         outs, own, nxt = [], {l.name: [] for l in self.own_layers}, {l.name: [] for l in self.next_layers}
-        for start in range(0, fp.hidden.shape[0], chunk):
-            h = fp.hidden[start : start + chunk].to(self.device, torch.float32)
+        for h, kwargs in self._chunks(fp, chunk):
             y, logits = self._run(self.block, self._params32, h, kwargs, self.own_layers)
             outs.append(y)
             for n in own:
@@ -375,16 +358,15 @@ class BlockTuner:
                 for n in nxt:
                     nxt[n].append(logits[n].float())
         self._y_fp = torch.cat(outs)
-        seq = fp.hidden.shape[1]
+        self._seq = fp.hidden.shape[1]
         self._targets: dict[tuple[str, str], RouterTarget] = {}
         for (where, name), loss in self.losses.items():
-            z = torch.cat(own[name] if where == "block" else nxt[name]).view(fp.hidden.shape[0], seq, -1)
+            z = torch.cat(own[name] if where == "block" else nxt[name])
             self._targets[(where, name)] = loss.target(z.reshape(-1, z.shape[-1]))
-            self._targets[(where, name)].seq = seq
         return self._y_fp.to(fp.hidden.dtype)
 
     def _slice_target(self, tgt: RouterTarget, idx: torch.Tensor) -> RouterTarget:
-        seq = tgt.seq
+        seq = self._seq
         rows = (idx.view(-1, 1) * seq + torch.arange(seq, device=idx.device).view(1, -1)).reshape(-1)
         return tgt[rows.to(tgt.logits.device)]
 
@@ -394,9 +376,7 @@ class BlockTuner:
         counts = {l.name: torch.zeros(l.num_experts, dtype=torch.long) for l in self.own_layers}
         if not self.own_layers:
             return counts
-        kwargs = _to(q.kwargs, torch.float32, self.device)
-        for start in range(0, q.hidden.shape[0], chunk):
-            h = q.hidden[start : start + chunk].to(self.device, torch.float32)
+        for h, kwargs in self._chunks(q, chunk):
             _, logits = self._run(self.block, self._params32, h, kwargs, self.own_layers, stop_after=True)
             for l in self.own_layers:
                 idx = l.family.route(l.router, logits[l.name]).indices
@@ -505,10 +485,8 @@ class BlockTuner:
                 amax[n] = torch.maximum(amax[n], value) if n in amax else value
 
         handles = [modules[n].register_forward_pre_hook(lambda mod, args, n=n: hook(mod, args, n)) for n in names]
-        kwargs = _to(q.kwargs, torch.float32, self.device)
         try:
-            for start in range(0, q.hidden.shape[0], chunk):
-                h = q.hidden[start : start + chunk].to(self.device, torch.float32)
+            for h, kwargs in self._chunks(q, chunk):
                 self._run(self.block, params, h, kwargs, [])
         finally:
             for h in handles:
@@ -520,10 +498,8 @@ class BlockTuner:
         """The block's output, with its current (written) weights, on the quantized stream: the next block's
         quantized-stream input (in the input dtype)."""
         params = self._float_params(self.block)
-        kwargs = _to(q.kwargs, torch.float32, self.device)
         outs = []
-        for start in range(0, q.hidden.shape[0], chunk):
-            h = q.hidden[start : start + chunk].to(self.device, torch.float32)
+        for h, kwargs in self._chunks(q, chunk):
             y, _ = self._run(self.block, params, h, kwargs, [])
             outs.append(y.to(q.hidden.dtype).to(q.hidden.device))
         return torch.cat(outs)
