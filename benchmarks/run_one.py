@@ -68,7 +68,7 @@ def main() -> None:
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM
 
-    from routealign.checkpoint import load_model
+    from routealign.checkpoint import load_model, save_compressed
     from routealign.evaluate import evaluate
     from routealign.textdata import calibration_windows, encode_text, eval_rows, find_tokenizer
 
@@ -88,7 +88,7 @@ def main() -> None:
     peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     qdir = args.out / "checkpoint"
-    model.save_pretrained(str(qdir), save_compressed=True)
+    save_compressed(model, qdir, overwrite=True)
     del model
 
     ids = eval_rows(encode_text(args.data / "wiki.test.tokens", tokenizer), args.eval_rows, 512)

@@ -11,10 +11,12 @@ import argparse
 import torch
 from datasets import Dataset
 from llmcompressor import oneshot
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import routealign  # noqa: F401  (registers RouterAlignedRoundingModifier with llm-compressor)
 from routealign import RouterAlignedRoundingModifier
+from routealign.checkpoint import save_compressed
+from routealign.preflight import check_checkpoint
 from routealign.textdata import calibration_windows, encode_text, find_tokenizer
 
 parser = argparse.ArgumentParser()
@@ -25,6 +27,7 @@ parser.add_argument("--scheme", default="W4A16", help="W4A16, W4A16_ASYM, W3A16,
 parser.add_argument("--objective", default="vsraq", help="none, topk_mse, kl, vsraq, expertquant")
 parser.add_argument("--samples", type=int, default=128)
 parser.add_argument("--seq-len", type=int, default=512)
+parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
 args = parser.parse_args()
 
 ids = encode_text(args.text, find_tokenizer(args.model))
@@ -37,6 +40,9 @@ recipe = RouterAlignedRoundingModifier(objective=args.objective, scheme=args.sch
 # routealign's tuning routes each expert its own tokens; llm-compressor's all-experts calibration is not needed
 oneshot(model=model, dataset=dataset, recipe=recipe, num_calibration_samples=args.samples,
         max_seq_length=args.seq_len, moe_calibrate_all_experts=False)
-model.save_pretrained(args.out, save_compressed=True)
+# written to a staging folder and renamed into place when complete; refuses to replace --out without --overwrite
+save_compressed(model, args.out, tokenizer=AutoTokenizer.from_pretrained(args.model), overwrite=args.overwrite)
+report = check_checkpoint(args.out)  # the vLLM pre-flight check (also: `routealign check OUT`)
+print(report.table())
 for row in recipe.report:
     print(row["layer"], f"loss {row['loss_first']:.4g} -> {row['loss_best']:.4g}", f"{row['seconds']} s")

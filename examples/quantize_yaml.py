@@ -12,9 +12,11 @@ import argparse
 import torch
 from datasets import Dataset
 from llmcompressor import oneshot
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import routealign  # noqa: F401
+from routealign.checkpoint import save_compressed
+from routealign.preflight import check_checkpoint
 from routealign.textdata import calibration_windows, encode_text, find_tokenizer
 
 parser = argparse.ArgumentParser()
@@ -22,6 +24,7 @@ parser.add_argument("--model", required=True)
 parser.add_argument("--recipe", required=True)
 parser.add_argument("--text", required=True)
 parser.add_argument("--out", required=True)
+parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
 args = parser.parse_args()
 
 ids = encode_text(args.text, find_tokenizer(args.model))
@@ -30,4 +33,7 @@ dataset = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torc
 model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16)
 oneshot(model=model, dataset=dataset, recipe=args.recipe, num_calibration_samples=128, max_seq_length=512,
         moe_calibrate_all_experts=False)
-model.save_pretrained(args.out, save_compressed=True)
+# written to a staging folder and renamed into place when complete; refuses to replace --out without --overwrite
+save_compressed(model, args.out, tokenizer=AutoTokenizer.from_pretrained(args.model), overwrite=args.overwrite)
+report = check_checkpoint(args.out)  # the vLLM pre-flight check (also: `routealign check OUT`)
+print(report.table())

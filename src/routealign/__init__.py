@@ -14,10 +14,12 @@ Importing the package registers its modifiers with llm-compressor's ``ModifierFa
 them.
 """
 
-from .checkpoint import load_model
-from .errors import CheckpointError, InputError, NotMoEError, RouteAlignError, UnsupportedRouterError
+from .checkpoint import load_model, save_compressed
+from .errors import (CheckpointError, InputError, NonFiniteError, NotMoEError, OutputExistsError, RouteAlignError,
+                     UnsupportedRouterError)
 from .evaluate import EvalResult, evaluate
 from .modifiers import RouterAlignedRoundingModifier, register_modifiers
+from .preflight import check_checkpoint
 from .routing import FAMILIES, MoELayer, RouterFamily, Routing, find_moe_layers
 
 register_modifiers()
@@ -30,6 +32,8 @@ __all__ = [
     "Routing",
     "find_moe_layers",
     "load_model",
+    "save_compressed",
+    "check_checkpoint",
     "evaluate",
     "EvalResult",
     "RouteAlignError",
@@ -37,6 +41,8 @@ __all__ = [
     "NotMoEError",
     "CheckpointError",
     "InputError",
+    "NonFiniteError",
+    "OutputExistsError",
 ]
 
 __version__ = "0.1.0"

@@ -13,15 +13,18 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 from loguru import logger
 from safetensors import safe_open
 
-from .errors import CheckpointError
+from .errors import CheckpointError, OutputExistsError
 
-__all__ = ["load_model", "read_config", "is_compressed", "weight_files"]
+__all__ = ["load_model", "read_config", "is_compressed", "weight_files", "skeleton", "save_compressed"]
 
 
 def _folder(path: str | Path) -> Path:
@@ -95,11 +98,29 @@ def _checkpoint_renamer(model):
     return rename
 
 
+def skeleton(config, dtype: torch.dtype | None = None, meta: bool = False):
+    """The model of ``config`` with its experts linearized the way llm-compressor saves them (per-expert 2-D
+    ``experts.E.{gate,up,down}_proj``). ``meta``: shapes only, no memory (for checks on models of any size)."""
+    from llmcompressor.modeling.moe import linear_experts
+    from llmcompressor.modeling.moe.linearize import linearize_moe
+    from compressed_tensors.utils import patch_attr
+    from transformers import AutoModelForCausalLM
+
+    if not meta:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        linearize_moe(model)
+        return model
+    # on the meta device, llm-compressor's linearization would try to offload the new modules to "meta"
+    with torch.device("meta"), patch_attr(linear_experts, "offload_module", lambda *args, **kwargs: None):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        linearize_moe(model)
+    return model
+
+
 def _load_compressed(folder: Path, dtype: torch.dtype):
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
-    from llmcompressor.modeling.moe.linearize import linearize_moe
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     files = weight_files(folder)
     config = AutoConfig.from_pretrained(str(folder))
@@ -110,8 +131,7 @@ def _load_compressed(folder: Path, dtype: torch.dtype):
     except Exception as exc:
         raise CheckpointError(f"{folder / 'config.json'}: invalid quantization_config: {exc}") from None
 
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    linearize_moe(model)
+    model = skeleton(config, dtype=dtype)
     apply_quantization_config(model, qconfig)
     compressor = ModelCompressor(quantization_config=qconfig)
     compressor.compress_model(model)  # give every quantized module its compressed parameter layout
@@ -178,3 +198,91 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
     model.to(device)
     model.eval()
     return model
+
+
+_INCOMPLETE = ".incomplete-"
+
+
+def _staging_dirs(out: Path) -> list[Path]:
+    return sorted(out.parent.glob(f".{out.name}{_INCOMPLETE}*"))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_staging(out: Path) -> None:
+    """Staging folders of runs that were killed (their process is gone) are removed."""
+    for stale in _staging_dirs(out):
+        try:
+            pid = int(stale.name.rsplit(_INCOMPLETE, 1)[1].split("-", 1)[0])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not _pid_alive(pid):
+            logger.info(f"removing {stale} left by a killed run (process {pid})")
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for file in folder.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def _input_folder(model) -> Path | None:
+    source = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
+    if source and Path(source).is_dir():
+        return Path(source).resolve()
+    return None
+
+
+def save_compressed(model, out: str | Path, tokenizer=None, overwrite: bool = False,
+                    input_dir: str | Path | None = None, **save_kwargs) -> Path:
+    """``model.save_pretrained(out, save_compressed=True)`` made safe for long runs.
+
+    - The checkpoint is written to a staging folder beside ``out`` (``.NAME.incomplete-PID-...``) and renamed into
+      place only when every file is written and synced: ``out`` is either absent or complete, even if the process
+      is killed. Staging folders of killed runs are removed by the next save to the same target.
+    - An existing ``out`` is replaced only with ``overwrite=True`` (it is moved aside first and deleted after the
+      new checkpoint is in place).
+    - ``out`` may not be, or lie inside, the folder the model was loaded from (``input_dir`` or the model's
+      ``name_or_path``): the input model is never written to.
+    """
+    out = Path(out).resolve()
+    sources = [p for p in (Path(input_dir).resolve() if input_dir else None, _input_folder(model)) if p]
+    for source in sources:
+        if out == source or source in out.parents:
+            raise OutputExistsError(f"output folder {out} would write into the input model folder {source}; "
+                                    "choose another output folder")
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"output folder {out} already exists; pass overwrite=True (--overwrite) to replace "
+                                "it, or choose another folder")
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"output path {out} exists and is a file")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(out)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}{_INCOMPLETE}{os.getpid()}-", dir=out.parent))
+    try:
+        model.save_pretrained(str(staging), save_compressed=True, **save_kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(staging))
+        _fsync_tree(staging)
+        replaced = None
+        if out.exists():
+            replaced = out.with_name(f".{out.name}.replaced-{os.getpid()}")
+            os.rename(out, replaced)
+        os.rename(staging, out)
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info(f"checkpoint written to {out}")
+    return out

@@ -1,4 +1,4 @@
-"""Command line: ``routealign eval`` and ``routealign demo``.
+"""Command line: ``routealign eval``, ``routealign check`` and ``routealign demo``.
 
 Errors on bad input print one line, ``routealign: error: ...``, and exit with status 2.
 """
@@ -54,10 +54,23 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+    import json
+
+    from .preflight import check_checkpoint
+
+    report = check_checkpoint(args.checkpoint)
+    if args.json:
+        sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
+    else:
+        sys.stdout.write(report.table())
+    return 0 if report.ok else 1
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(out_dir=args.out, seed=args.seed)
+    run_demo(out_dir=args.out, seed=args.seed, overwrite=args.overwrite)
     return 0
 
 
@@ -81,9 +94,16 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.set_defaults(func=_cmd_eval)
 
+    check = sub.add_parser("check", help="pre-flight: will this compressed-tensors checkpoint load in vLLM's MoE path? "
+                                         "(exit 0: pass, 1: problems found, 2: not a readable checkpoint)")
+    check.add_argument("checkpoint", type=Path, help="saved checkpoint folder")
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
+    check.set_defaults(func=_cmd_check)
+
     demo = sub.add_parser("demo", help="end-to-end demo on a tiny built-in MoE and bundled text")
     demo.add_argument("--out", type=Path, default=Path("routealign-out"), help="working folder")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--overwrite", action="store_true", help="replace the contents of an existing --out folder")
     demo.set_defaults(func=_cmd_demo)
     return parser
 

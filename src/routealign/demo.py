@@ -20,6 +20,9 @@ import torch
 from loguru import logger
 from tqdm.auto import tqdm
 
+from .checkpoint import save_compressed
+from .errors import OutputExistsError
+
 __all__ = ["run_demo", "train_tiny_moe", "bundled_text"]
 
 DEMO_METHODS = ("rtn", "none", "vsraq")
@@ -82,17 +85,21 @@ def _quantize(reference_dir: Path, out_dir: Path, method: str, calib: torch.Tens
     oneshot(model=model, dataset=data, num_calibration_samples=calib.shape[0], max_seq_length=calib.shape[1],
             recipe=recipe, moe_calibrate_all_experts=False)
     seconds = time.perf_counter() - start
-    model.save_pretrained(str(out_dir), save_compressed=True)
+    save_compressed(model, out_dir, overwrite=True)  # inside the demo's own folder (checked by run_demo)
     return seconds
 
 
-def run_demo(out_dir: str | Path = "routealign-out", seed: int = 0) -> list[dict]:
+def run_demo(out_dir: str | Path = "routealign-out", seed: int = 0, overwrite: bool = False) -> list[dict]:
     from .checkpoint import load_model
     from .evaluate import evaluate
+    from .preflight import check_checkpoint
     from .report import write_report
 
     torch.set_num_threads(min(torch.get_num_threads(), 4))
     out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise OutputExistsError(f"demo output folder {out} already exists and is not empty; pass --overwrite to "
+                                "replace its contents, or --out another folder")
     out.mkdir(parents=True, exist_ok=True)
     reference_dir = out / "reference"
     logger.info(f"demo: training a tiny MoE into {reference_dir}")
@@ -110,6 +117,10 @@ def run_demo(out_dir: str | Path = "routealign-out", seed: int = 0) -> list[dict
     for method in DEMO_METHODS:
         qdir = out / f"w4a16-{method}"
         seconds = _quantize(reference_dir, qdir, method, calib, seed)
+        preflight = check_checkpoint(qdir)
+        logger.info(f"routealign check {qdir}: {'PASS' if preflight.ok else 'FAIL'}")
+        if not preflight.ok:
+            raise RuntimeError(f"the demo's checkpoint {qdir} fails the vLLM pre-flight check:\n{preflight.table()}")
         quantized = load_model(qdir, dtype=torch.float32)
         result = evaluate(reference, quantized, eval_ids, batch_size=8, perfect_routing=True)
         write_report(result, out / f"eval-w4a16-{method}", title=f"routealign demo: W4A16 {_LABELS[method]}")

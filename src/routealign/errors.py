@@ -10,6 +10,8 @@ __all__ = [
     "NotMoEError",
     "CheckpointError",
     "InputError",
+    "NonFiniteError",
+    "OutputExistsError",
 ]
 
 
@@ -31,3 +33,11 @@ class CheckpointError(RouteAlignError):
 
 class InputError(RouteAlignError):
     """Evaluation or calibration input (text, token ids, options) is unusable."""
+
+
+class NonFiniteError(RouteAlignError, FloatingPointError):
+    """NaN or Inf in calibration activations, a tuning loss or quantization scales; names the layer."""
+
+
+class OutputExistsError(RouteAlignError):
+    """The output folder exists and overwriting was not asked for, or it would overwrite the input model."""

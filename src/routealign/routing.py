@@ -285,11 +285,17 @@ _SHARED_ATTRS = ("shared_expert", "shared_experts", "shared_expert_gate")
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)(?:\.|$)")
 
 
+def _holds_experts(experts: torch.nn.Module) -> bool:
+    """Fused (3-D ``down_proj``) or linearized (per-expert children with ``down_proj``) expert weights."""
+    return hasattr(experts, "down_proj") or any(hasattr(c, "down_proj") for c in experts.children())
+
+
 def find_moe_layers(model: torch.nn.Module, require: bool = True) -> list[MoELayer]:
     """Every MoE block of ``model`` in module order.
 
     A module is an MoE block when it holds an ``experts`` submodule and a router (``gate`` or ``router``). A router
-    whose class no family describes raises :class:`UnsupportedRouterError` naming the class and module path. With
+    whose class no family describes, or expert weights without a router, raise :class:`UnsupportedRouterError`
+    naming the class and module path. With
     ``require`` (the default), a model without MoE blocks raises :class:`NotMoEError`.
     """
     layers: list[MoELayer] = []
@@ -301,6 +307,11 @@ def find_moe_layers(model: torch.nn.Module, require: bool = True) -> list[MoELay
             (a for a in _ROUTER_ATTRS if isinstance(getattr(module, a, None), torch.nn.Module)), None
         )
         if router_attr is None:
+            if _holds_experts(experts):
+                raise UnsupportedRouterError(
+                    f"{name or type(model).__name__} holds experts but no router (looked for attributes "
+                    f"{', '.join(repr(a) for a in _ROUTER_ATTRS)})"
+                )
             continue
         router = getattr(module, router_attr)
         prefix = f"{name}." if name else ""

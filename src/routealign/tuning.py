@@ -41,9 +41,11 @@ from compressed_tensors.utils import patch_attr
 from loguru import logger
 from torch.func import functional_call
 
+from .errors import NonFiniteError
 from .losses import RouterLoss, RouterTarget
 from .routing import MoELayer, RouterTap, StopForward, find_moe_layers
 from .schemes import QParams, WeightQuantizer
+from .validation import check_finite
 
 __all__ = ["TuningConfig", "TunedWeight", "BlockTuner", "BlockInputs", "RouterScope", "FUSED_GROUPS"]
 
@@ -405,7 +407,10 @@ class BlockTuner:
     def tune(self, q: BlockInputs, fp: BlockInputs) -> torch.Tensor:
         """Tune on quantized-stream inputs ``q`` against unquantized-stream inputs ``fp``; returns the unquantized
         block outputs (the next block's unquantized-stream inputs)."""
+        check_finite(q.hidden, f"{self.name}: calibration activations entering the layer (quantized stream)")
+        check_finite(fp.hidden, f"{self.name}: calibration activations entering the layer (unquantized stream)")
         y_fp = self.targets(fp)
+        check_finite(self._y_fp, f"{self.name}: the unquantized layer's output")
         self._apply_fallback(self.expert_token_counts(q))
         cfg = self.config
         if cfg.iters <= 0 or not self.weights:
@@ -414,7 +419,7 @@ class BlockTuner:
         gen = torch.Generator().manual_seed(cfg.seed)
         kwargs = _to(q.kwargs, torch.float32, self.device)
         n = q.hidden.shape[0]
-        best_loss, best = math.inf, None
+        best_loss, best, best_it = math.inf, None, -1
         with torch.enable_grad():
             for it in range(cfg.iters):
                 idx = torch.randperm(n, generator=gen)[: cfg.batch_size]
@@ -426,10 +431,15 @@ class BlockTuner:
                 total = loss + cfg.router_weight * router if router is not None else loss
                 value = float(total.detach())
                 if not math.isfinite(value):
-                    raise FloatingPointError(f"{self.name}: non-finite tuning loss at iteration {it}")
+                    last = (f"last finite loss {best_loss:.6g} at iteration {best_it}" if best is not None
+                            else "no finite loss yet")
+                    raise NonFiniteError(
+                        f"{self.name}: tuning loss is {value} at iteration {it} ({last}); the run stops: layers "
+                        f"before {self.name} are quantized, {self.name} and later layers are unchanged"
+                    )
                 self.history.append(value)
                 if value < best_loss:
-                    best_loss = value
+                    best_loss, best_it = value, it
                     best = [p.detach().clone() for p in params]
                 for p in params:
                     p.grad = None
@@ -502,7 +512,9 @@ class BlockTuner:
         for h, kwargs in self._chunks(q, chunk):
             y, _ = self._run(self.block, params, h, kwargs, [])
             outs.append(y.to(q.hidden.dtype).to(q.hidden.device))
-        return torch.cat(outs)
+        out = torch.cat(outs)
+        check_finite(out, f"{self.name}: the quantized layer's output")
+        return out
 
     # -- results ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -512,6 +524,9 @@ class BlockTuner:
 
         for w in self.weights:
             weight, qp = w.final()
+            for what, value in (("weight", weight), ("weight_scale", qp.scale), ("weight_global_scale", qp.global_scale)):
+                if value is not None:
+                    check_finite(value, f"{self.name}.{w.name}: quantized {what}")
             update_offload_parameter(w.module, "weight", weight)
             for key, value in (("weight_scale", qp.scale), ("weight_zero_point", qp.zero_point),
                                ("weight_global_scale", qp.global_scale)):

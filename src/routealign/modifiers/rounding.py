@@ -23,6 +23,7 @@ from llmcompressor.utils.pytorch import infer_sequential_targets
 from ..errors import NotMoEError
 from ..losses import Objective, RouterLossConfig
 from ..routing import find_moe_layers
+from ..validation import check_calibration, check_group_sizes, check_router_settings
 from ..tuning import BlockInputs, BlockTuner, RouterScope, TuningConfig, suspended_offloading
 
 __all__ = ["RouterAlignedRoundingModifier"]
@@ -150,6 +151,17 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin):
 
             with disable_onloading():
                 QuantizationMixin.initialize_quantization(self, model)
+        # everything checkable is checked now, before any calibration forward
+        where = type(self).__name__
+        check_group_sizes(model, where)
+        if self.objective == "vsraq":
+            check_router_settings(moe_layers, self.boundary, where)
+        if state.data.calib is not None:
+            vocab = model.get_input_embeddings().num_embeddings
+            summary = check_calibration(state.data.calib, vocab, where=f"{where}: calibration dataset")
+            if summary.samples < self.batch_size:
+                logger.warning(f"{where}: {summary.samples} calibration sequences, fewer than batch_size "
+                               f"{self.batch_size}; every iteration uses all of them")
         for param in model.parameters():
             param.requires_grad_(False)
         classes = set(infer_sequential_targets(model, sequential_targets=kwargs.get("sequential_targets")))
@@ -206,7 +218,7 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin):
             with suspended_offloading(block, next_block, output_norm):
                 tuner = BlockTuner(block, targets, self.loss_config(), self.tuning_config(), next_block, name,
                                    output_norm=output_norm)
-                self._warn_unreachable(tuner, name)
+                unreachable = self._unreachable(tuner, name)
                 y_fp = tuner.tune(q, fp)
             tuner.apply()
             with suspended_offloading(block):
@@ -217,6 +229,7 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin):
         row = {"layer": name, "samples": q.hidden.shape[0], "weights": len(tuner.weights), "iters": len(history),
                "loss_first": history[0] if history else None, "loss_best": min(history) if history else None,
                "seconds": round(time.perf_counter() - start, 3), "rtn_fallback": dict(tuner.fallback),
+               "router_unreachable": unreachable,
                "routers": [f"{w}:{(name if w == 'block' else self._layer_order[index + 1])}.{l.router_name}"
                            for w, l in tuner.scoped]}
         self._report.append(row)
@@ -234,14 +247,20 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin):
                 return module
         return None
 
-    def _warn_unreachable(self, tuner: BlockTuner, name: str) -> None:
+    def _unreachable(self, tuner: BlockTuner, name: str) -> list[str]:
+        """Routers in scope whose objective cannot reach any tuned weight (``block`` scope when every target lies
+        after the router, e.g. a Nemotron-H block that holds only the MoE). Logged as a warning and listed in the
+        report row, never silently ignored."""
+        unreachable = []
         for where, layer in tuner.scoped:
             if where != "block":
                 continue
             prefix = layer.name.removeprefix(name).lstrip(".")
             if all(w.name.startswith(prefix) for w in tuner.weights):
-                logger.warning(f"{name}: router objective at router_scope 'block' cannot reach any tuned weight "
+                unreachable.append(f"{name}.{layer.router_name}" if layer.router_name else name)
+                logger.warning(f"{name}: the router objective at router_scope 'block' cannot reach any tuned weight "
                                f"(every target lies after {layer.router_name}); use router_scope 'next' or 'both'")
+        return unreachable
 
     def _set_input_global_scales(self, block: torch.nn.Module, tuner: BlockTuner, q: BlockInputs) -> None:
         """NVFP4 activation global scales from the tokens each module really sees (experts: routed tokens)."""

@@ -1,0 +1,145 @@
+"""Checks that run before calibration, so that a bad setting fails in seconds instead of at layer 40.
+
+- :func:`check_group_sizes`: every quantized module's input dimension is a multiple of its scheme's group size
+  (llm-compressor only warns, then fails in the middle of the run); names every offending module.
+- :func:`check_calibration`: the calibration set is non-empty, its token ids lie inside the vocabulary, its
+  sequences are long enough, unpadded and of one length (the tuner stacks them).
+- :func:`check_router_settings`: options that depend on the model's routers (e.g. VSRAQ's boundary width must
+  leave enough experts outside the top-k).
+- :func:`check_finite`: NaN/Inf guard used during calibration.
+
+Every failure raises :class:`~routealign.errors.InputError` (or :class:`~routealign.errors.NonFiniteError`) with a
+message naming the module, field or sample at fault.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+from compressed_tensors.quantization import QuantizationStrategy
+
+from .errors import InputError, NonFiniteError
+from .routing import MoELayer
+
+__all__ = [
+    "CalibrationSummary",
+    "check_group_sizes",
+    "check_calibration",
+    "check_router_settings",
+    "check_finite",
+]
+
+_GROUPED = (QuantizationStrategy.GROUP, QuantizationStrategy.TENSOR_GROUP)
+_SHOWN = 8  # offending names listed in one message
+
+
+def _listing(items: list[str]) -> str:
+    more = f" and {len(items) - _SHOWN} more" if len(items) > _SHOWN else ""
+    return "; ".join(items[:_SHOWN]) + more
+
+
+def check_group_sizes(model: torch.nn.Module, where: str) -> None:
+    """Every module carrying a compressed-tensors ``quantization_scheme`` with a grouped weight or input-activation
+    strategy must have an input dimension divisible by the group size."""
+    bad: list[str] = []
+    for name, module in model.named_modules():
+        scheme = getattr(module, "quantization_scheme", None)
+        weight = getattr(module, "weight", None)
+        if scheme is None or weight is None or weight.ndim != 2:
+            continue
+        in_features = int(weight.shape[-1])
+        for kind, args in (("weights", scheme.weights), ("input_activations", scheme.input_activations)):
+            if args is None or args.strategy not in _GROUPED or not args.group_size:
+                continue
+            if in_features % int(args.group_size):
+                bad.append(f"{name} ({kind}: in_features {in_features}, group_size {args.group_size})")
+                break
+    if bad:
+        raise InputError(
+            f"{where}: the scheme's group size does not divide the input dimension of {len(bad)} targeted "
+            f"module(s): {_listing(bad)}. Add them to `ignore` or choose a group size that divides them"
+        )
+
+
+@dataclass
+class CalibrationSummary:
+    samples: int
+    seq_len: int
+    batches: int
+
+
+def _input_ids(batch: Any, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(batch, dict) or hasattr(batch, "keys"):
+        if "input_ids" not in batch:
+            raise InputError(f"calibration batch {index} has no 'input_ids' (keys: {sorted(batch.keys())})")
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+    elif isinstance(batch, torch.Tensor):
+        ids, mask = batch, None
+    else:
+        raise InputError(f"calibration batch {index} is a {type(batch).__name__}; expected a dict with 'input_ids'")
+    ids = torch.as_tensor(ids)
+    if ids.ndim == 1:
+        ids = ids.unsqueeze(0)
+    if mask is not None:
+        mask = torch.as_tensor(mask).reshape(ids.shape)
+    return ids, mask
+
+
+def check_calibration(batches: Iterable, vocab_size: int, min_seq_len: int = 2,
+                      where: str = "calibration dataset") -> CalibrationSummary:
+    """Read the calibration batches once (token ids only, no forward pass) and check them.
+
+    Requirements: at least one sequence; every id in ``[0, vocab_size)``; every sequence at least ``min_seq_len``
+    tokens; no padding (an attention mask with zeros); one sequence length throughout (the tuner stacks sequences,
+    see README's known limits). The first offending batch is named.
+    """
+    if batches is None:
+        raise InputError(f"{where}: no calibration data was given (pass dataset= to oneshot)")
+    samples, seq_len, count = 0, None, 0
+    for index, batch in enumerate(batches):
+        count += 1
+        ids, mask = _input_ids(batch, index)
+        if ids.numel() == 0 or ids.shape[-1] == 0:
+            raise InputError(f"{where}: batch {index} holds an empty sequence")
+        if ids.is_floating_point():
+            raise InputError(f"{where}: batch {index} input_ids are {ids.dtype}, expected integer token ids")
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= vocab_size:
+            bad = high if high >= vocab_size else low
+            raise InputError(f"{where}: batch {index} has token id {bad} outside the model's vocabulary "
+                             f"[0, {vocab_size}); wrong tokenizer for this model?")
+        length = int(ids.shape[-1])
+        if length < min_seq_len:
+            raise InputError(f"{where}: batch {index} has sequences of {length} token(s); at least {min_seq_len} "
+                             "are needed")
+        if mask is not None and not bool(mask.bool().all()):
+            raise InputError(f"{where}: batch {index} is padded (attention_mask has zeros); use equal-length "
+                             "unpadded sequences (e.g. concatenate and cut the text into max_seq_length windows)")
+        if seq_len is None:
+            seq_len = length
+        elif length != seq_len:
+            raise InputError(f"{where}: batch {index} has sequences of {length} tokens, the first batch {seq_len}; "
+                             "use one sequence length (equal-length windows)")
+        samples += int(ids.shape[0])
+    if samples == 0:
+        raise InputError(f"{where}: the calibration set is empty")
+    return CalibrationSummary(samples=samples, seq_len=int(seq_len), batches=count)
+
+
+def check_router_settings(layers: list[MoELayer], boundary: int, where: str) -> None:
+    """VSRAQ's boundary margins ``z_k - z_{k+j}, j=1..boundary`` need ``boundary`` experts outside the top-k."""
+    for layer in layers:
+        room = layer.num_experts - layer.top_k
+        if boundary > room:
+            raise InputError(f"{where}.boundary={boundary}: {layer.router_name} has {layer.num_experts} experts and "
+                             f"top_k {layer.top_k}, so at most {room} margins exist beyond the top-k")
+
+
+def check_finite(tensor: torch.Tensor, what: str) -> None:
+    """Raise :class:`NonFiniteError` naming ``what`` when ``tensor`` has a NaN or Inf."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        nan = int(torch.isnan(tensor).sum())
+        inf = int(torch.isinf(tensor).sum())
+        raise NonFiniteError(f"{what} contains {nan} NaN and {inf} Inf values")

@@ -1,0 +1,87 @@
+"""Issue 6.2: NaN/Inf stops the run naming the layer and what state the model is left in; a router objective that
+cannot reach any weight is reported."""
+
+import pytest
+import torch
+from datasets import Dataset
+from llmcompressor import oneshot
+from loguru import logger
+from transformers import AutoModelForCausalLM
+
+import routealign  # noqa: F401
+from routealign import RouterAlignedRoundingModifier
+from routealign.errors import NonFiniteError
+from routealign.tiny import save_tiny
+from routealign.tuning import BlockTuner
+
+from .conftest import calibration_ids
+
+
+def _run(model, modifier, ids):
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+    oneshot(model=model, dataset=data, recipe=modifier, num_calibration_samples=ids.shape[0],
+            max_seq_length=ids.shape[1])
+
+
+def _modifier(**kw):
+    base = dict(objective="vsraq", iters=4, batch_size=2, scheme="W4A16", targets="Linear", ignore=["lm_head"])
+    return RouterAlignedRoundingModifier(**{**base, **kw})
+
+
+@pytest.fixture
+def qwen(tmp_path):
+    save_tiny("qwen3_moe", tmp_path / "m", seed=3)
+    return AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"), dtype=torch.float32)
+
+
+def test_nan_activation_stops_at_the_first_layer(qwen):
+    ids = calibration_ids(rows=2, seq_len=16)
+    with torch.no_grad():
+        qwen.get_input_embeddings().weight[int(ids[0, 3])] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"model.layers.0: calibration activations entering the layer "
+                                             r"\(quantized stream\) contains 128 NaN and 0 Inf values"):
+        _run(qwen, _modifier(), ids)
+
+
+def test_nan_loss_stops_with_layer_iteration_and_last_good_state(qwen, monkeypatch):
+    before = {n: p.detach().clone() for n, p in qwen.model.layers[1].named_parameters()}
+    normed = BlockTuner._normed
+    calls = {"n": 0}
+
+    def poisoned(self, y):
+        if self.name == "model.layers.1":
+            calls["n"] += 1
+            if calls["n"] > 2 * 2 + 1:  # targets() and expert counts do not call it; iterations 0..2 are finite
+                return y * float("nan")
+        return normed(self, y)
+
+    monkeypatch.setattr(BlockTuner, "_normed", poisoned)
+    with pytest.raises(NonFiniteError) as err:
+        _run(qwen, _modifier(), calibration_ids(rows=2, seq_len=16))
+    message = str(err.value)
+    assert message.startswith("model.layers.1: tuning loss is nan at iteration 2 (last finite loss ")
+    assert "last finite loss" in message and "layers before model.layers.1 are quantized" in message
+    # layer 1's weights are left as they were (attention and norms keep their names through linearization)
+    layer1 = dict(qwen.model.layers[1].named_parameters())
+    kept = [name for name in before if name in layer1]
+    assert "self_attn.q_proj.weight" in kept
+    for name in kept:
+        assert torch.equal(layer1[name], before[name]), name
+
+
+def test_unreachable_router_objective_is_reported(tmp_path):
+    """Nemotron-H MoE blocks hold only the MoE: the block's own router precedes every tuned weight."""
+    save_tiny("nemotron_h", tmp_path / "m", seed=3)
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"), dtype=torch.float32)
+    lines = []
+    sink = logger.add(lambda m: lines.append(str(m)), level="WARNING")
+    try:
+        mod = _modifier(router_scope="block", iters=2)
+        _run(model, mod, calibration_ids(rows=2, seq_len=16))
+    finally:
+        logger.remove(sink)
+    by_layer = {row["layer"]: row["router_unreachable"] for row in mod.report}
+    assert by_layer == {"model.layers.0": [], "model.layers.1": ["model.layers.1.mixer.gate"],
+                        "model.layers.2": [], "model.layers.3": ["model.layers.3.mixer.gate"]}
+    warned = [l for l in lines if "router_scope 'block' cannot reach any tuned weight" in l]
+    assert len(warned) == 2 and "model.layers.1" in warned[0]

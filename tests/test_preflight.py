@@ -1,0 +1,192 @@
+"""Issue 6.5: ``routealign check`` passes good checkpoints and names each problem of deliberately broken ones."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from routealign.cli import main
+from routealign.preflight import check_checkpoint
+from routealign.tiny import save_tiny
+
+from .conftest import calibration_ids, quantize_with_llmcompressor
+from .test_outputs import _quantized
+from routealign.checkpoint import save_compressed
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    root = tmp_path_factory.mktemp("preflight")
+    save_tiny("qwen2_moe", root / "qwen2", seed=2)  # has shared_expert_gate
+    save_compressed(_quantized(root / "qwen2", iters=2), root / "w4a16")
+    save_tiny("qwen3_moe", root / "qwen3", seed=2)
+    quantize_with_llmcompressor(root / "qwen3", root / "nvfp4", "NVFP4", calibration_ids(rows=2, seq_len=16))
+    return root
+
+
+def _copy(good, name, tmp_path):
+    dst = tmp_path / name
+    shutil.copytree(good / name, dst)
+    return dst
+
+
+def _edit_tensors(folder, edit):
+    tensors = load_file(str(folder / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _edit_config(folder, edit):
+    config = json.loads((folder / "config.json").read_text())
+    edit(config["quantization_config"])
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def _problems(folder):
+    report = check_checkpoint(folder)
+    return report, {(f.rule, f.where): f.message for f in report.findings}
+
+
+@pytest.mark.parametrize("name", ["w4a16", "nvfp4"])
+def test_good_checkpoints_pass(good, name, capsys):
+    report = check_checkpoint(good / name)
+    assert report.ok and report.findings == [] and report.moe_layers == 2 and report.experts == 16
+    assert main(["check", str(good / name)]) == 0
+    assert "PASS (0 errors, 0 warnings)" in capsys.readouterr().out
+
+
+def test_missing_and_extra_expert_tensors(good, tmp_path, capsys):
+    folder = _copy(good, "w4a16", tmp_path)
+
+    def edit(t):
+        del t["model.layers.0.mlp.experts.3.up_proj.weight_scale"]
+        t["model.layers.1.mlp.experts.8.down_proj.weight_packed"] = torch.zeros(128, 16, dtype=torch.int32)
+    _edit_tensors(folder, edit)
+    report, problems = _problems(folder)
+    assert problems[("tensors", "model.layers.0.mlp.experts.3.up_proj.weight_scale")] == "missing from the checkpoint"
+    assert "extra" in problems[("tensors", "model.layers.1.mlp.experts.8.down_proj.weight_packed")]
+    assert len(report.errors) == 2
+    assert main(["check", str(folder)]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL (2 errors" in out and "experts.3.up_proj.weight_scale" in out
+
+
+def test_wrong_dtype_and_shape(good, tmp_path):
+    folder = _copy(good, "w4a16", tmp_path)
+
+    def edit(t):
+        key = "model.layers.0.mlp.experts.5.gate_proj.weight_packed"
+        t[key] = t[key].to(torch.int64)
+        key = "model.layers.1.mlp.experts.2.down_proj.weight_scale"
+        t[key] = t[key][:64]
+    _edit_tensors(folder, edit)
+    _, problems = _problems(folder)
+    assert problems[("tensors", "model.layers.0.mlp.experts.5.gate_proj.weight_packed")] == \
+        "dtype I64, vLLM expects I32"
+    assert problems[("tensors", "model.layers.1.mlp.experts.2.down_proj.weight_scale")] == \
+        "shape [64, 1], expected [128, 1]"
+
+
+def test_router_and_shared_expert_gate_must_be_ignored_and_unquantized(good, tmp_path):
+    folder = _copy(good, "w4a16", tmp_path)
+    _edit_config(folder, lambda q: q.update(ignore=[n for n in q["ignore"] if n != "model.layers.1.mlp.gate"]))
+    _, problems = _problems(folder)
+    assert problems == {("ignore", "model.layers.1.mlp.gate"): "not listed in quantization_config.ignore"}
+
+    # a real checkpoint whose recipe forgot shared_expert_gate: it is quantized (a Linear)
+    quantized = tmp_path / "sqg"
+    ids = calibration_ids(rows=2, seq_len=16)
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(good / "qwen2"), dtype=torch.float32)
+    oneshot(model=model, dataset=Dataset.from_dict({"input_ids": ids.tolist()}), num_calibration_samples=2,
+            max_seq_length=16, recipe=QuantizationModifier(targets="Linear", scheme="W4A16",
+                                                           ignore=["lm_head", "re:.*mlp.gate$"]))
+    model.save_pretrained(str(quantized), save_compressed=True)
+    report, problems = _problems(quantized)
+    assert problems[("router", "model.layers.0.mlp.shared_expert_gate")].startswith(
+        "quantized (pack-quantized w4 int group g128)")
+    assert problems[("ignore", "model.layers.0.mlp.shared_expert_gate")] == "not listed in quantization_config.ignore"
+    assert ("router", "model.layers.0.mlp.gate") not in problems and ("ignore", "model.layers.0.mlp.gate") not in problems
+
+
+def test_one_scheme_per_moe_layer(good, tmp_path):
+    folder = _copy(good, "w4a16", tmp_path)
+
+    def edit(q):
+        group = json.loads(json.dumps(q["config_groups"]["group_0"]))
+        group["weights"]["num_bits"] = 8
+        group["targets"] = ["re:.*layers\\.1\\.mlp\\.experts\\.6\\.down_proj$"]
+        q["config_groups"]["group_1"] = group
+    _edit_config(folder, edit)
+    _, problems = _problems(folder)
+    message = problems[("one-scheme", "model.layers.1.mlp.experts")]
+    assert message.startswith("1 expert projections differ from model.layers.1.mlp.experts.0.down_proj")
+    assert "experts.6.down_proj (pack-quantized w8 int group g128)" in message
+    assert ("one-scheme", "model.layers.0.mlp.experts") not in problems
+
+
+def test_nvfp4_gate_up_global_scales_must_match(good, tmp_path):
+    folder = _copy(good, "nvfp4", tmp_path)
+
+    def edit(t):
+        t["model.layers.1.mlp.experts.4.up_proj.weight_global_scale"] *= 2
+    _edit_tensors(folder, edit)
+    report, problems = _problems(folder)
+    assert list(problems) == [("global-scale", "model.layers.1.mlp.experts.4")]
+    assert "gate_proj and up_proj weight_global_scale differ" in problems[("global-scale",
+                                                                           "model.layers.1.mlp.experts.4")]
+
+
+def test_group_size_the_moe_kernel_cannot_run(good, tmp_path):
+    """int4 group 16 is a valid compressed-tensors checkpoint that vLLM's Marlin MoE kernel rejects."""
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from transformers import AutoModelForCausalLM
+
+    ids = calibration_ids(rows=2, seq_len=16)
+    model = AutoModelForCausalLM.from_pretrained(str(good / "qwen3"), dtype=torch.float32)
+    groups = {"g": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "symmetric": True,
+                                                        "strategy": "group", "group_size": 16}}}
+    oneshot(model=model, dataset=Dataset.from_dict({"input_ids": ids.tolist()}), num_calibration_samples=2,
+            max_seq_length=16, recipe=QuantizationModifier(config_groups=groups, ignore=["lm_head", "re:.*mlp.gate$"]))
+    model.save_pretrained(str(tmp_path / "g16"), save_compressed=True)
+    _, problems = _problems(tmp_path / "g16")
+    assert problems == {("kernel", f"model.layers.{i}.mlp.experts"):
+                        "group size 16 (Marlin MoE takes -1, 32, 64 or 128); vLLM's Marlin MoE kernel cannot run "
+                        "this layer" for i in (0, 1)}
+
+
+def test_not_a_checkpoint(tmp_path, capsys):
+    assert main(["check", str(tmp_path / "nowhere")]) == 2
+    assert "model folder does not exist" in capsys.readouterr().err
+    save_tiny("qwen3_moe", tmp_path / "plain", seed=0)
+    report, problems = _problems(tmp_path / "plain")
+    assert not report.ok and list(problems) == [("config", "config.json")]
+
+
+@pytest.mark.parametrize("model_type,scheme", [("mixtral", "W4A16"), ("glm4_moe", "W4A16_ASYM"),
+                                               ("gpt_oss", "W4A16"), ("nemotron_h", "NVFP4"),
+                                               ("deepseek_v3", "NVFP4A16"), ("olmoe", "W4A16")])
+def test_routealign_checkpoints_of_every_family_pass(tmp_path, model_type, scheme):
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM
+
+    from routealign import RouterAlignedRoundingModifier
+
+    save_tiny(model_type, tmp_path / "m", seed=1)
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"), dtype=torch.float32)
+    ids = calibration_ids(rows=2, seq_len=16)
+    oneshot(model=model, dataset=Dataset.from_dict({"input_ids": ids.tolist()}), num_calibration_samples=2,
+            max_seq_length=16, recipe=RouterAlignedRoundingModifier(objective="none", iters=0, scheme=scheme,
+                                                                    targets="Linear", ignore=["lm_head"]))
+    save_compressed(model, tmp_path / "q")
+    report = check_checkpoint(tmp_path / "q")
+    assert report.ok and report.findings == [] and report.moe_layers == 2, report.table()
