@@ -4,8 +4,9 @@ belong to that run alone). Used by compare.py; runnable by hand:
     python benchmarks/run_one.py --model ../shared/models/tiny-qwen3_moe --method vsraq --scheme W4A16 \
         --seed 0 --out /tmp/bench/vsraq-w4a16-s0
 
-Methods: rtn (QuantizationModifier), gptq (GPTQModifier), autoround (llm-compressor's AutoRoundModifier), and
-routealign's RouterAlignedRoundingModifier objectives none | topk_mse | kl | vsraq | expertquant.
+Methods: rtn (QuantizationModifier), gptq (GPTQModifier), autoround (llm-compressor's AutoRoundModifier), awq
+(llm-compressor's AWQModifier + QuantizationModifier), and routealign's RouterAlignedRoundingModifier objectives
+none | topk_mse | kl | vsraq | expertquant. ``--smooth MODE`` puts routealign's ExpertAwareSmoothingModifier first.
 Protocol: ../shared/models/README.md (calibration: windows of wiki.train.tokens at offsets from
 numpy default_rng(seed); evaluation: first 64 x 512 ids of wiki.test.tokens, bf16).
 """
@@ -25,9 +26,24 @@ OURS = ("none", "topk_mse", "kl", "vsraq", "expertquant")
 IGNORE = ["lm_head", "re:.*mlp.gate$", "re:.*shared_expert_gate$"]
 
 
-def recipe(method: str, scheme: str, iters: int, seed: int, extra: dict):
+def recipe(method: str, scheme: str, iters: int, seed: int, extra: dict, smooth: str | None = None,
+           smooth_extra: dict | None = None):
+    steps = []
+    if smooth:
+        from routealign import ExpertAwareSmoothingModifier
+
+        steps.append(ExpertAwareSmoothingModifier(mode=smooth, **(smooth_extra or {})))
+    steps.append(quantizer(method, scheme, iters, seed, extra))
+    return steps
+
+
+def quantizer(method: str, scheme: str, iters: int, seed: int, extra: dict):
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
+    if method == "awq":
+        from llmcompressor.modifiers.transform.awq import AWQModifier
+
+        return [AWQModifier(), QuantizationModifier(targets="Linear", scheme=scheme, ignore=IGNORE)]
     if method == "rtn":
         return QuantizationModifier(targets="Linear", scheme=scheme, ignore=IGNORE)
     if method == "gptq":
@@ -46,7 +62,7 @@ def recipe(method: str, scheme: str, iters: int, seed: int, extra: dict):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--method", required=True, choices=("rtn", "gptq", "autoround") + OURS)
+    parser.add_argument("--method", required=True, choices=("rtn", "gptq", "autoround", "awq") + OURS)
     parser.add_argument("--scheme", default="W4A16")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--iters", type=int, default=200)
@@ -55,6 +71,8 @@ def main() -> None:
     parser.add_argument("--eval-rows", type=int, default=64)
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/wikitext-2")
     parser.add_argument("--extra", default="{}", help="JSON of extra RouterAlignedRoundingModifier fields")
+    parser.add_argument("--smooth", choices=("expertquant", "search"), help="ExpertAwareSmoothingModifier first")
+    parser.add_argument("--smooth-extra", default="{}", help="JSON of extra ExpertAwareSmoothingModifier fields")
     parser.add_argument("--moe-calibrate-all-experts", action="store_true",
                         help="llm-compressor's default; off here unless given (routealign does not need it)")
     parser.add_argument("--threads", type=int, default=2)
@@ -76,13 +94,22 @@ def main() -> None:
     calib = calibration_windows(encode_text(args.data / "wiki.train.tokens", tokenizer), args.samples, args.seq_len,
                                 args.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and args.method == "awq":
+        # llm-compressor 0.14.0.1's AWQModifier pins its activation cache (pin_memory needs an accelerator);
+        # pinning only speeds up host-to-device copies, so on a CPU-only machine it is skipped
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
     model = AutoModelForCausalLM.from_pretrained(str(args.model), dtype=torch.bfloat16)
     data = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
-    mod = recipe(args.method, args.scheme, args.iters, args.seed, json.loads(args.extra))
+    steps = recipe(args.method, args.scheme, args.iters, args.seed, json.loads(args.extra), args.smooth,
+                   json.loads(args.smooth_extra))
+    flat = [m for step in steps for m in (step if isinstance(step, list) else [step])]
+    mod = flat[-1]
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    oneshot(model=model, dataset=data, recipe=mod, num_calibration_samples=args.samples,
+    oneshot(model=model, dataset=data, recipe=flat, num_calibration_samples=args.samples,
             max_seq_length=args.seq_len, moe_calibrate_all_experts=args.moe_calibrate_all_experts)
     seconds = time.perf_counter() - start
     peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
@@ -97,7 +124,9 @@ def main() -> None:
     result = evaluate(reference, quantized, ids, batch_size=4, progress=False)
     mean = result.report["routing"]["mean"]
     row = {"model": args.model.name, "method": args.method, "scheme": args.scheme, "seed": args.seed,
-           "iters": args.iters if args.method not in ("rtn", "gptq") else None,
+           "iters": args.iters if args.method not in ("rtn", "gptq", "awq") else None,
+           "smooth": args.smooth, "smooth_extra": json.loads(args.smooth_extra),
+           "smoothing": getattr(flat[0], "report", None) if args.smooth else None,
            "extra": json.loads(args.extra), "oneshot_s": round(seconds, 2),
            "peak_rss_mib": round(peak_rss), "peak_gpu_mib": None if peak_gpu is None else round(peak_gpu),
            "ppl_reference": result.report["perplexity"]["reference"], "ppl": result.report["perplexity"]["quantized"],

@@ -121,7 +121,8 @@ def test_shared_expert_gate_stays_unquantized(tmp_path, tiny):
     assert "model.layers.0.mlp.shared_expert.up_proj.weight_packed" in state
 
 
-@pytest.mark.parametrize("name", ["vsraq_w4a16", "vsraq_nvfp4", "expertquant_w4a16", "autoround_w4a16"])
+@pytest.mark.parametrize("name", ["vsraq_w4a16", "vsraq_nvfp4", "expertquant_w4a16", "autoround_w4a16",
+                                  "smooth_vsraq_nvfp4"])
 def test_recipes_load_and_run(tmp_path, tiny, name):
     text = (RECIPES / f"{name}.yaml").read_text().replace("iters: 200", "iters: 2")
     recipe = tmp_path / f"{name}.yaml"
@@ -130,8 +131,9 @@ def test_recipes_load_and_run(tmp_path, tiny, name):
     from llmcompressor.core import active_session
 
     mods = active_session().lifecycle.recipe.modifiers
-    assert [type(m).__name__ for m in mods] == ["RouterAlignedRoundingModifier"]
-    assert mods[0].iters == 2 and mods[0].report
+    expected = (["ExpertAwareSmoothingModifier"] if name.startswith("smooth") else []) + ["RouterAlignedRoundingModifier"]
+    assert [type(m).__name__ for m in mods] == expected
+    assert mods[-1].iters == 2 and mods[-1].report
     assert model.model.layers[0].mlp.experts[0].gate_proj.quantization_scheme is not None
 
 

@@ -18,7 +18,7 @@ from .checkpoint import load_model, save_compressed
 from .errors import (CheckpointError, InputError, NonFiniteError, NotMoEError, OutputExistsError, RouteAlignError,
                      UnsupportedRouterError)
 from .evaluate import EvalResult, evaluate
-from .modifiers import RouterAlignedRoundingModifier, register_modifiers
+from .modifiers import ExpertAwareSmoothingModifier, RouterAlignedRoundingModifier, register_modifiers
 from .preflight import check_checkpoint
 from .routing import FAMILIES, MoELayer, RouterFamily, Routing, find_moe_layers
 
@@ -26,6 +26,7 @@ register_modifiers()
 
 __all__ = [
     "RouterAlignedRoundingModifier",
+    "ExpertAwareSmoothingModifier",
     "FAMILIES",
     "MoELayer",
     "RouterFamily",

@@ -62,6 +62,59 @@ FUSED_GROUPS: tuple[tuple[str, ...], ...] = (
 _EXPERT_RE = re.compile(r"(?:^|\.)experts\.(\d+)\.")
 
 
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _all_reduce_grads(params: list[torch.Tensor]) -> None:
+    """Scale-out (llm-compressor's distributed mode, calibration samples split across ranks): sum every rounding
+    parameter's gradient over ranks in one flat all-reduce, so that every rank takes the same signed step and
+    ends with identical parameters. Parameters without a gradient on this rank (no routed token in its minibatch)
+    contribute zeros."""
+    if _world() == 1:
+        return
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset : offset + n].view_as(p).clone()
+        offset += n
+
+
+def _global_mean(value: torch.Tensor) -> float:
+    """The loss averaged over ranks: every rank keeps the same best iteration."""
+    if _world() == 1:
+        return float(value)
+    import torch.distributed as dist
+
+    value = value.reshape(1).clone().float()
+    dist.all_reduce(value)
+    return float(value) / _world()
+
+
+def _all_reduce_counts(counts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Routed-token counts summed over ranks: every rank makes the same RTN-fallback decision."""
+    if _world() == 1 or not counts:
+        return counts
+    import torch.distributed as dist
+
+    names = sorted(counts)
+    flat = torch.cat([counts[n] for n in names])
+    dist.all_reduce(flat)
+    out, offset = {}, 0
+    for n in names:
+        k = counts[n].numel()
+        out[n] = flat[offset : offset + k]
+        offset += k
+    return out
+
+
 @dataclass
 class TuningConfig:
     iters: int = 200
@@ -129,9 +182,10 @@ def _to(value, dtype=None, device=None):
 
 
 @contextlib.contextmanager
-def plain_forwards(module: torch.nn.Module):
+def plain_forwards(module: torch.nn.Module, all_experts: bool = False):
     """Run ``module``'s submodules with their class forward (no compressed-tensors fake quantization, no
-    activation quantization), without llm-compressor's all-experts calibration, and with SDPA attention."""
+    activation quantization), without llm-compressor's all-experts calibration (unless ``all_experts``: every
+    expert runs on every token, the block output still combines only the routed ones), and with SDPA attention."""
     from llmcompressor.modeling.moe import context as moe_context
 
     saved = {}
@@ -144,7 +198,7 @@ def plain_forwards(module: torch.nn.Module):
             configs[id(config)] = config
     try:
         with contextlib.ExitStack() as stack:
-            stack.enter_context(patch_attr(moe_context, "_CALIBRATE_ALL_EXPERTS", False))
+            stack.enter_context(patch_attr(moe_context, "_CALIBRATE_ALL_EXPERTS", all_experts))
             # llm-compressor forces eager attention for its traced calibration graphs; SDPA computes the same
             # attention (with the same additive mask) several times faster, forward and backward
             for config in configs.values():
@@ -319,13 +373,13 @@ class BlockTuner:
         return scales
 
     # -- forward passes -----------------------------------------------------------------------------------
-    def _run(self, module, params, hidden, kwargs, layers, stop_after: bool = False):
+    def _run(self, module, params, hidden, kwargs, layers, stop_after: bool = False, all_experts: bool = False):
         """Forward ``module`` with ``params``; returns (output, or None when stopped after the last of ``layers``'
         routers, and their logits by layer name, with gradients)."""
         out = None
         with RouterTap(layers, detach=False, stop_after=stop_after) as tap:
             try:
-                with plain_forwards(module):
+                with plain_forwards(module, all_experts):
                     out = functional_call(module, params, (hidden,), kwargs, strict=False)
                 out = out[0] if isinstance(out, tuple) else out
             except StopForward:
@@ -411,7 +465,7 @@ class BlockTuner:
         check_finite(fp.hidden, f"{self.name}: calibration activations entering the layer (unquantized stream)")
         y_fp = self.targets(fp)
         check_finite(self._y_fp, f"{self.name}: the unquantized layer's output")
-        self._apply_fallback(self.expert_token_counts(q))
+        self._apply_fallback(_all_reduce_counts(self.expert_token_counts(q)))
         cfg = self.config
         if cfg.iters <= 0 or not self.weights:
             return y_fp
@@ -429,7 +483,7 @@ class BlockTuner:
                 loss = torch.nn.functional.mse_loss(self._normed(y), self._normed(target))
                 router = self._router_loss(y, logits, kwargs, idx)
                 total = loss + cfg.router_weight * router if router is not None else loss
-                value = float(total.detach())
+                value = _global_mean(total.detach())
                 if not math.isfinite(value):
                     last = (f"last finite loss {best_loss:.6g} at iteration {best_it}" if best is not None
                             else "no finite loss yet")
@@ -444,6 +498,7 @@ class BlockTuner:
                 for p in params:
                     p.grad = None
                 total.backward()
+                _all_reduce_grads(params)
                 lr = cfg.learning_rate * (1 - it / cfg.iters)
                 with torch.no_grad():
                     for w in self.weights:
@@ -482,9 +537,11 @@ class BlockTuner:
         return total / len(self.losses)
 
     @torch.no_grad()
-    def routed_input_amax(self, q: BlockInputs, names: list[str], chunk: int = 8) -> dict[str, torch.Tensor]:
+    def routed_input_amax(self, q: BlockInputs, names: list[str], chunk: int = 8,
+                          all_tokens: bool = False) -> dict[str, torch.Tensor]:
         """Largest absolute input each named module sees when the block (with its current weights) runs on the
-        quantized stream; experts see only their routed tokens. Modules that see no token are absent."""
+        quantized stream; experts see only their routed tokens (``all_tokens``: every token, as under
+        llm-compressor's all-experts calibration). Modules that see no token are absent."""
         modules = dict(self.block.named_modules())
         params = self._float_params(self.block)
         amax: dict[str, torch.Tensor] = {}
@@ -497,10 +554,16 @@ class BlockTuner:
         handles = [modules[n].register_forward_pre_hook(lambda mod, args, n=n: hook(mod, args, n)) for n in names]
         try:
             for h, kwargs in self._chunks(q, chunk):
-                self._run(self.block, params, h, kwargs, [])
+                self._run(self.block, params, h, kwargs, [], all_experts=all_tokens)
         finally:
             for h in handles:
                 h.remove()
+        if _world() > 1:  # the largest input on any rank: every rank writes the same activation global scales
+            import torch.distributed as dist
+
+            flat = torch.stack([amax[n].float() if n in amax else torch.zeros((), device=self.device) for n in names])
+            dist.all_reduce(flat, op=dist.ReduceOp.MAX)
+            amax = {n: v for n, v in zip(names, flat) if float(v) > 0}
         return amax
 
     @torch.no_grad()

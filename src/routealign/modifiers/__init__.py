@@ -1,10 +1,11 @@
-"""llm-compressor modifiers of routealign (thin lifecycle glue; the math lives in tuning, losses, schemes)."""
+"""llm-compressor modifiers of routealign (thin lifecycle glue; the math lives in tuning, losses, schemes, smoothing)."""
 
 from .rounding import RouterAlignedRoundingModifier
+from .smoothing import ExpertAwareSmoothingModifier
 
-__all__ = ["RouterAlignedRoundingModifier", "MODIFIERS", "register_modifiers"]
+__all__ = ["RouterAlignedRoundingModifier", "ExpertAwareSmoothingModifier", "MODIFIERS", "register_modifiers"]
 
-MODIFIERS = (RouterAlignedRoundingModifier,)
+MODIFIERS = (RouterAlignedRoundingModifier, ExpertAwareSmoothingModifier)
 
 
 def register_modifiers() -> None:

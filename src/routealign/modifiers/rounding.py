@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from compressed_tensors.quantization import QuantizationStrategy
@@ -76,6 +76,8 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin):
     :param lr: signed-gradient step, decayed linearly to 0 (default 1/iters)
     :param batch_size: calibration sequences per iteration
     :param min_expert_tokens: experts routed fewer calibration tokens get MSE-clipped RTN
+    :param activation_scale_tokens: NVFP4 activation global scales of experts from their ``routed`` calibration
+        tokens or from ``all`` tokens (an upper bound on what any routing can send them)
     :param seed: seed of the minibatch sampling
     """
 
@@ -88,6 +90,7 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin):
     lr: float | None = Field(None, gt=0)
     batch_size: int = Field(8, ge=1)
     min_expert_tokens: int = Field(8, ge=0)
+    activation_scale_tokens: Literal["routed", "all"] = "routed"
     seed: int = 0
     # VSRAQ
     alpha: float = Field(0.3, ge=0, le=1)
@@ -270,7 +273,7 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin):
                  and hasattr(m, "input_global_scale")]
         if not names:
             return
-        amax = tuner.routed_input_amax(q, names)
+        amax = tuner.routed_input_amax(q, names, all_tokens=self.activation_scale_tokens == "all")
         by_leaf: dict[str, torch.Tensor] = {}
         for n, value in amax.items():
             leaf = n.rsplit(".", 1)[-1]

@@ -1,0 +1,57 @@
+"""Issue 5.3: under torch.distributed (llm-compressor's distributed mode splits calibration samples across ranks)
+the rounding parameters' gradients are all-reduced, so every rank writes identical parameters. CPU, gloo, 2
+processes."""
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _tune(rank: int, world: int, init: str, out: str) -> None:
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    from compressed_tensors.quantization import preset_name_to_scheme
+    from llmcompressor.modeling.moe.linearize import linearize_moe
+
+    from routealign.losses import RouterLossConfig
+    from routealign.tiny import tiny_model
+    from routealign.tuning import BlockInputs, BlockTuner, TuningConfig, suspended_offloading
+
+    model = tiny_model("qwen3_moe", seed=2)  # same weights on every rank
+    linearize_moe(model)
+    block, nxt = model.model.layers[0], model.model.layers[1]
+    args = preset_name_to_scheme("W4A16", ["Linear"]).weights
+    targets = {n: args for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    ids = torch.randint(3, 320, (4, 16), generator=torch.Generator().manual_seed(100 + rank))  # this rank's samples
+    with torch.no_grad():
+        h = model.model.embed_tokens(ids)
+        q = BlockInputs(h, {"position_embeddings": model.model.rotary_emb(h, torch.arange(16)[None]),
+                            "attention_mask": None})
+    with suspended_offloading(block, nxt):
+        tuner = BlockTuner(block, targets, RouterLossConfig("vsraq"),
+                           TuningConfig(iters=6, batch_size=2, router_scope="next", min_expert_tokens=0), nxt)
+        tuner.tune(q, q)
+        tuner.apply()
+    torch.save({"state": {k: v.clone() for k, v in block.state_dict().items()}, "history": tuner.history}, out)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def test_ranks_write_identical_parameters(tmp_path):
+    init = f"file://{tmp_path / 'rendezvous'}"
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_tune, args=(r, 2, init, str(tmp_path / f"rank{r}.pt"))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=600)
+    assert [p.exitcode for p in procs] == [0, 0]
+    _tune(0, 1, "", str(tmp_path / "alone.pt"))  # rank 0's samples without the reduction
+    r0, r1, alone = (torch.load(tmp_path / f, weights_only=False) for f in ("rank0.pt", "rank1.pt", "alone.pt"))
+    assert r0["history"] == r1["history"]  # the same global loss, so the same best iteration
+    assert r0["state"].keys() == r1["state"].keys()
+    for key in r0["state"]:
+        assert torch.equal(r0["state"][key], r1["state"][key]), key
+    changed = [k for k in r0["state"] if not torch.equal(r0["state"][k], alone["state"][k])]
+    assert any(k.endswith(".weight") for k in changed)  # the other rank's gradients did count
