@@ -70,6 +70,9 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-rows", type=int, default=64)
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/wikitext-2")
+    parser.add_argument("--train-text", type=Path, help="calibration text (default: DATA/wiki.train.tokens)")
+    parser.add_argument("--test-text", type=Path, help="evaluation text (default: DATA/wiki.test.tokens)")
+    parser.add_argument("--eval-seq-len", type=int, default=512)
     parser.add_argument("--extra", default="{}", help="JSON of extra RouterAlignedRoundingModifier fields")
     parser.add_argument("--smooth", choices=("expertquant", "search"), help="ExpertAwareSmoothingModifier first")
     parser.add_argument("--smooth-extra", default="{}", help="JSON of extra ExpertAwareSmoothingModifier fields")
@@ -91,7 +94,9 @@ def main() -> None:
     from routealign.textdata import calibration_windows, encode_text, eval_rows, find_tokenizer
 
     tokenizer = find_tokenizer(args.model)
-    calib = calibration_windows(encode_text(args.data / "wiki.train.tokens", tokenizer), args.samples, args.seq_len,
+    train_text = args.train_text or args.data / "wiki.train.tokens"
+    test_text = args.test_text or args.data / "wiki.test.tokens"
+    calib = calibration_windows(encode_text(train_text, tokenizer), args.samples, args.seq_len,
                                 args.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and args.method == "awq":
@@ -118,7 +123,7 @@ def main() -> None:
     save_compressed(model, qdir, overwrite=True)
     del model
 
-    ids = eval_rows(encode_text(args.data / "wiki.test.tokens", tokenizer), args.eval_rows, 512)
+    ids = eval_rows(encode_text(test_text, tokenizer), args.eval_rows, args.eval_seq_len)
     reference = load_model(args.model, dtype=torch.bfloat16, device=device)
     quantized = load_model(qdir, dtype=torch.bfloat16, device=device)
     result = evaluate(reference, quantized, ids, batch_size=4, progress=False)

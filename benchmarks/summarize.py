@@ -17,7 +17,8 @@ COLUMNS = ("oneshot_s", "peak_rss_mib", "ppl", "flip_rate", "overlap_at_k", "jac
 
 def label(row: dict) -> str:
     extra = ",".join(f"{k}={v}" for k, v in sorted(row.get("extra", {}).items()))
-    return f"{row['method']}" + (f" ({extra})" if extra else "")
+    smooth = f"smoothing ({row['smooth']}) + " if row.get("smooth") else ""
+    return f"{smooth}{row['method']}" + (f" ({extra})" if extra else "")
 
 
 def main() -> None:

@@ -279,3 +279,19 @@ def test_router_scope_reaches_the_documented_weights():
             assert reached == attention  # q/k/v/o feed the router through the residual stream; no expert does
         else:
             assert any(n.startswith("mlp.experts.") for n in reached) and attention <= reached, sorted(reached)
+
+
+def test_activation_scale_tokens_routed_versus_all(tmp_path, tiny):
+    """NVFP4 expert activation global scales: from all tokens (default) the expert input maxima are those of the
+    whole block input, so every expert's gate/up scale is the same and no larger than from routed tokens."""
+    ids = calibration_ids(rows=2, seq_len=32)
+    scales = {}
+    for tokens in ("routed", "all"):
+        mod = RouterAlignedRoundingModifier(objective="none", iters=0, scheme="NVFP4", targets="Linear",
+                                            ignore=["lm_head"], activation_scale_tokens=tokens)
+        model, _ = _run(tiny / "qwen3_moe", mod, ids)
+        experts = model.model.layers[1].mlp.experts
+        scales[tokens] = torch.stack([experts[e].gate_proj.input_global_scale.float() for e in range(8)]).flatten()
+    assert torch.all(scales["all"] <= scales["routed"] * (1 + 1e-6))  # (equal up to float rounding where the
+    # expert saw the largest token)
+    assert torch.unique(scales["all"]).numel() == 1 and torch.unique(scales["routed"]).numel() > 1

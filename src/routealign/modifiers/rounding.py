@@ -77,7 +77,8 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin):
     :param batch_size: calibration sequences per iteration
     :param min_expert_tokens: experts routed fewer calibration tokens get MSE-clipped RTN
     :param activation_scale_tokens: NVFP4 activation global scales of experts from their ``routed`` calibration
-        tokens or from ``all`` tokens (an upper bound on what any routing can send them)
+        tokens or from ``all`` tokens (default: an upper bound on what any routing can send them; routed-token
+        maxima underestimate what rarely-routed experts see on new text, measured in benchmarks/RESULTS.md)
     :param seed: seed of the minibatch sampling
     """
 
@@ -90,7 +91,7 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin):
     lr: float | None = Field(None, gt=0)
     batch_size: int = Field(8, ge=1)
     min_expert_tokens: int = Field(8, ge=0)
-    activation_scale_tokens: Literal["routed", "all"] = "routed"
+    activation_scale_tokens: Literal["routed", "all"] = "all"
     seed: int = 0
     # VSRAQ
     alpha: float = Field(0.3, ge=0, le=1)
