@@ -42,6 +42,7 @@ from loguru import logger
 from torch.func import functional_call
 
 from .errors import NonFiniteError
+from .experts import batched_experts
 from .losses import RouterLoss, RouterTarget
 from .routing import MoELayer, RouterTap, StopForward, find_moe_layers
 from .schemes import QParams, WeightQuantizer
@@ -124,6 +125,7 @@ class TuningConfig:
     router_scope: RouterScope = "next"
     min_expert_tokens: int = 8
     seed: int = 0
+    batched_experts: bool = True
     clip_grid: tuple[float, ...] = tuple(1.0 - 0.05 * i for i in range(11))  # fallback search: 1.0 .. 0.5
 
     @property
@@ -373,13 +375,17 @@ class BlockTuner:
         return scales
 
     # -- forward passes -----------------------------------------------------------------------------------
-    def _run(self, module, params, hidden, kwargs, layers, stop_after: bool = False, all_experts: bool = False):
+    def _run(self, module, params, hidden, kwargs, layers, stop_after: bool = False, all_experts: bool = False,
+             batched: bool | None = None):
         """Forward ``module`` with ``params``; returns (output, or None when stopped after the last of ``layers``'
         routers, and their logits by layer name, with gradients)."""
         out = None
         with RouterTap(layers, detach=False, stop_after=stop_after) as tap:
             try:
-                with plain_forwards(module, all_experts):
+                batched = self.config.batched_experts if batched is None else batched
+                with plain_forwards(module, all_experts), (
+                    batched_experts(module) if batched and not all_experts else contextlib.nullcontext()
+                ):
                     out = functional_call(module, params, (hidden,), kwargs, strict=False)
                 out = out[0] if isinstance(out, tuple) else out
             except StopForward:
@@ -554,7 +560,7 @@ class BlockTuner:
         handles = [modules[n].register_forward_pre_hook(lambda mod, args, n=n: hook(mod, args, n)) for n in names]
         try:
             for h, kwargs in self._chunks(q, chunk):
-                self._run(self.block, params, h, kwargs, [], all_experts=all_tokens)
+                self._run(self.block, params, h, kwargs, [], all_experts=all_tokens, batched=False)  # hooks
         finally:
             for h in handles:
                 h.remove()

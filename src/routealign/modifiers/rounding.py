@@ -80,6 +80,8 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin):
         tokens or from ``all`` tokens (default: an upper bound on what any routing can send them; routed-token
         maxima underestimate what rarely-routed experts see on new text, measured in benchmarks/RESULTS.md)
     :param seed: seed of the minibatch sampling
+    :param batched_experts: run the experts stacked (batched matmuls over routed tokens) in the tuning loop
+        instead of llm-compressor's per-expert Python loop (same values up to float summation order)
     """
 
     requires_calibration_data: bool = True
@@ -92,6 +94,7 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin):
     batch_size: int = Field(8, ge=1)
     min_expert_tokens: int = Field(8, ge=0)
     activation_scale_tokens: Literal["routed", "all"] = "all"
+    batched_experts: bool = True
     seed: int = 0
     # VSRAQ
     alpha: float = Field(0.3, ge=0, le=1)
@@ -130,7 +133,8 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin):
     def tuning_config(self) -> TuningConfig:
         return TuningConfig(iters=self.iters, lr=self.lr, batch_size=self.batch_size,
                             router_weight=self.router_weight, router_scope=self.router_scope,
-                            min_expert_tokens=self.min_expert_tokens, seed=self.seed)
+                            min_expert_tokens=self.min_expert_tokens, seed=self.seed,
+                            batched_experts=self.batched_experts)
 
     @property
     def report(self) -> list[dict]:

@@ -1,0 +1,72 @@
+"""Seconds per tuning iteration with llm-compressor's per-expert loop vs routealign's batched experts, on one
+decoder block of a model (default: the shared tiny-qwen3_moe), same data, same settings.
+
+    python benchmarks/experts_speed.py --model ../shared/models/tiny-qwen3_moe --iters 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=Path(__file__).resolve().parents[2] / "shared/models/tiny-qwen3_moe")
+    parser.add_argument("--layer", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from compressed_tensors.quantization import preset_name_to_scheme
+    from llmcompressor.modeling.moe.linearize import linearize_moe
+    from transformers import AutoModelForCausalLM
+
+    from routealign.losses import RouterLossConfig
+    from routealign.tuning import BlockInputs, BlockTuner, TuningConfig, suspended_offloading
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(str(args.model), dtype=torch.float32).to(device)
+    linearize_moe(model)
+    layers = model.model.layers
+    block, nxt = layers[args.layer], layers[args.layer + 1]
+    wargs = preset_name_to_scheme("W4A16", ["Linear"]).weights
+    targets = {n: wargs for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    ids = torch.randint(0, model.config.vocab_size, (args.samples, args.seq_len),
+                        generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.no_grad():
+        h = model.model.embed_tokens(ids)
+        pos = torch.arange(args.seq_len, device=device)[None]
+        q = BlockInputs(h, {"position_embeddings": model.model.rotary_emb(h, pos), "attention_mask": None})
+    rows = {}
+    for batched in (False, True, False, True):
+        with suspended_offloading(block, nxt):
+            tuner = BlockTuner(block, targets, RouterLossConfig("vsraq"),
+                               TuningConfig(iters=args.iters, batch_size=args.batch, batched_experts=batched), nxt)
+            tuner.targets(q)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            tuner.tune(q, q)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+        key = "batched" if batched else "loop"
+        rows.setdefault(key, []).append(seconds / args.iters)
+    result = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "threads": args.threads,
+              "tokens_per_iter": args.batch * args.seq_len,
+              **{f"{k}_s_per_iter": min(v) for k, v in rows.items()}}
+    result["speedup"] = result["loop_s_per_iter"] / result["batched_s_per_iter"]
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

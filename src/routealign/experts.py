@@ -1,0 +1,123 @@
+"""Batched forward of llm-compressor's linearized experts, for the tuning loop.
+
+llm-compressor's ``LinearExperts2D.forward`` loops over the experts in Python: per expert a ``torch.where``, a
+gather, three ``Linear`` calls and an ``index_add_`` (forward and backward), i.e. ~10 small kernels per expert per
+layer per iteration. :func:`batched_forward` computes the same thing with the experts stacked: tokens sorted by
+expert and padded into ``[E, C, h]`` (C = the largest expert's token count), three batched matmuls against the
+stacked ``[E, out, in]`` weights, one scatter-add. The per-expert weights are read from the expert modules, so under
+``torch.func.functional_call`` they are the fake-quantized tensors the tuner substituted, and gradients flow back to
+each expert's rounding parameters.
+
+Used only where no hook needs to see the per-expert ``Linear`` calls (the tuning iterations, the unquantized
+targets, the propagation); statistics that hook expert modules keep llm-compressor's loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+
+import torch
+
+__all__ = ["batched_forward", "batched_experts", "supports_batching"]
+
+
+def supports_batching(experts: torch.nn.Module) -> bool:
+    from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
+
+    return isinstance(experts, LinearExperts2D) and all(
+        hasattr(experts[e], "down_proj") and hasattr(experts[e], "up_proj") for e in range(experts.num_experts)
+    )
+
+
+def _stack(experts, proj: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    mods = [getattr(experts[e], proj) for e in range(experts.num_experts)]
+    weight = torch.stack([m.weight for m in mods])
+    bias = torch.stack([m.bias for m in mods]) if mods[0].bias is not None else None
+    return weight, bias
+
+
+def _bmm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    out = torch.bmm(x, weight.transpose(1, 2).to(x.dtype))
+    return out if bias is None else out + bias[:, None, :].to(x.dtype)
+
+
+def _segments(x: torch.Tensor, counts: list[int], weights: list[torch.Tensor],
+              biases: list[torch.Tensor | None]) -> torch.Tensor:
+    """Contiguous per-expert segments of expert-sorted tokens, one matmul each (no padding)."""
+    outs = []
+    for part, w, b in zip(torch.split(x, counts), weights, biases):
+        if part.shape[0]:
+            outs.append(torch.nn.functional.linear(part, w.to(part.dtype), None if b is None else b.to(part.dtype)))
+        else:  # keeps the (zero) gradient of an expert without tokens, as the loop does
+            outs.append(part.new_zeros(0, w.shape[0]) + 0 * w.sum() + (0 if b is None else 0 * b.sum()))
+    return torch.cat(outs)
+
+
+def _projections(self, proj: str) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    mods = [getattr(self[e], proj) for e in range(self.num_experts)]
+    return [m.weight for m in mods], [m.bias for m in mods]
+
+
+def batched_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                    top_k_weights: torch.Tensor) -> torch.Tensor:
+    """Drop-in for ``LinearExperts2D.forward`` (routed tokens only). Tokens are gathered once in expert order;
+    on a GPU the experts run as three padded batched matmuls (``[E, C, h]``, C = the busiest expert's count: one
+    kernel per projection), on a CPU as contiguous per-expert segments (compute-bound there: padding would cost
+    more than the saved dispatch)."""
+    num_experts = self.num_experts
+    k = top_k_index.shape[1]
+    flat = top_k_index.reshape(-1)
+    with torch.no_grad():
+        order = torch.argsort(flat, stable=True)
+        sorted_experts = flat[order]
+        counts = torch.bincount(flat, minlength=num_experts)
+    token = order // k
+    slot = order % k
+    if flat.numel() == 0:
+        return torch.zeros_like(hidden_states)
+    x = hidden_states[token]
+    padded = PADDED if PADDED is not None else hidden_states.is_cuda
+    if padded:
+        with torch.no_grad():
+            starts = torch.cumsum(counts, 0) - counts
+            position = torch.arange(flat.numel(), device=flat.device) - starts[sorted_experts]
+            capacity = int(counts.max())
+        xp = x.new_zeros(num_experts, capacity, x.shape[-1]).index_put((sorted_experts, position), x)
+
+        def project(inp, proj):
+            w, b = _stack(self, proj)
+            return _bmm(inp, w, b)
+    else:
+        sizes = counts.tolist()
+        xp = x
+
+        def project(inp, proj):
+            return _segments(inp, sizes, *_projections(self, proj))
+    if self.has_gate:  # the container's own gating (SwiGLU, GPT-OSS's clamped SwiGLU) on [..., 2I]
+        inner = self._apply_gate(torch.cat([project(xp, "gate_proj"), project(xp, "up_proj")], dim=-1))
+    else:
+        inner = self.act_fn(project(xp, "up_proj"))
+    y = project(inner, "down_proj")
+    if padded:
+        y = y[sorted_experts, position]
+    out = y * top_k_weights[token, slot, None]
+    return torch.zeros_like(hidden_states).index_add_(0, token, out.to(hidden_states.dtype))
+
+
+PADDED: bool | None = None  # None: padded batched matmuls on CUDA, segments on CPU (tests force either)
+
+
+@contextlib.contextmanager
+def batched_experts(module: torch.nn.Module):
+    """Inside, every batchable linearized experts container under ``module`` uses :func:`batched_forward`."""
+    patched = []
+    for sub in module.modules():
+        if supports_batching(sub) and "forward" not in sub.__dict__:
+            sub.forward = types.MethodType(batched_forward, sub)
+            patched.append(sub)
+    try:
+        yield
+    finally:
+        for sub in patched:
+            del sub.forward
