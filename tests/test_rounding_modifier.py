@@ -295,3 +295,37 @@ def test_activation_scale_tokens_routed_versus_all(tmp_path, tiny):
     assert torch.all(scales["all"] <= scales["routed"] * (1 + 1e-6))  # (equal up to float rounding where the
     # expert saw the largest token)
     assert torch.unique(scales["all"]).numel() == 1 and torch.unique(scales["routed"]).numel() > 1
+
+
+def test_nvfp4_tuning_sees_activation_quantization():
+    """With NVFP4 the tuning forward quantizes each target's inputs (W4A4), so the loss it starts from is the
+    deployed model's error, larger than the weight-only one."""
+    from compressed_tensors.quantization import preset_name_to_scheme
+
+    from llmcompressor.modeling.moe.linearize import linearize_moe
+
+    from routealign.losses import RouterLossConfig
+    from routealign.tiny import tiny_model
+    from routealign.tuning import BlockInputs, BlockTuner, TuningConfig, suspended_offloading
+
+    model = tiny_model("qwen3_moe", seed=2)
+    linearize_moe(model)
+    block, nxt = model.model.layers[0], model.model.layers[1]
+    scheme = preset_name_to_scheme("NVFP4", ["Linear"])
+    targets = {n: scheme.weights for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    activations = {n: scheme.input_activations for n in targets}
+    ids = calibration_ids(rows=4, seq_len=16)
+    with torch.no_grad():
+        h = model.model.embed_tokens(ids)
+        q = BlockInputs(h, {"position_embeddings": model.model.rotary_emb(h, torch.arange(16)[None]),
+                            "attention_mask": None})
+    first = {}
+    for simulate in (False, True):
+        with suspended_offloading(block, nxt):
+            tuner = BlockTuner(block, targets, RouterLossConfig("none"),
+                               TuningConfig(iters=1, batch_size=4, quantize_activations=simulate), nxt,
+                               activations=activations)
+            tuner.tune(q, q)
+        first[simulate] = tuner.history[0]
+        assert tuner._act_hooks_on == {}  # hooks are only on during the loop
+    assert first[True] > 1.5 * first[False]

@@ -121,3 +121,26 @@ def test_matches_llmcompressor_rtn_in_a_quantized_model(tmp_path):
             mod = reloaded.model.layers[0].mlp.experts[e].__getattr__(name)
             assert torch.equal(mod.weight_global_scale, gs)
             assert torch.equal(mod.weight, quant.fake_quant(w, quant.rtn_qparams(w, gs)))
+
+
+def test_activation_quantizer_is_compressed_tensors_dynamic_nvfp4_with_identity_gradient():
+    from compressed_tensors.quantization import preset_name_to_scheme
+    from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+    from compressed_tensors.quantization.utils import generate_gparam
+
+    from routealign.schemes import ActivationQuantizer
+
+    args = preset_name_to_scheme("NVFP4", ["Linear"]).input_activations
+    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(0)) * 3
+    gs = generate_gparam(-x.abs().amax().reshape(1), x.abs().amax().reshape(1))
+    module = torch.nn.Linear(64, 8)
+    module.input_global_scale = torch.nn.Parameter(gs, requires_grad=False)
+    from compressed_tensors.quantization import QuantizationStatus
+
+    module.quantization_status = QuantizationStatus.FROZEN
+    expected = forward_quantize(module, x, "input", args)
+    xg = x.clone().requires_grad_(True)
+    got = ActivationQuantizer(args, gs)(xg)
+    assert torch.equal(got.detach(), expected) and not torch.equal(expected, x)
+    got.sum().backward()
+    assert torch.equal(xg.grad, torch.ones_like(x))

@@ -23,7 +23,8 @@ from compressed_tensors.quantization import QuantizationArgs, QuantizationStrate
 from compressed_tensors.quantization.quant_args import FP4_E2M1_DATA, FP8_E4M3_DATA, round_to_quantized_type_args
 from compressed_tensors.quantization.utils import calculate_qparams, calculate_range
 
-__all__ = ["WeightQuantizer", "QParams", "nvfp4_global_scale"]
+__all__ = [
+    "ActivationQuantizer","WeightQuantizer", "QParams", "nvfp4_global_scale"]
 
 
 @dataclass
@@ -181,3 +182,27 @@ class WeightQuantizer:
         if zp is not None:
             dq = dq - zp.to(scale.dtype)
         return (dq * scale).flatten(start_dim=-2).to(w.dtype)
+
+
+class ActivationQuantizer:
+    """Dynamic (per token group) fake quantization of activations, e.g. NVFP4's FP4 inputs with FP8 group-16 scales
+    under a static per-tensor ``global_scale``: compressed-tensors' own ``compute_dynamic_scales_and_zp`` and
+    ``fake_quantize`` (what the quantized model computes at evaluation), with a straight-through gradient."""
+
+    def __init__(self, args: QuantizationArgs, global_scale: torch.Tensor | None):
+        if args.dynamic not in (True, "local") and getattr(args.dynamic, "value", None) != "local":
+            raise ValueError("only dynamic activation quantization is simulated during tuning")
+        self.args = args
+        self.global_scale = global_scale
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+        from compressed_tensors.quantization.utils import compute_dynamic_scales_and_zp
+
+        if x.numel() == 0:
+            return x
+        with torch.no_grad():
+            gs = None if self.global_scale is None else self.global_scale.to(x.device)
+            scale, zero_point = compute_dynamic_scales_and_zp(x.detach(), self.args, None, global_scale=gs)
+            q = fake_quantize(x.detach(), scale, zero_point, self.args, global_scale=gs)
+        return x + (q - x.detach())

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+from compressed_tensors.quantization import QuantizationStrategy
 from compressed_tensors.utils import patch_attr
 from loguru import logger
 from torch.func import functional_call
@@ -45,7 +46,7 @@ from .errors import NonFiniteError
 from .experts import batched_experts
 from .losses import RouterLoss, RouterTarget
 from .routing import MoELayer, RouterTap, StopForward, find_moe_layers
-from .schemes import QParams, WeightQuantizer
+from .schemes import ActivationQuantizer, QParams, WeightQuantizer
 from .validation import check_finite
 
 __all__ = ["TuningConfig", "TunedWeight", "BlockTuner", "BlockInputs", "RouterScope", "FUSED_GROUPS"]
@@ -126,6 +127,8 @@ class TuningConfig:
     min_expert_tokens: int = 8
     seed: int = 0
     batched_experts: bool = True
+    quantize_activations: bool = True  # simulate input-activation quantization (NVFP4) in the tuning forward
+    activation_scale_all_tokens: bool = True  # activation global scales from all tokens (else routed ones)
     clip_grid: tuple[float, ...] = tuple(1.0 - 0.05 * i for i in range(11))  # fallback search: 1.0 .. 0.5
 
     @property
@@ -318,8 +321,11 @@ class BlockTuner:
 
     def __init__(self, block: torch.nn.Module, targets: dict, loss_config, config: TuningConfig,
                  next_block: torch.nn.Module | None = None, name: str = "block",
-                 output_norm: torch.nn.Module | None = None):
+                 output_norm: torch.nn.Module | None = None, activations: dict | None = None):
         self.block = block
+        # input-activation quantization args of targets whose inputs are fake-quantized while tuning (NVFP4)
+        self.activations = dict(activations or {})
+        self._act_hooks_on: dict[str, ActivationQuantizer] = {}
         self.next_block = next_block
         self.output_norm = output_norm
         self.config = config
@@ -383,9 +389,11 @@ class BlockTuner:
         with RouterTap(layers, detach=False, stop_after=stop_after) as tap:
             try:
                 batched = self.config.batched_experts if batched is None else batched
+                acting = module is self.block and bool(self._act_hooks_on)
                 with plain_forwards(module, all_experts), (
-                    batched_experts(module) if batched and not all_experts else contextlib.nullcontext()
-                ):
+                    # the batched experts bypass the expert Linear modules, where activation quantization hooks sit
+                    batched_experts(module) if batched and not all_experts and not acting else contextlib.nullcontext()
+                ), (self._activation_hooks() if acting else contextlib.nullcontext()):
                     out = functional_call(module, params, (hidden,), kwargs, strict=False)
                 out = out[0] if isinstance(out, tuple) else out
             except StopForward:
@@ -476,6 +484,8 @@ class BlockTuner:
         if cfg.iters <= 0 or not self.weights:
             return y_fp
         params = [p for w in self.weights if w.trainable for p in w.parameters()]
+        if cfg.quantize_activations and self.activations:
+            self._act_hooks_on = self.activation_quantizers(q)
         gen = torch.Generator().manual_seed(cfg.seed)
         kwargs = _to(q.kwargs, torch.float32, self.device)
         n = q.hidden.shape[0]
@@ -516,6 +526,7 @@ class BlockTuner:
                         w.offset.clamp_(-0.5, 0.5)
                         w.clip_lo.clamp_(0.0, 1.0)
                         w.clip_hi.clamp_(0.0, 1.0)
+        self._act_hooks_on = {}
         with torch.no_grad():
             for p, b in zip(params, best):
                 p.copy_(b)
@@ -541,6 +552,47 @@ class BlockTuner:
             value = loss(z, self._slice_target(self._targets[(where, name)], idx))
             total = value if total is None else total + value
         return total / len(self.losses)
+
+    @contextlib.contextmanager
+    def _activation_hooks(self):
+        modules = dict(self.block.named_modules())
+        handles = [modules[n].register_forward_pre_hook(lambda mod, args, quant=quant: (quant(args[0]), *args[1:]))
+                   for n, quant in self._act_hooks_on.items()]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def activation_quantizers(self, q: "BlockInputs", scales: dict | None = None) -> dict[str, ActivationQuantizer]:
+        """Straight-through activation fake quantizers of the targets with quantized inputs, with the global scales
+        ``scales`` (default: :meth:`input_global_scales` on ``q`` with the current weights)."""
+        if scales is None:
+            scales = self.input_global_scales(q, list(self.activations))
+        return {n: ActivationQuantizer(args, scales.get(n)) for n, args in self.activations.items()
+                if args.strategy != QuantizationStrategy.TENSOR_GROUP or n in scales}
+
+    @torch.no_grad()
+    def input_global_scales(self, q: "BlockInputs", names: list[str]) -> dict[str, torch.Tensor]:
+        """NVFP4 input global scales (float32 ``[1]``, compressed-tensors' ``generate_gparam``) of ``names`` from
+        the largest input each sees on the quantized stream: all tokens or only the routed ones
+        (``activation_scale_all_tokens``). An expert that saw no routed token takes the largest value among the
+        same projection of the other experts."""
+        from compressed_tensors.quantization.utils import generate_gparam
+
+        if not names:
+            return {}
+        amax = self.routed_input_amax(q, names, all_tokens=self.config.activation_scale_all_tokens)
+        by_leaf: dict[str, torch.Tensor] = {}
+        for n, value in amax.items():
+            leaf = n.rsplit(".", 1)[-1]
+            by_leaf[leaf] = torch.maximum(by_leaf[leaf], value) if leaf in by_leaf else value
+        scales = {}
+        for n in names:
+            value = amax.get(n, by_leaf.get(n.rsplit(".", 1)[-1]))
+            if value is not None:
+                scales[n] = generate_gparam(-value.reshape(1).float(), value.reshape(1).float())
+        return scales
 
     @torch.no_grad()
     def routed_input_amax(self, q: BlockInputs, names: list[str], chunk: int = 8,
@@ -573,14 +625,19 @@ class BlockTuner:
         return amax
 
     @torch.no_grad()
-    def propagate(self, q: BlockInputs, chunk: int = 8) -> torch.Tensor:
-        """The block's output, with its current (written) weights, on the quantized stream: the next block's
-        quantized-stream input (in the input dtype)."""
+    def propagate(self, q: BlockInputs, chunk: int = 8, input_scales: dict | None = None) -> torch.Tensor:
+        """The block's output, with its current (written) weights and, with ``input_scales``, its quantized input
+        activations, on the quantized stream: the next block's quantized-stream input (in the input dtype)."""
         params = self._float_params(self.block)
+        if input_scales is not None and self.config.quantize_activations and self.activations:
+            self._act_hooks_on = self.activation_quantizers(q, input_scales)
         outs = []
-        for h, kwargs in self._chunks(q, chunk):
-            y, _ = self._run(self.block, params, h, kwargs, [])
-            outs.append(y.to(q.hidden.dtype).to(q.hidden.device))
+        try:
+            for h, kwargs in self._chunks(q, chunk):
+                y, _ = self._run(self.block, params, h, kwargs, [])
+                outs.append(y.to(q.hidden.dtype).to(q.hidden.device))
+        finally:
+            self._act_hooks_on = {}
         out = torch.cat(outs)
         check_finite(out, f"{self.name}: the quantized layer's output")
         return out

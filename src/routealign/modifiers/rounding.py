@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 import torch
 from compressed_tensors.quantization import QuantizationStrategy
-from compressed_tensors.quantization.utils import generate_gparam, is_module_quantized
+from compressed_tensors.quantization.utils import is_module_quantized
 from compressed_tensors.utils import align_modules, match_named_modules, update_offload_parameter
 from loguru import logger
 from pydantic import Field, PrivateAttr
@@ -80,6 +80,9 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin):
         tokens or from ``all`` tokens (default: an upper bound on what any routing can send them; routed-token
         maxima underestimate what rarely-routed experts see on new text, measured in benchmarks/RESULTS.md)
     :param seed: seed of the minibatch sampling
+    :param quantize_activations: for schemes with quantized input activations (NVFP4), simulate them in the
+        tuning forward (compressed-tensors' dynamic group quantization with the layer's global scales,
+        straight-through gradient) and in the propagated quantized stream
     :param batched_experts: run the experts stacked (batched matmuls over routed tokens) in the tuning loop
         instead of llm-compressor's per-expert Python loop (same values up to float summation order)
     """
@@ -95,6 +98,7 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin):
     min_expert_tokens: int = Field(8, ge=0)
     activation_scale_tokens: Literal["routed", "all"] = "all"
     batched_experts: bool = True
+    quantize_activations: bool = True
     seed: int = 0
     # VSRAQ
     alpha: float = Field(0.3, ge=0, le=1)
@@ -134,7 +138,8 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin):
         return TuningConfig(iters=self.iters, lr=self.lr, batch_size=self.batch_size,
                             router_weight=self.router_weight, router_scope=self.router_scope,
                             min_expert_tokens=self.min_expert_tokens, seed=self.seed,
-                            batched_experts=self.batched_experts)
+                            batched_experts=self.batched_experts, quantize_activations=self.quantize_activations,
+                            activation_scale_all_tokens=self.activation_scale_tokens == "all")
 
     @property
     def report(self) -> list[dict]:
@@ -211,6 +216,11 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin):
         targets = {n: m.quantization_scheme.weights for n, m in block.named_modules()
                    if is_module_quantized(m) and m.quantization_scheme.weights is not None
                    and hasattr(m, "weight")}
+        activations = {n: m.quantization_scheme.input_activations for n, m in block.named_modules()
+                       if n in targets and m.quantization_scheme.input_activations is not None
+                       and m.quantization_scheme.input_activations.dynamic in (True, "local")
+                       and m.quantization_scheme.input_activations.strategy == QuantizationStrategy.TENSOR_GROUP
+                       and hasattr(m, "input_global_scale")}
         index = self._layer_order.index(name)
         next_block = model.get_submodule(self._layer_order[index + 1]) if index + 1 < len(self._layer_order) else None
         if self._samples is None:
@@ -225,13 +235,16 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin):
             output_norm = self._final_norm(model) if next_block is None else None
             with suspended_offloading(block, next_block, output_norm):
                 tuner = BlockTuner(block, targets, self.loss_config(), self.tuning_config(), next_block, name,
-                                   output_norm=output_norm)
+                                   output_norm=output_norm, activations=activations)
                 unreachable = self._unreachable(tuner, name)
                 y_fp = tuner.tune(q, fp)
             tuner.apply()
             with suspended_offloading(block):
-                self._set_input_global_scales(block, tuner, q)
-                self._q_hidden = tuner.propagate(q).cpu()
+                scales = tuner.input_global_scales(q, list(activations))
+                for n, scale in scales.items():
+                    module = block.get_submodule(n)
+                    update_offload_parameter(module, "input_global_scale", scale.to(module.input_global_scale.dtype))
+                self._q_hidden = tuner.propagate(q, input_scales=scales).cpu()
         self._fp_hidden = y_fp.cpu()
         history = tuner.history
         row = {"layer": name, "samples": q.hidden.shape[0], "weights": len(tuner.weights), "iters": len(history),
@@ -269,27 +282,6 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin):
                 logger.warning(f"{name}: the router objective at router_scope 'block' cannot reach any tuned weight "
                                f"(every target lies after {layer.router_name}); use router_scope 'next' or 'both'")
         return unreachable
-
-    def _set_input_global_scales(self, block: torch.nn.Module, tuner: BlockTuner, q: BlockInputs) -> None:
-        """NVFP4 activation global scales from the tokens each module really sees (experts: routed tokens)."""
-        names = [n for n, m in block.named_modules()
-                 if is_module_quantized(m) and m.quantization_scheme.input_activations is not None
-                 and m.quantization_scheme.input_activations.strategy == QuantizationStrategy.TENSOR_GROUP
-                 and hasattr(m, "input_global_scale")]
-        if not names:
-            return
-        amax = tuner.routed_input_amax(q, names, all_tokens=self.activation_scale_tokens == "all")
-        by_leaf: dict[str, torch.Tensor] = {}
-        for n, value in amax.items():
-            leaf = n.rsplit(".", 1)[-1]
-            by_leaf[leaf] = torch.maximum(by_leaf[leaf], value) if leaf in by_leaf else value
-        for n in names:
-            module = block.get_submodule(n)
-            value = amax.get(n, by_leaf.get(n.rsplit(".", 1)[-1]))
-            if value is None:
-                continue
-            scale = generate_gparam(-value.reshape(1).float(), value.reshape(1).float())
-            update_offload_parameter(module, "input_global_scale", scale.to(module.input_global_scale.dtype))
 
     def on_calibration_end(self, state: State, event: Event, **kwargs):
         QuantizationMixin.end_calibration(self, state.model)
