@@ -23,6 +23,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators (loop)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -66,6 +67,16 @@ def main() -> None:
               **{f"{k}_s_per_iter": min(v) for k, v in rows.items()}}
     result["speedup"] = result["loop_s_per_iter"] / result["batched_s_per_iter"]
     print(json.dumps(result, indent=1))
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with suspended_offloading(block, nxt):
+            tuner = BlockTuner(block, targets, RouterLossConfig("vsraq"),
+                               TuningConfig(iters=5, batch_size=args.batch, batched_experts=False), nxt)
+            tuner.targets(q)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                tuner.tune(q, q)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=40))
 
 
 if __name__ == "__main__":

@@ -218,3 +218,26 @@ def test_bfloat16_model_routes_in_its_own_dtype(tmp_path):
     moe = [r for r in mod.report if r["mapping"] == "moe_input"]
     assert len(moe) == 2 and all(sum(r["routed_tokens"]) == 4 * 32 * 2 for r in moe)
     assert model.model.layers[1].post_attention_layernorm.weight.dtype == torch.bfloat16
+
+
+def test_weight_only_quantization_modifier_in_the_same_recipe_sees_the_smoothed_weights(tmp_path):
+    """Smoothing + QuantizationModifier(W4A16) in one recipe writes exactly what smoothing first, then RTN in a
+    second oneshot call, writes (weight observers run at the epoch end, after the fold)."""
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    def rtn():
+        return QuantizationModifier(targets="Linear", scheme="W4A16", ignore=["lm_head", "re:.*mlp.gate$"])
+
+    one = _load(tmp_path / "one", "qwen3_moe")
+    _oneshot(one, [ExpertAwareSmoothingModifier(mode="expertquant"), rtn()])
+    two = _load(tmp_path / "two", "qwen3_moe")
+    _oneshot(two, [ExpertAwareSmoothingModifier(mode="expertquant")])
+    _oneshot(two, [rtn()])
+    a, b = one.state_dict(), two.state_dict()
+    keys = [k for k in a if k.endswith(("weight_scale", ".weight")) and "experts.3" in k or "layers.1.self_attn" in k]
+    assert keys
+    for key in keys:
+        assert torch.equal(a[key], b[key]), key
+    plain = _load(tmp_path / "plain", "qwen3_moe")
+    _oneshot(plain, [rtn()])
+    assert any(not torch.equal(a[k], plain.state_dict()[k]) for k in keys)  # the smoothing did change them
