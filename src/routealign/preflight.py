@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from compressed_tensors.utils.match import match_name
 from safetensors import safe_open
 
 from .checkpoint import _checkpoint_renamer, read_config, skeleton, weight_files
@@ -147,13 +148,8 @@ def _describe(scheme) -> str:
 
 
 def _in_ignore(name: str, ignore: list[str]) -> bool:
-    for pattern in ignore:
-        if pattern.startswith("re:"):
-            if re.match(pattern[3:], name):
-                return True
-        elif pattern == name:
-            return True
-    return False
+    """compressed-tensors' own ignore matching (exact name or ``re:`` pattern)."""
+    return any(match_name(name, pattern) for pattern in ignore)
 
 
 # -- the check ----------------------------------------------------------------------------------------------------

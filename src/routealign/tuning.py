@@ -70,51 +70,40 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _all_reduce_grads(params: list[torch.Tensor]) -> None:
-    """Scale-out (llm-compressor's distributed mode, calibration samples split across ranks): sum every rounding
-    parameter's gradient over ranks in one flat all-reduce, so that every rank takes the same signed step and
-    ends with identical parameters. Parameters without a gradient on this rank (no routed token in its minibatch)
-    contribute zeros."""
-    if _world() == 1:
-        return
+def _all_reduce_flat(tensors: list[torch.Tensor], op: str = "sum") -> list[torch.Tensor]:
+    """``tensors`` reduced over ranks (``sum`` or ``max``) in one flat all-reduce; returned in their shapes."""
     import torch.distributed as dist
 
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return [part.view_as(t).clone() for part, t in zip(torch.split(flat, [t.numel() for t in tensors]), tensors)]
+
+
+def _all_reduce_grads(params: list[torch.Tensor]) -> None:
+    """Scale-out (llm-compressor's distributed mode, calibration samples split across ranks): sum every rounding
+    parameter's gradient over ranks, so that every rank takes the same signed step and ends with identical
+    parameters. Parameters without a gradient on this rank (no routed token in its minibatch) contribute zeros."""
+    if _world() == 1:
+        return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad = flat[offset : offset + n].view_as(p).clone()
-        offset += n
+    for p, g in zip(params, _all_reduce_flat(grads)):
+        p.grad = g
 
 
 def _global_mean(value: torch.Tensor) -> float:
     """The loss averaged over ranks: every rank keeps the same best iteration."""
     if _world() == 1:
         return float(value)
-    import torch.distributed as dist
-
-    value = value.reshape(1).clone().float()
-    dist.all_reduce(value)
-    return float(value) / _world()
+    (total,) = _all_reduce_flat([value.reshape(1).float()])
+    return float(total) / _world()
 
 
 def _all_reduce_counts(counts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Routed-token counts summed over ranks: every rank makes the same RTN-fallback decision."""
     if _world() == 1 or not counts:
         return counts
-    import torch.distributed as dist
-
     names = sorted(counts)
-    flat = torch.cat([counts[n] for n in names])
-    dist.all_reduce(flat)
-    out, offset = {}, 0
-    for n in names:
-        k = counts[n].numel()
-        out[n] = flat[offset : offset + k]
-        offset += k
-    return out
+    return dict(zip(names, _all_reduce_flat([counts[n] for n in names])))
 
 
 @dataclass
@@ -484,8 +473,18 @@ class BlockTuner:
         if cfg.iters <= 0 or not self.weights:
             return y_fp
         params = [p for w in self.weights if w.trainable for p in w.parameters()]
-        if cfg.quantize_activations and self.activations:
-            self._act_hooks_on = self.activation_quantizers(q)
+        simulate = cfg.quantize_activations and bool(self.activations)
+        with self._simulating(self.activation_quantizers(q) if simulate else {}):
+            best = self._tune_loop(q, params)
+        with torch.no_grad():
+            for p, b in zip(params, best):
+                p.copy_(b)
+                p.grad = None
+        return y_fp
+
+    def _tune_loop(self, q: BlockInputs, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Signed gradient descent; returns the parameters of the iteration with the lowest loss."""
+        cfg = self.config
         gen = torch.Generator().manual_seed(cfg.seed)
         kwargs = _to(q.kwargs, torch.float32, self.device)
         n = q.hidden.shape[0]
@@ -526,12 +525,7 @@ class BlockTuner:
                         w.offset.clamp_(-0.5, 0.5)
                         w.clip_lo.clamp_(0.0, 1.0)
                         w.clip_hi.clamp_(0.0, 1.0)
-        self._act_hooks_on = {}
-        with torch.no_grad():
-            for p, b in zip(params, best):
-                p.copy_(b)
-                p.grad = None
-        return y_fp
+        return best
 
     def _normed(self, y: torch.Tensor) -> torch.Tensor:
         """The last block's output is read only through the model's final norm: measure its error there."""
@@ -552,6 +546,15 @@ class BlockTuner:
             value = loss(z, self._slice_target(self._targets[(where, name)], idx))
             total = value if total is None else total + value
         return total / len(self.losses)
+
+    @contextlib.contextmanager
+    def _simulating(self, quantizers: dict[str, ActivationQuantizer]):
+        """Inside, the block's forwards fake-quantize the inputs of the targets in ``quantizers``."""
+        self._act_hooks_on = quantizers
+        try:
+            yield
+        finally:
+            self._act_hooks_on = {}
 
     @contextlib.contextmanager
     def _activation_hooks(self):
@@ -617,11 +620,8 @@ class BlockTuner:
             for h in handles:
                 h.remove()
         if _world() > 1:  # the largest input on any rank: every rank writes the same activation global scales
-            import torch.distributed as dist
-
-            flat = torch.stack([amax[n].float() if n in amax else torch.zeros((), device=self.device) for n in names])
-            dist.all_reduce(flat, op=dist.ReduceOp.MAX)
-            amax = {n: v for n, v in zip(names, flat) if float(v) > 0}
+            values = [amax[n].float() if n in amax else torch.zeros((), device=self.device) for n in names]
+            amax = {n: v for n, v in zip(names, _all_reduce_flat(values, op="max")) if float(v) > 0}
         return amax
 
     @torch.no_grad()
@@ -629,15 +629,12 @@ class BlockTuner:
         """The block's output, with its current (written) weights and, with ``input_scales``, its quantized input
         activations, on the quantized stream: the next block's quantized-stream input (in the input dtype)."""
         params = self._float_params(self.block)
-        if input_scales is not None and self.config.quantize_activations and self.activations:
-            self._act_hooks_on = self.activation_quantizers(q, input_scales)
+        simulate = input_scales is not None and self.config.quantize_activations and bool(self.activations)
         outs = []
-        try:
+        with self._simulating(self.activation_quantizers(q, input_scales) if simulate else {}):
             for h, kwargs in self._chunks(q, chunk):
                 y, _ = self._run(self.block, params, h, kwargs, [])
                 outs.append(y.to(q.hidden.dtype).to(q.hidden.device))
-        finally:
-            self._act_hooks_on = {}
         out = torch.cat(outs)
         check_finite(out, f"{self.name}: the quantized layer's output")
         return out

@@ -278,7 +278,7 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin):
                 continue
             prefix = layer.name.removeprefix(name).lstrip(".")
             if all(w.name.startswith(prefix) for w in tuner.weights):
-                unreachable.append(f"{name}.{layer.router_name}" if layer.router_name else name)
+                unreachable.append(f"{name}.{layer.router_name}")
                 logger.warning(f"{name}: the router objective at router_scope 'block' cannot reach any tuned weight "
                                f"(every target lies after {layer.router_name}); use router_scope 'next' or 'both'")
         return unreachable

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from compressed_tensors.quantization.utils import is_module_quantized
@@ -56,6 +56,11 @@ class _Stats:
         self.sample_idx: list[torch.Tensor] = []
         self.kept = 0
         self.checked = False
+
+    def observe(self, x: torch.Tensor) -> None:
+        """Per-channel maximum and sample of ``x`` (``[tokens, channels]``, float32)."""
+        self.max = _update_max(self.max, x.abs().amax(0).cpu())
+        self.keep(x)
 
     def keep(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> None:
         room = self.budget - self.kept
@@ -141,7 +146,8 @@ class ExpertAwareSmoothingModifier(Modifier):
     _pending_norm: dict[str, torch.Tensor] = PrivateAttr(default_factory=dict)
     _done: set = PrivateAttr(default_factory=set)
     _report: list[dict] = PrivateAttr(default_factory=list)
-    _model: Any = PrivateAttr(default=None)
+    _powers: dict[str, list[int | None]] = PrivateAttr(default_factory=dict)
+    _decoder_ids: dict[int, str] = PrivateAttr(default_factory=dict)
 
     @property
     def report(self) -> list[dict]:
@@ -151,7 +157,6 @@ class ExpertAwareSmoothingModifier(Modifier):
     # -- lifecycle --------------------------------------------------------------------------------------------------
     def on_initialize(self, state: State, **kwargs) -> bool:
         model = state.model
-        self._model = model
         where = type(self).__name__
         if self.s_min >= self.s_max:
             raise InputError(f"{where}: s_min ({self.s_min}) must be below s_max ({self.s_max})")
@@ -168,12 +173,13 @@ class ExpertAwareSmoothingModifier(Modifier):
             elif norm is not None:
                 self._norms[layer.name] = norm
             if "expert_down" in self.mappings:
-                reasons = {expert_fold_power(e)[1] for e in layer.experts.children()
-                           if hasattr(e, "down_proj") and expert_fold_power(e)[0] is None}
-                for reason in sorted(reasons):
+                folds = [expert_fold_power(e) for e in _experts(layer)]
+                self._powers[layer.name] = [power for power, _ in folds]
+                for reason in sorted({reason for power, reason in folds if power is None}):
                     self._skip("expert_down", layer.experts_name, reason)
         classes = set(infer_sequential_targets(model, sequential_targets=kwargs.get("sequential_targets")))
         self._decoder = [n for n, m in model.named_modules() if type(m).__name__ in classes]
+        self._decoder_ids = {id(model.get_submodule(n)): n for n in self._decoder}
         for name in self._decoder:
             block = model.get_submodule(name)
             if "attention_vo" in self.mappings:
@@ -200,7 +206,6 @@ class ExpertAwareSmoothingModifier(Modifier):
         for other in modifiers[modifiers.index(self) + 1:]:
             if type(other).__name__ == "RouterAlignedRoundingModifier":
                 continue  # computes every statistic itself, after the smoothing
-            schemes = []
             try:
                 config = getattr(other, "resolved_config", None)
                 schemes = list(config.config_groups.values()) if config is not None else []
@@ -257,7 +262,8 @@ class ExpertAwareSmoothingModifier(Modifier):
                 stats.counts = torch.zeros(num, dtype=torch.long)
                 stats.extra_max = torch.zeros(x.shape[-1])
             stats.extra_max = torch.maximum(stats.extra_max, x.abs().amax(0).cpu())
-            experts = list(layer.experts.children())
+            experts = _experts(layer)
+            powers = self._powers.get(name)
             for e in range(num):
                 rows = (routing.indices == e).any(-1)
                 count = int(rows.sum())
@@ -266,7 +272,7 @@ class ExpertAwareSmoothingModifier(Modifier):
                 xe = x[rows]
                 stats.counts[e] += count
                 stats.max[e] = torch.maximum(stats.max[e], xe.abs().amax(0).cpu())
-                if "expert_down" in self.mappings and expert_fold_power(experts[e])[0] is not None:
+                if powers is not None and powers[e] is not None:
                     h = expert_hidden(experts[e], xe).abs().amax(0).cpu()
                     if stats.hmax is None:
                         stats.hmax = torch.zeros(num, h.shape[-1])
@@ -291,27 +297,20 @@ class ExpertAwareSmoothingModifier(Modifier):
             hidden = args[0] if args else kwargs["hidden_states"]
             if not self._verified(name, hidden, "attention_input"):
                 return
-            x = hidden.reshape(-1, hidden.shape[-1]).float()
-            stats = self._stats[name]
-            stats.max = _update_max(stats.max, x.abs().amax(0).cpu())
-            stats.keep(x)
+            self._stats[name].observe(hidden.reshape(-1, hidden.shape[-1]).float())
         return hook
 
     def _input_hook(self, name: str):
         @torch.no_grad()
         def hook(module, args):
-            x = args[0].reshape(-1, args[0].shape[-1]).float()
-            stats = self._stats[name]
-            stats.max = _update_max(stats.max, x.abs().amax(0).cpu())
-            stats.keep(x)
+            self._stats[name].observe(args[0].reshape(-1, args[0].shape[-1]).float())
         return hook
 
     # -- folding ----------------------------------------------------------------------------------------------------
     def on_sequential_epoch_end(self, state: State, event: Event, modules: list[torch.nn.Module], **kwargs):
-        names = {id(m): n for n, m in state.model.named_modules()}
         for module in modules:
-            prefix = names.get(id(module))
-            if prefix is None or prefix not in self._decoder or prefix in self._done:
+            prefix = self._decoder_ids.get(id(module))
+            if prefix is None or prefix in self._done:
                 continue
             self._fold_decoder_layer(state.model, prefix)
             self._done.add(prefix)
@@ -359,9 +358,8 @@ class ExpertAwareSmoothingModifier(Modifier):
         x_all = torch.cat(stats.sample) if stats.sample else torch.zeros(0)
         idx_all = torch.cat(stats.sample_idx) if stats.sample_idx else torch.zeros(0, dtype=torch.long)
         plans = []
-        for e, expert in enumerate(layer.experts.children()):
-            power, _ = expert_fold_power(expert) if hasattr(expert, "down_proj") else (None, "")
-            if power is None or e >= layer.num_experts:
+        for e, (expert, power) in enumerate(zip(_experts(layer), self._powers[layer.name])):
+            if power is None:
                 continue
             if int(stats.counts[e]) == 0:
                 plans.append(FoldPlan("expert_down", f"{layer.experts_name}.{e}", None, None,
@@ -387,7 +385,7 @@ class ExpertAwareSmoothingModifier(Modifier):
         stats = self._stats.get(layer.name)
         if stats is None or stats.max is None:
             return
-        experts = [e for e in layer.experts.children() if hasattr(e, "up_proj")][: layer.num_experts]
+        experts = _experts(layer)
         expert_weights = [[getattr(e, p) for p in ("gate_proj", "up_proj") if hasattr(e, p)] for e in experts]
         # the shared experts' modules that read the block input: gate/up projections and shared_expert_gate
         shared_named = [(f"{n}.{sub}" if sub else n, m) for n in layer.shared_expert_names
@@ -536,3 +534,7 @@ class ExpertAwareSmoothingModifier(Modifier):
     def on_finalize(self, state: State, **kwargs) -> bool:
         return True
 
+
+def _experts(layer: MoELayer) -> list[torch.nn.Module]:
+    """The expert modules of a linearized MoE block (the container also holds its activation after them)."""
+    return [c for c in layer.experts.children() if hasattr(c, "down_proj")][: layer.num_experts]
