@@ -72,6 +72,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/wikitext-2")
     parser.add_argument("--train-text", type=Path, help="calibration text (default: DATA/wiki.train.tokens)")
     parser.add_argument("--test-text", type=Path, help="evaluation text (default: DATA/wiki.test.tokens)")
+    parser.add_argument("--valid-text", type=Path,
+                        help="also evaluate on this text (e.g. DATA/wiki.valid.tokens) and store it as row['valid']: "
+                             "choose hyperparameters on it, never on the test text")
     parser.add_argument("--eval-seq-len", type=int, default=512)
     parser.add_argument("--extra", default="{}", help="JSON of extra RouterAlignedRoundingModifier fields")
     parser.add_argument("--smooth", choices=("expertquant", "search"), help="ExpertAwareSmoothingModifier first")
@@ -128,6 +131,14 @@ def main() -> None:
     quantized = load_model(qdir, dtype=torch.bfloat16, device=device)
     result = evaluate(reference, quantized, ids, batch_size=4, progress=False)
     mean = result.report["routing"]["mean"]
+    valid = None
+    if args.valid_text is not None:
+        vids = eval_rows(encode_text(args.valid_text, tokenizer), args.eval_rows, args.eval_seq_len)
+        vres = evaluate(reference, quantized, vids, batch_size=4, progress=False)
+        vmean = vres.report["routing"]["mean"]
+        valid = {"text": args.valid_text.name, "ppl_reference": vres.report["perplexity"]["reference"],
+                 "ppl": vres.report["perplexity"]["quantized"], "overlap_at_k": vmean["overlap_at_k"],
+                 "flip_rate": 1 - vmean["overlap_at_k"], "match_score": vmean["match_score"]}
     row = {"model": args.model.name, "method": args.method, "scheme": args.scheme, "seed": args.seed,
            "iters": args.iters if args.method not in ("rtn", "gptq", "awq") else None,
            "smooth": args.smooth, "smooth_extra": json.loads(args.smooth_extra),
@@ -137,7 +148,7 @@ def main() -> None:
            "ppl_reference": result.report["perplexity"]["reference"], "ppl": result.report["perplexity"]["quantized"],
            **{k: mean[k] for k in ("overlap_at_k", "jaccard", "exact_set", "top1", "match_score",
                                    "rank_weighted_jaccard", "routing_kl")},
-           "flip_rate": 1 - mean["overlap_at_k"],
+           "flip_rate": 1 - mean["overlap_at_k"], "valid": valid,
            "layers": getattr(mod, "report", None), "device": device, "torch": torch.__version__}
     (args.out / "row.json").write_text(json.dumps(row, indent=2))
     print(json.dumps({k: v for k, v in row.items() if k != "layers"}))

@@ -28,11 +28,14 @@ def _tune(rank: int, world: int, init: str, out: str) -> None:
         h = model.model.embed_tokens(ids)
         q = BlockInputs(h, {"position_embeddings": model.model.rotary_emb(h, torch.arange(16)[None]),
                             "attention_mask": None})
+    # as the modifier does it: tune with offloading suspended, write through compressed-tensors' offload caches
+    # (linearized experts are offloaded; under torch.distributed their storage is shared by the ranks)
     with suspended_offloading(block, nxt):
         tuner = BlockTuner(block, targets, RouterLossConfig("vsraq"),
-                           TuningConfig(iters=6, batch_size=2, router_scope="next", min_expert_tokens=0), nxt)
+                           TuningConfig(iters=6, lr=0.02, batch_size=2, router_scope="next", min_expert_tokens=0),
+                           nxt)
         tuner.tune(q, q)
-        tuner.apply()
+    tuner.apply()
     torch.save({"state": {k: v.clone() for k, v in block.state_dict().items()}, "history": tuner.history}, out)
     if world > 1:
         dist.destroy_process_group()
@@ -50,8 +53,48 @@ def test_ranks_write_identical_parameters(tmp_path):
     _tune(0, 1, "", str(tmp_path / "alone.pt"))  # rank 0's samples without the reduction
     r0, r1, alone = (torch.load(tmp_path / f, weights_only=False) for f in ("rank0.pt", "rank1.pt", "alone.pt"))
     assert r0["history"] == r1["history"]  # the same global loss, so the same best iteration
+    for run in (r0, alone):  # tuning moved away from RTN, so the last assertion tests the reduction
+        assert min(range(6), key=run["history"].__getitem__) > 0, run["history"]
     assert r0["state"].keys() == r1["state"].keys()
     for key in r0["state"]:
         assert torch.equal(r0["state"][key], r1["state"][key]), key
     changed = [k for k in r0["state"] if not torch.equal(r0["state"][k], alone["state"][k])]
     assert any(k.endswith(".weight") for k in changed)  # the other rank's gradients did count
+
+
+def test_written_result_does_not_reread_the_module():
+    """Under torch.distributed another rank may write its (identical) result into storage the ranks share before
+    this rank computes its own; the written weights must come from the weights as tuning found them."""
+    from compressed_tensors.quantization import preset_name_to_scheme
+    from llmcompressor.modeling.moe.linearize import linearize_moe
+
+    from routealign.losses import RouterLossConfig
+    from routealign.tiny import tiny_model
+    from routealign.tuning import BlockInputs, BlockTuner, TuningConfig, suspended_offloading
+
+    torch.manual_seed(0)
+    results = []
+    for clobber in (False, True):
+        model = tiny_model("qwen3_moe", seed=2)
+        linearize_moe(model)
+        block, nxt = model.model.layers[0], model.model.layers[1]
+        args = preset_name_to_scheme("W4A16", ["Linear"]).weights
+        targets = {n: args for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+        ids = torch.randint(3, 320, (4, 16), generator=torch.Generator().manual_seed(100))
+        with torch.no_grad():
+            h = model.model.embed_tokens(ids)
+            q = BlockInputs(h, {"position_embeddings": model.model.rotary_emb(h, torch.arange(16)[None]),
+                                "attention_mask": None})
+        with suspended_offloading(block, nxt):
+            tuner = BlockTuner(block, targets, RouterLossConfig("vsraq"),
+                               TuningConfig(iters=3, lr=0.02, batch_size=2, min_expert_tokens=0), nxt)
+            tuner.tune(q, q)
+            if clobber:  # what another rank's earlier write looks like from here
+                with torch.no_grad():
+                    for w in tuner.weights:
+                        w.module.weight.mul_(0.5)
+        tuner.apply()
+        results.append({k: v.clone() for k, v in block.state_dict().items() if k.endswith("proj.weight")})
+    assert results[0].keys() == results[1].keys() and len(results[0]) > 10
+    for key in results[0]:
+        assert torch.equal(results[0][key], results[1][key]), key

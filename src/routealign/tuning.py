@@ -64,7 +64,8 @@ FUSED_GROUPS: tuple[tuple[str, ...], ...] = (
 _EXPERT_RE = re.compile(r"(?:^|\.)experts\.(\d+)\.")
 
 
-def _world() -> int:
+def world_size() -> int:
+    """Ranks of the torch.distributed group (1 when not distributed)."""
     import torch.distributed as dist
 
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -83,7 +84,7 @@ def _all_reduce_grads(params: list[torch.Tensor]) -> None:
     """Scale-out (llm-compressor's distributed mode, calibration samples split across ranks): sum every rounding
     parameter's gradient over ranks, so that every rank takes the same signed step and ends with identical
     parameters. Parameters without a gradient on this rank (no routed token in its minibatch) contribute zeros."""
-    if _world() == 1:
+    if world_size() == 1:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     for p, g in zip(params, _all_reduce_flat(grads)):
@@ -92,15 +93,63 @@ def _all_reduce_grads(params: list[torch.Tensor]) -> None:
 
 def _global_mean(value: torch.Tensor) -> float:
     """The loss averaged over ranks: every rank keeps the same best iteration."""
-    if _world() == 1:
+    if world_size() == 1:
         return float(value)
     (total,) = _all_reduce_flat([value.reshape(1).float()])
-    return float(total) / _world()
+    return float(total) / world_size()
+
+
+def _shared_across_ranks(module: torch.nn.Module) -> bool:
+    """Whether ``module``'s tensors live in storage every rank shares (compressed-tensors' distributed CPU and disk
+    offload caches)."""
+    from compressed_tensors.offload.cache.dist_cpu import DistributedCPUCache
+    from compressed_tensors.offload.cache.dist_disk import DistributedDiskCache
+
+    return isinstance(module._parameters, (DistributedCPUCache, DistributedDiskCache))
+
+
+def _update_onloaded_copy(module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    """Refresh this rank's onloaded copy of an offloaded tensor (kept while offloading is disabled) without writing
+    the offloaded tensor another rank writes."""
+    cache = module._parameters if name in module._parameters.offloaded_values else module._buffers
+    offloaded = cache.offloaded_values.get(name)
+    onloaded = cache.keep_onloaded_values.get(offloaded) if offloaded is not None else None
+    if onloaded is not None and onloaded is not offloaded:
+        onloaded.copy_(value.to(onloaded.dtype).reshape(onloaded.shape))
+
+
+@torch.no_grad()
+def write_parameters(writes: list[tuple[torch.nn.Module, str, torch.Tensor]]) -> None:
+    """Write ``(module, name, value)`` with compressed-tensors' ``update_offload_parameter``.
+
+    Under torch.distributed every rank holds the same values (gradients, losses, counts and maxima are all-reduced),
+    but compressed-tensors' distributed CPU/disk offload keeps one copy that all ranks share, and
+    ``update_offload_parameter`` must not be called by two ranks for the same tensor. There each tensor is written
+    by one rank (round robin), the others refresh only their own onloaded copy, and barriers before and after make
+    every rank finish reading before anyone writes and see every write afterwards.
+    """
+    from compressed_tensors.utils import update_offload_parameter
+
+    world = world_size()
+    if world == 1:
+        for module, name, value in writes:
+            update_offload_parameter(module, name, value)
+        return
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    dist.barrier()
+    for i, (module, name, value) in enumerate(writes):
+        if not _shared_across_ranks(module) or i % world == rank:
+            update_offload_parameter(module, name, value)
+        else:
+            _update_onloaded_copy(module, name, value)
+    dist.barrier()
 
 
 def _all_reduce_counts(counts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Routed-token counts summed over ranks: every rank makes the same RTN-fallback decision."""
-    if _world() == 1 or not counts:
+    if world_size() == 1 or not counts:
         return counts
     names = sorted(counts)
     return dict(zip(names, _all_reduce_flat([counts[n] for n in names])))
@@ -243,7 +292,8 @@ class TunedWeight:
 
     def __post_init__(self):
         w = self.module.weight.detach()
-        self.weight32 = w.float()
+        self.dtype = w.dtype
+        self.weight32 = w.to(torch.float32, copy=True)  # never the module's storage (float32 models; shared ranks)
         wmin, wmax = self.quantizer.group_minmax(self.weight32)
         self._min32, self._max32 = wmin, wmax
         self.offset = torch.zeros_like(self.weight32, requires_grad=True)
@@ -290,7 +340,9 @@ class TunedWeight:
         (relative error 2^-9) would undo those decisions at random. The dequantized value ``(q - zp) * scale`` is
         then rounded once to the model's dtype; compressed-tensors re-quantizes it to the same integers (<= 4 bits).
         """
-        w = self.module.weight.detach()
+        # the weight as it was when tuning started, never re-read from the module: under torch.distributed another
+        # rank may already have written its (identical) result into storage the ranks share
+        w = self.weight32.to(self.dtype)
         wmin, wmax = self.quantizer.group_minmax(w)
         lo = (wmin.float() * self.clip_lo).to(w.dtype)
         hi = (wmax.float() * self.clip_hi).to(w.dtype)
@@ -619,7 +671,7 @@ class BlockTuner:
         finally:
             for h in handles:
                 h.remove()
-        if _world() > 1:  # the largest input on any rank: every rank writes the same activation global scales
+        if world_size() > 1:  # the largest input on any rank: every rank writes the same activation global scales
             values = [amax[n].float() if n in amax else torch.zeros((), device=self.device) for n in names]
             amax = {n: v for n, v in zip(names, _all_reduce_flat(values, op="max")) if float(v) > 0}
         return amax
@@ -643,16 +695,16 @@ class BlockTuner:
     @torch.no_grad()
     def apply(self) -> None:
         """Write quantize-dequantized weights and their quantization parameters into the block's modules."""
-        from compressed_tensors.utils import update_offload_parameter
-
+        writes = []
         for w in self.weights:
             weight, qp = w.final()
             for what, value in (("weight", weight), ("weight_scale", qp.scale), ("weight_global_scale", qp.global_scale)):
                 if value is not None:
                     check_finite(value, f"{self.name}.{w.name}: quantized {what}")
-            update_offload_parameter(w.module, "weight", weight)
+            writes.append((w.module, "weight", weight))
             for key, value in (("weight_scale", qp.scale), ("weight_zero_point", qp.zero_point),
                                ("weight_global_scale", qp.global_scale)):
                 current = getattr(w.module, key, None)
                 if value is not None and current is not None:
-                    update_offload_parameter(w.module, key, value.to(current.dtype).reshape(current.shape))
+                    writes.append((w.module, key, value.to(current.dtype).reshape(current.shape)))
+        write_parameters(writes)

@@ -8,7 +8,7 @@ from typing import Any, Literal
 import torch
 from compressed_tensors.quantization import QuantizationStrategy
 from compressed_tensors.quantization.utils import is_module_quantized
-from compressed_tensors.utils import align_modules, match_named_modules, update_offload_parameter
+from compressed_tensors.utils import align_modules, match_named_modules
 from loguru import logger
 from pydantic import Field, PrivateAttr
 from torch.utils._pytree import tree_map
@@ -24,7 +24,7 @@ from ..errors import NotMoEError
 from ..losses import Objective, RouterLossConfig
 from ..routing import find_moe_layers
 from ..validation import check_calibration, check_group_sizes, check_router_settings
-from ..tuning import BlockInputs, BlockTuner, RouterScope, TuningConfig, suspended_offloading
+from ..tuning import BlockInputs, BlockTuner, RouterScope, TuningConfig, suspended_offloading, write_parameters
 
 __all__ = ["RouterAlignedRoundingModifier"]
 
@@ -241,9 +241,9 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin):
             tuner.apply()
             with suspended_offloading(block):
                 scales = tuner.input_global_scales(q, list(activations))
-                for n, scale in scales.items():
-                    module = block.get_submodule(n)
-                    update_offload_parameter(module, "input_global_scale", scale.to(module.input_global_scale.dtype))
+                write_parameters([(block.get_submodule(n), "input_global_scale",
+                                   scale.to(block.get_submodule(n).input_global_scale.dtype))
+                                  for n, scale in scales.items()])
                 self._q_hidden = tuner.propagate(q, input_scales=scales).cpu()
         self._fp_hidden = y_fp.cpu()
         history = tuner.history

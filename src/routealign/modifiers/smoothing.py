@@ -37,6 +37,7 @@ from ..smoothing import (
     search_alpha,
     smooth_scales,
 )
+from ..tuning import world_size
 from ..validation import check_calibration
 
 __all__ = ["ExpertAwareSmoothingModifier"]
@@ -160,6 +161,15 @@ class ExpertAwareSmoothingModifier(Modifier):
         where = type(self).__name__
         if self.s_min >= self.s_max:
             raise InputError(f"{where}: s_min ({self.s_min}) must be below s_max ({self.s_max})")
+        if world_size() > 1:
+            # each rank would smooth from its own share of the calibration samples (different scales and search
+            # choices), and the folds read-modify-write weights that compressed-tensors' distributed offload
+            # shares between ranks
+            raise InputError(
+                f"{where}: llm-compressor's distributed mode ({world_size()} ranks) is not supported by the smoothing; "
+                "run it in one process (oneshot with this modifier only, save_compressed=False), then quantize the "
+                "saved model under torchrun"
+            )
         wants_moe = {"moe_input", "expert_down"} & set(self.mappings)
         layers = find_moe_layers(model, require=False)
         if wants_moe and not layers:
