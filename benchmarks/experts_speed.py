@@ -1,7 +1,10 @@
 """Seconds per tuning iteration with llm-compressor's per-expert loop vs routealign's batched experts, on one
 decoder block of a model (default: the shared tiny-qwen3_moe), same data, same settings.
 
-    python benchmarks/experts_speed.py --model ../shared/models/tiny-qwen3_moe --iters 20
+    python benchmarks/experts_speed.py --model ../shared/models/tiny-qwen3_moe --iters 20 [--scheme NVFP4]
+
+With ``--scheme NVFP4`` the tuning forward also simulates the input-activation quantization (as the modifier does):
+the loop applies it in hooks on every expert Linear, the batched forward to the stacked tokens.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--scheme", default="W4A16", help="compressed-tensors preset (W4A16, NVFP4, ...)")
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators (loop)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -39,8 +43,9 @@ def main() -> None:
     linearize_moe(model)
     layers = model.model.layers
     block, nxt = layers[args.layer], layers[args.layer + 1]
-    wargs = preset_name_to_scheme("W4A16", ["Linear"]).weights
-    targets = {n: wargs for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    scheme = preset_name_to_scheme(args.scheme, ["Linear"])
+    targets = {n: scheme.weights for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    activations = {n: scheme.input_activations for n in targets} if scheme.input_activations is not None else {}
     ids = torch.randint(0, model.config.vocab_size, (args.samples, args.seq_len),
                         generator=torch.Generator().manual_seed(0)).to(device)
     with torch.no_grad():
@@ -51,7 +56,8 @@ def main() -> None:
     for batched in (False, True, False, True):
         with suspended_offloading(block, nxt):
             tuner = BlockTuner(block, targets, RouterLossConfig("vsraq"),
-                               TuningConfig(iters=args.iters, batch_size=args.batch, batched_experts=batched), nxt)
+                               TuningConfig(iters=args.iters, batch_size=args.batch, batched_experts=batched), nxt,
+                               activations=activations)
             tuner.targets(q)
             if device == "cuda":
                 torch.cuda.synchronize()
@@ -63,6 +69,7 @@ def main() -> None:
         key = "batched" if batched else "loop"
         rows.setdefault(key, []).append(seconds / args.iters)
     result = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "threads": args.threads,
+              "scheme": args.scheme, "activations_simulated": bool(activations),
               "tokens_per_iter": args.batch * args.seq_len,
               **{f"{k}_s_per_iter": min(v) for k, v in rows.items()}}
     result["speedup"] = result["loop_s_per_iter"] / result["batched_s_per_iter"]
@@ -72,7 +79,8 @@ def main() -> None:
 
         with suspended_offloading(block, nxt):
             tuner = BlockTuner(block, targets, RouterLossConfig("vsraq"),
-                               TuningConfig(iters=5, batch_size=args.batch, batched_experts=False), nxt)
+                               TuningConfig(iters=5, batch_size=args.batch, batched_experts=False), nxt,
+                               activations=activations)
             tuner.targets(q)
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 tuner.tune(q, q)

@@ -320,12 +320,14 @@ def test_nvfp4_tuning_sees_activation_quantization():
         q = BlockInputs(h, {"position_embeddings": model.model.rotary_emb(h, torch.arange(16)[None]),
                             "attention_mask": None})
     first = {}
-    for simulate in (False, True):
+    for simulate, batched in ((False, True), (True, True), (True, False)):
         with suspended_offloading(block, nxt):
             tuner = BlockTuner(block, targets, RouterLossConfig("none"),
-                               TuningConfig(iters=1, batch_size=4, quantize_activations=simulate), nxt,
-                               activations=activations)
+                               TuningConfig(iters=1, batch_size=4, quantize_activations=simulate,
+                                            batched_experts=batched), nxt, activations=activations)
             tuner.tune(q, q)
-        first[simulate] = tuner.history[0]
+        first[simulate, batched] = tuner.history[0]
         assert tuner._act_hooks_on == {}  # hooks are only on during the loop
-    assert first[True] > 1.5 * first[False]
+    assert first[True, True] > 1.5 * first[False, True]
+    # the batched experts apply the experts' input quantization themselves, as the loop's hooks do
+    assert first[True, True] == pytest.approx(first[True, False], rel=1e-5)

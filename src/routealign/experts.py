@@ -9,7 +9,9 @@ stacked ``[E, out, in]`` weights, one scatter-add. The per-expert weights are re
 each expert's rounding parameters.
 
 Used only where no hook needs to see the per-expert ``Linear`` calls (the tuning iterations, the unquantized
-targets, the propagation); statistics that hook expert modules keep llm-compressor's loop.
+targets, the propagation); statistics that hook expert modules keep llm-compressor's loop. Simulated input-activation
+quantization (NVFP4), which the loop applies in hooks on the expert ``Linear`` modules, is applied here to the
+stacked tokens in one call, each row under its expert's global scale (:func:`input_quantizers`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import types
 
 import torch
 
-__all__ = ["batched_forward", "batched_experts", "supports_batching"]
+__all__ = ["batched_forward", "batched_experts", "input_quantizers", "supports_batching"]
+
+_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 def supports_batching(experts: torch.nn.Module) -> bool:
@@ -28,6 +32,46 @@ def supports_batching(experts: torch.nn.Module) -> bool:
     return isinstance(experts, LinearExperts2D) and all(
         hasattr(experts[e], "down_proj") and hasattr(experts[e], "up_proj") for e in range(experts.num_experts)
     )
+
+
+def input_quantizers(experts: torch.nn.Module, quantizers: dict) -> dict[str, list] | None:
+    """Per projection, the experts' input-activation quantizers (``quantizers`` maps modules to
+    :class:`~routealign.schemes.ActivationQuantizer`), when the batched forward can apply them to stacked tokens
+    with the same result as each expert's own: all experts or none of a projection quantized, with per-group
+    scales (a group never spans two tokens) and either all or no global scales. ``None``: not batchable."""
+    from compressed_tensors.quantization import QuantizationStrategy
+
+    out = {}
+    for proj in _PROJECTIONS:
+        if not hasattr(experts[0], proj):
+            continue
+        qs = [quantizers.get(getattr(experts[e], proj)) for e in range(experts.num_experts)]
+        if all(q is None for q in qs):
+            continue
+        if any(q is None for q in qs):
+            return None
+        if any(q.args != qs[0].args for q in qs) or qs[0].args.strategy not in (
+                QuantizationStrategy.GROUP, QuantizationStrategy.TENSOR_GROUP):
+            return None
+        with_scale = [q.global_scale is not None for q in qs]
+        if any(with_scale) and not all(with_scale):
+            return None
+        out[proj] = qs
+    gate, up = out.get("gate_proj"), out.get("up_proj")
+    if gate and up and gate[0].args == up[0].args and all(
+            (g.global_scale is None and u.global_scale is None) or torch.equal(g.global_scale, u.global_scale)
+            for g, u in zip(gate, up)):
+        out["up_proj"] = gate  # the same tokens under the same scales: quantized once for both
+    return out
+
+
+def _quantize_inputs(x: torch.Tensor, qs: list, rows: torch.Tensor, padded: bool) -> torch.Tensor:
+    """``x`` (expert-sorted ``[tokens, h]`` or padded ``[E, C, h]``) fake-quantized, each row under the global
+    scale of its expert (``rows``: the expert of each sorted token)."""
+    if qs[0].global_scale is None:
+        return qs[0](x)
+    scales = torch.stack([q.global_scale.reshape(()) for q in qs]).to(x.device)
+    return qs[0](x, scales[:, None] if padded else scales[rows])
 
 
 def _stack(experts, proj: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -94,11 +138,18 @@ def batched_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
 
         def project(inp, proj):
             return _segments(inp, sizes, *_projections(self, proj))
+    quant = getattr(self, "_routealign_input_quantizers", None) or {}
+
+    def quantized(inp, proj):
+        return _quantize_inputs(inp, quant[proj], sorted_experts, padded) if proj in quant else inp
+
     if self.has_gate:  # the container's own gating (SwiGLU, GPT-OSS's clamped SwiGLU) on [..., 2I]
-        inner = self._apply_gate(torch.cat([project(xp, "gate_proj"), project(xp, "up_proj")], dim=-1))
+        gate_in = quantized(xp, "gate_proj")
+        up_in = gate_in if quant.get("up_proj") is quant.get("gate_proj") else quantized(xp, "up_proj")
+        inner = self._apply_gate(torch.cat([project(gate_in, "gate_proj"), project(up_in, "up_proj")], dim=-1))
     else:
-        inner = self.act_fn(project(xp, "up_proj"))
-    y = project(inner, "down_proj")
+        inner = self.act_fn(project(quantized(xp, "up_proj"), "up_proj"))
+    y = project(quantized(inner, "down_proj"), "down_proj")
     if padded:
         y = y[sorted_experts, position]
     out = y * top_k_weights[token, slot, None]
@@ -109,15 +160,22 @@ PADDED: bool | None = None  # None: padded batched matmuls on CUDA, segments on 
 
 
 @contextlib.contextmanager
-def batched_experts(module: torch.nn.Module):
-    """Inside, every batchable linearized experts container under ``module`` uses :func:`batched_forward`."""
+def batched_experts(module: torch.nn.Module, quantizers: dict | None = None):
+    """Inside, every batchable linearized experts container under ``module`` uses :func:`batched_forward`.
+    ``quantizers`` (modules -> input-activation quantizers) are applied by the batched forward; a container whose
+    quantizers it cannot apply exactly (:func:`input_quantizers`) keeps llm-compressor's loop."""
     patched = []
     for sub in module.modules():
         if supports_batching(sub) and "forward" not in sub.__dict__:
+            quant = input_quantizers(sub, quantizers) if quantizers else {}
+            if quant is None:
+                continue
             sub.forward = types.MethodType(batched_forward, sub)
+            sub._routealign_input_quantizers = quant
             patched.append(sub)
     try:
         yield
     finally:
         for sub in patched:
             del sub.forward
+            del sub._routealign_input_quantizers

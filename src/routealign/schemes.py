@@ -195,14 +195,23 @@ class ActivationQuantizer:
         self.args = args
         self.global_scale = global_scale
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, row_global_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` fake-quantized (straight-through gradient). ``row_global_scale`` replaces the per-tensor global
+        scale by one per row, a tensor broadcastable to ``x.shape[:-1]``: the tokens of several experts stacked
+        (``[tokens]``) or padded (``[experts, 1]``), each under its expert's scale, in one call; every row gets
+        exactly what its expert's own quantizer gives it (the group scales are per row)."""
         from compressed_tensors.quantization.lifecycle.forward import fake_quantize
         from compressed_tensors.quantization.utils import compute_dynamic_scales_and_zp
 
         if x.numel() == 0:
             return x
         with torch.no_grad():
-            gs = None if self.global_scale is None else self.global_scale.to(x.device)
-            scale, zero_point = compute_dynamic_scales_and_zp(x.detach(), self.args, None, global_scale=gs)
-            q = fake_quantize(x.detach(), scale, zero_point, self.args, global_scale=gs)
+            if row_global_scale is not None:
+                rows = row_global_scale.to(x.device)
+                # [..., groups] group scales, [..., groups, 1] inside compressed-tensors' grouped fake quantization
+                gs_scale, gs_quant = rows.unsqueeze(-1), rows.unsqueeze(-1).unsqueeze(-1)
+            else:
+                gs_scale = gs_quant = None if self.global_scale is None else self.global_scale.to(x.device)
+            scale, zero_point = compute_dynamic_scales_and_zp(x.detach(), self.args, None, global_scale=gs_scale)
+            q = fake_quantize(x.detach(), scale, zero_point, self.args, global_scale=gs_quant)
         return x + (q - x.detach())

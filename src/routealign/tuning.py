@@ -431,9 +431,11 @@ class BlockTuner:
             try:
                 batched = self.config.batched_experts if batched is None else batched
                 acting = module is self.block and bool(self._act_hooks_on)
+                # the batched experts bypass the expert Linear modules where the activation hooks sit, so they
+                # apply those quantizers themselves
+                quantizers = self._act_quantizers_by_module() if acting else None
                 with plain_forwards(module, all_experts), (
-                    # the batched experts bypass the expert Linear modules, where activation quantization hooks sit
-                    batched_experts(module) if batched and not all_experts and not acting else contextlib.nullcontext()
+                    batched_experts(module, quantizers) if batched and not all_experts else contextlib.nullcontext()
                 ), (self._activation_hooks() if acting else contextlib.nullcontext()):
                     out = functional_call(module, params, (hidden,), kwargs, strict=False)
                 out = out[0] if isinstance(out, tuple) else out
@@ -607,6 +609,10 @@ class BlockTuner:
             yield
         finally:
             self._act_hooks_on = {}
+
+    def _act_quantizers_by_module(self) -> dict[torch.nn.Module, ActivationQuantizer]:
+        modules = dict(self.block.named_modules())
+        return {modules[n]: quant for n, quant in self._act_hooks_on.items()}
 
     @contextlib.contextmanager
     def _activation_hooks(self):
