@@ -7,27 +7,36 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _tune(rank: int, world: int, init: str, out: str) -> None:
-    torch.set_num_threads(1)
-    if world > 1:
-        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+def _setup(samples_seed: int):
+    """A linearized tiny Qwen3-MoE (the same weights on every rank), its first block, the next block, W4A16
+    targets and this rank's calibration inputs."""
     from compressed_tensors.quantization import preset_name_to_scheme
     from llmcompressor.modeling.moe.linearize import linearize_moe
 
-    from routealign.losses import RouterLossConfig
     from routealign.tiny import tiny_model
-    from routealign.tuning import BlockInputs, BlockTuner, TuningConfig, suspended_offloading
+    from routealign.tuning import BlockInputs
 
-    model = tiny_model("qwen3_moe", seed=2)  # same weights on every rank
+    model = tiny_model("qwen3_moe", seed=2)
     linearize_moe(model)
     block, nxt = model.model.layers[0], model.model.layers[1]
     args = preset_name_to_scheme("W4A16", ["Linear"]).weights
     targets = {n: args for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
-    ids = torch.randint(3, 320, (4, 16), generator=torch.Generator().manual_seed(100 + rank))  # this rank's samples
+    ids = torch.randint(3, 320, (4, 16), generator=torch.Generator().manual_seed(samples_seed))
     with torch.no_grad():
         h = model.model.embed_tokens(ids)
         q = BlockInputs(h, {"position_embeddings": model.model.rotary_emb(h, torch.arange(16)[None]),
                             "attention_mask": None})
+    return block, nxt, targets, q
+
+
+def _tune(rank: int, world: int, init: str, out: str) -> None:
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    from routealign.losses import RouterLossConfig
+    from routealign.tuning import BlockTuner, TuningConfig, suspended_offloading
+
+    block, nxt, targets, q = _setup(100 + rank)  # this rank's samples
     # as the modifier does it: tune with offloading suspended, write through compressed-tensors' offload caches
     # (linearized experts are offloaded; under torch.distributed their storage is shared by the ranks)
     with suspended_offloading(block, nxt):
@@ -65,26 +74,13 @@ def test_ranks_write_identical_parameters(tmp_path):
 def test_written_result_does_not_reread_the_module():
     """Under torch.distributed another rank may write its (identical) result into storage the ranks share before
     this rank computes its own; the written weights must come from the weights as tuning found them."""
-    from compressed_tensors.quantization import preset_name_to_scheme
-    from llmcompressor.modeling.moe.linearize import linearize_moe
-
     from routealign.losses import RouterLossConfig
-    from routealign.tiny import tiny_model
-    from routealign.tuning import BlockInputs, BlockTuner, TuningConfig, suspended_offloading
+    from routealign.tuning import BlockTuner, TuningConfig, suspended_offloading
 
     torch.manual_seed(0)
     results = []
     for clobber in (False, True):
-        model = tiny_model("qwen3_moe", seed=2)
-        linearize_moe(model)
-        block, nxt = model.model.layers[0], model.model.layers[1]
-        args = preset_name_to_scheme("W4A16", ["Linear"]).weights
-        targets = {n: args for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
-        ids = torch.randint(3, 320, (4, 16), generator=torch.Generator().manual_seed(100))
-        with torch.no_grad():
-            h = model.model.embed_tokens(ids)
-            q = BlockInputs(h, {"position_embeddings": model.model.rotary_emb(h, torch.arange(16)[None]),
-                                "attention_mask": None})
+        block, nxt, targets, q = _setup(100)
         with suspended_offloading(block, nxt):
             tuner = BlockTuner(block, targets, RouterLossConfig("vsraq"),
                                TuningConfig(iters=3, lr=0.02, batch_size=2, min_expert_tokens=0), nxt)
