@@ -188,6 +188,10 @@ def test_mse_clip_fallback_is_no_worse_than_rtn():
     clipped, _ = tw.final()
     err = lambda w: (w - lin.weight).pow(2).sum().item()  # noqa: E731
     assert err(clipped) < err(rtn) and not tw.trainable and (tw.clip_lo < 1).any()
+    # an RTN-fallback weight is fake-quantized once, outside autograd, and reused by every tuning iteration
+    frozen = tw.fake_weight()
+    assert frozen.grad_fn is None and tw.fake_weight() is frozen
+    assert torch.equal(frozen.to(lin.weight.dtype), clipped)
 
 
 def test_router_objective_on_dense_model_is_an_error(tmp_path):

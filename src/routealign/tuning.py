@@ -289,6 +289,7 @@ class TunedWeight:
     clip_lo: torch.Tensor = field(init=False)
     clip_hi: torch.Tensor = field(init=False)
     trainable: bool = True
+    _frozen: torch.Tensor | None = field(default=None, init=False, repr=False)  # fake weight once not trainable
 
     def __post_init__(self):
         w = self.module.weight.detach()
@@ -305,7 +306,16 @@ class TunedWeight:
         return [self.offset, self.clip_lo, self.clip_hi]
 
     def fake_weight(self) -> torch.Tensor:
-        """float32 fake-quantized weight with gradients to the rounding parameters."""
+        """float32 fake-quantized weight with gradients to the rounding parameters; once the weight is no longer
+        trainable (RTN fallback), computed once, without a graph, and reused by every iteration."""
+        if not self.trainable:
+            if self._frozen is None:
+                with torch.no_grad():
+                    self._frozen = self._fake_weight()
+            return self._frozen
+        return self._fake_weight()
+
+    def _fake_weight(self) -> torch.Tensor:
         qp = self.quantizer.qparams(self._min32 * self.clip_lo, self._max32 * self.clip_hi, self._gs32)
         return self.quantizer.fake_quant(self.weight32, qp, self.offset)
 
@@ -328,6 +338,7 @@ class TunedWeight:
         self.clip_hi.copy_(best_c)
         self.offset.zero_()
         self.trainable = False
+        self._frozen = None
 
     @torch.no_grad()
     def final(self) -> tuple[torch.Tensor, QParams]:
