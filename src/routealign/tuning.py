@@ -257,7 +257,7 @@ def suspended_offloading(*modules: torch.nn.Module | None):
     """Take compressed-tensors' offloading off ``modules`` (their tensors stay on the execution device) and put it
     back afterwards. functional_call swaps parameters in ``_parameters``; an offload cache would copy them and cut
     the gradient."""
-    from compressed_tensors.offload import get_execution_device, get_offloaded_device
+    from compressed_tensors.offload import get_cache_init_kwargs
     from compressed_tensors.offload.cache.base import OffloadCache
     from compressed_tensors.offload.module import offload_module, remove_module_offload
 
@@ -267,13 +267,14 @@ def suspended_offloading(*modules: torch.nn.Module | None):
             continue
         for sub in root.modules():
             if isinstance(sub._parameters, OffloadCache):
-                suspended.append((sub, get_execution_device(sub), get_offloaded_device(sub)))
+                # devices and cache settings (disk offload: its folder), to put the same offloading back
+                suspended.append((sub, get_cache_init_kwargs(sub)))
                 remove_module_offload(sub, onload_tensors=True)
     try:
         yield
     finally:
-        for sub, onload, offload in suspended:
-            offload_module(sub, onload, offload)
+        for sub, kwargs in suspended:
+            offload_module(sub, **kwargs)
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any, Literal
 
@@ -24,7 +25,8 @@ from ..errors import NotMoEError
 from ..losses import Objective, RouterLossConfig
 from ..routing import find_moe_layers
 from ..validation import check_calibration, check_group_sizes, check_router_settings
-from ..tuning import BlockInputs, BlockTuner, RouterScope, TuningConfig, suspended_offloading, write_parameters
+from ..tuning import (BlockInputs, BlockTuner, RouterScope, TuningConfig, suspended_offloading, world_size,
+                      write_parameters)
 
 __all__ = ["RouterAlignedRoundingModifier"]
 
@@ -162,7 +164,10 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin):
         if QuantizationMixin.has_config(self):
             from compressed_tensors.offload import disable_onloading
 
-            with disable_onloading():
+            # distributed: as llm-compressor's AutoRoundModifier, without a broadcast per new quantization parameter
+            # (every rank computes the same values). Not otherwise: a disk-offloaded module's cache would then hold
+            # the new parameters outside its index and fail to onload them (tested with disk offloading)
+            with disable_onloading() if world_size() > 1 else contextlib.nullcontext():
                 QuantizationMixin.initialize_quantization(self, model)
         # everything checkable is checked now, before any calibration forward
         where = type(self).__name__
