@@ -49,7 +49,8 @@ from .routing import MoELayer, RouterTap, StopForward, find_moe_layers
 from .schemes import ActivationQuantizer, QParams, WeightQuantizer
 from .validation import check_finite
 
-__all__ = ["TuningConfig", "TunedWeight", "BlockTuner", "BlockInputs", "RouterScope", "FUSED_GROUPS"]
+__all__ = ["TuningConfig", "TunedWeight", "BlockTuner", "BlockInputs", "RouterScope", "FUSED_GROUPS", "world_size",
+           "write_parameters", "suspended_offloading", "plain_forwards"]
 
 RouterScope = Literal["block", "next", "both"]
 
