@@ -91,7 +91,8 @@ def test_batched_experts_apply_nvfp4_input_quantization_as_the_loop_hooks_do(mod
         with contextlib.ExitStack() as stack:
             stack.enter_context(plain_forwards(experts))
             if batched:
-                stack.enter_context(batched_experts(experts, quantizers))
+                stack.enter_context(batched_experts(experts, routealign.experts.input_quantization_plans(
+                    experts, quantizers)))
             else:
                 for mod, quant in quantizers.items():
                     handle = mod.register_forward_pre_hook(lambda m, a, quant=quant: (quant(a[0]), *a[1:]))
@@ -113,7 +114,7 @@ def test_batched_experts_apply_nvfp4_input_quantization_as_the_loop_hooks_do(mod
 def test_experts_with_quantizers_the_batched_forward_cannot_apply_keep_the_loop():
     from compressed_tensors.quantization import preset_name_to_scheme
 
-    from routealign.experts import input_quantizers
+    from routealign.experts import input_quantization_plans, input_quantizers
     from routealign.schemes import ActivationQuantizer
 
     model = tiny_model("qwen3_moe", seed=4)
@@ -126,5 +127,5 @@ def test_experts_with_quantizers_the_batched_forward_cannot_apply_keep_the_loop(
     per_token = {experts[e].down_proj: ActivationQuantizer(token, None) for e in range(experts.num_experts)}
     for quantizers in (only_first, per_token):
         assert input_quantizers(experts, quantizers) is None
-        with batched_experts(experts, quantizers):
+        with batched_experts(experts, input_quantization_plans(experts, quantizers)):
             assert "forward" not in experts.__dict__ or experts.forward.__func__ is not batched_forward

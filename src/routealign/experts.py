@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import types
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-__all__ = ["batched_forward", "batched_experts", "input_quantizers", "supports_batching"]
+__all__ = ["batched_forward", "batched_experts", "input_quantizers", "input_quantization_plans",
+           "StackedInputQuantizer", "supports_batching"]
 
 _PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
@@ -34,7 +37,24 @@ def supports_batching(experts: torch.nn.Module) -> bool:
     )
 
 
-def input_quantizers(experts: torch.nn.Module, quantizers: dict) -> dict[str, list] | None:
+@dataclass(frozen=True)
+class StackedInputQuantizer:
+    """One projection's input quantization for all experts at once: their common quantization args (the first
+    expert's quantizer) and their global scales stacked ``[E]`` (``None``: no global scales)."""
+
+    quantizer: Any
+    scales: torch.Tensor | None
+
+    def __call__(self, x: torch.Tensor, experts_of_rows: torch.Tensor, padded: bool) -> torch.Tensor:
+        """``x`` (expert-sorted ``[tokens, h]`` or padded ``[E, C, h]``) fake-quantized, each row under the global
+        scale of its expert (``experts_of_rows``: the expert of each sorted token)."""
+        if self.scales is None:
+            return self.quantizer(x)
+        scales = self.scales.to(x.device)
+        return self.quantizer(x, scales[:, None] if padded else scales[experts_of_rows])
+
+
+def input_quantizers(experts: torch.nn.Module, quantizers: dict) -> dict[str, StackedInputQuantizer] | None:
     """Per projection, the experts' input-activation quantizers (``quantizers`` maps modules to
     :class:`~routealign.schemes.ActivationQuantizer`), when the batched forward can apply them to stacked tokens
     with the same result as each expert's own: all experts or none of a projection quantized, with per-group
@@ -56,22 +76,20 @@ def input_quantizers(experts: torch.nn.Module, quantizers: dict) -> dict[str, li
         with_scale = [q.global_scale is not None for q in qs]
         if any(with_scale) and not all(with_scale):
             return None
-        out[proj] = qs
+        scales = torch.stack([q.global_scale.reshape(()) for q in qs]) if all(with_scale) else None
+        out[proj] = StackedInputQuantizer(qs[0], scales)
     gate, up = out.get("gate_proj"), out.get("up_proj")
-    if gate and up and gate[0].args == up[0].args and all(
-            (g.global_scale is None and u.global_scale is None) or torch.equal(g.global_scale, u.global_scale)
-            for g, u in zip(gate, up)):
+    if gate and up and gate.quantizer.args == up.quantizer.args and (
+            (gate.scales is None and up.scales is None)
+            or (gate.scales is not None and up.scales is not None and torch.equal(gate.scales, up.scales))):
         out["up_proj"] = gate  # the same tokens under the same scales: quantized once for both
     return out
 
 
-def _quantize_inputs(x: torch.Tensor, qs: list, rows: torch.Tensor, padded: bool) -> torch.Tensor:
-    """``x`` (expert-sorted ``[tokens, h]`` or padded ``[E, C, h]``) fake-quantized, each row under the global
-    scale of its expert (``rows``: the expert of each sorted token)."""
-    if qs[0].global_scale is None:
-        return qs[0](x)
-    scales = torch.stack([q.global_scale.reshape(()) for q in qs]).to(x.device)
-    return qs[0](x, scales[:, None] if padded else scales[rows])
+def input_quantization_plans(module: torch.nn.Module, quantizers: dict) -> dict[torch.nn.Module, dict | None]:
+    """:func:`input_quantizers` of every batchable experts container under ``module``, computed once (e.g. when
+    activation simulation starts) and handed to :func:`batched_experts` on every forward."""
+    return {sub: input_quantizers(sub, quantizers) for sub in module.modules() if supports_batching(sub)}
 
 
 def _stack(experts, proj: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -141,7 +159,7 @@ def batched_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
     quant = getattr(self, "_routealign_input_quantizers", None) or {}
 
     def quantized(inp, proj):
-        return _quantize_inputs(inp, quant[proj], sorted_experts, padded) if proj in quant else inp
+        return quant[proj](inp, sorted_experts, padded) if proj in quant else inp
 
     if self.has_gate:  # the container's own gating (SwiGLU, GPT-OSS's clamped SwiGLU) on [..., 2I]
         gate_in = quantized(xp, "gate_proj")
@@ -160,14 +178,14 @@ PADDED: bool | None = None  # None: padded batched matmuls on CUDA, segments on 
 
 
 @contextlib.contextmanager
-def batched_experts(module: torch.nn.Module, quantizers: dict | None = None):
+def batched_experts(module: torch.nn.Module, plans: dict | None = None):
     """Inside, every batchable linearized experts container under ``module`` uses :func:`batched_forward`.
-    ``quantizers`` (modules -> input-activation quantizers) are applied by the batched forward; a container whose
-    quantizers it cannot apply exactly (:func:`input_quantizers`) keeps llm-compressor's loop."""
+    ``plans`` (:func:`input_quantization_plans`) are the input-activation quantizers the batched forward applies;
+    a container whose quantizers it cannot apply exactly (plan ``None``) keeps llm-compressor's loop."""
     patched = []
     for sub in module.modules():
         if supports_batching(sub) and "forward" not in sub.__dict__:
-            quant = input_quantizers(sub, quantizers) if quantizers else {}
+            quant = plans.get(sub, {}) if plans else {}
             if quant is None:
                 continue
             sub.forward = types.MethodType(batched_forward, sub)

@@ -43,7 +43,7 @@ from loguru import logger
 from torch.func import functional_call
 
 from .errors import NonFiniteError
-from .experts import batched_experts
+from .experts import batched_experts, input_quantization_plans
 from .losses import RouterLoss, RouterTarget
 from .routing import MoELayer, RouterTap, StopForward, find_moe_layers
 from .schemes import ActivationQuantizer, QParams, WeightQuantizer
@@ -380,6 +380,7 @@ class BlockTuner:
         # input-activation quantization args of targets whose inputs are fake-quantized while tuning (NVFP4)
         self.activations = dict(activations or {})
         self._act_hooks_on: dict[str, ActivationQuantizer] = {}
+        self._act_plans: dict = {}  # experts.input_quantization_plans of _act_hooks_on, while simulating
         self.next_block = next_block
         self.output_norm = output_norm
         self.config = config
@@ -446,9 +447,9 @@ class BlockTuner:
                 acting = module is self.block and bool(self._act_hooks_on)
                 # the batched experts bypass the expert Linear modules where the activation hooks sit, so they
                 # apply those quantizers themselves
-                quantizers = self._act_quantizers_by_module() if acting else None
+                plans = self._act_plans if acting else None
                 with plain_forwards(module, all_experts), (
-                    batched_experts(module, quantizers) if batched and not all_experts else contextlib.nullcontext()
+                    batched_experts(module, plans) if batched and not all_experts else contextlib.nullcontext()
                 ), (self._activation_hooks() if acting else contextlib.nullcontext()):
                     out = functional_call(module, params, (hidden,), kwargs, strict=False)
                 out = out[0] if isinstance(out, tuple) else out
@@ -617,15 +618,14 @@ class BlockTuner:
     @contextlib.contextmanager
     def _simulating(self, quantizers: dict[str, ActivationQuantizer]):
         """Inside, the block's forwards fake-quantize the inputs of the targets in ``quantizers``."""
+        modules = dict(self.block.named_modules())
         self._act_hooks_on = quantizers
+        # what the batched experts apply, worked out once rather than on every forward
+        self._act_plans = input_quantization_plans(self.block, {modules[n]: q for n, q in quantizers.items()})
         try:
             yield
         finally:
-            self._act_hooks_on = {}
-
-    def _act_quantizers_by_module(self) -> dict[torch.nn.Module, ActivationQuantizer]:
-        modules = dict(self.block.named_modules())
-        return {modules[n]: quant for n, quant in self._act_hooks_on.items()}
+            self._act_hooks_on, self._act_plans = {}, {}
 
     @contextlib.contextmanager
     def _activation_hooks(self):

@@ -246,8 +246,8 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin):
             tuner.apply()
             with suspended_offloading(block):
                 scales = tuner.input_global_scales(q, list(activations))
-                write_parameters([(block.get_submodule(n), "input_global_scale",
-                                   scale.to(block.get_submodule(n).input_global_scale.dtype))
+                modules = {n: block.get_submodule(n) for n in scales}
+                write_parameters([(modules[n], "input_global_scale", scale.to(modules[n].input_global_scale.dtype))
                                   for n, scale in scales.items()])
                 self._q_hidden = tuner.propagate(q, input_scales=scales).cpu()
         self._fp_hidden = y_fp.cpu()
