@@ -36,7 +36,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from routealign.losses import RouterLossConfig
-    from routealign.tuning import BlockInputs, BlockTuner, TuningConfig, suspended_offloading
+    from routealign.streams import BlockInputs
+    from routealign.tuning import BlockTuner, TuningConfig, suspended_offloading
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(str(args.model), dtype=torch.float32).to(device)
@@ -55,8 +56,8 @@ def main() -> None:
     rows = {}
     for batched in (False, True, False, True):
         with suspended_offloading(block, nxt):
-            tuner = BlockTuner(block, targets, RouterLossConfig("vsraq"),
-                               TuningConfig(iters=args.iters, batch_size=args.batch, batched_experts=batched), nxt,
+            tuner = BlockTuner(block, targets, RouterLossConfig(objective="vsraq"),
+                               TuningConfig(iters=args.iters, batch_size=args.batch, batched_experts=batched, holdout=0.0), nxt,
                                activations=activations)
             tuner.targets(q)
             if device == "cuda":
@@ -78,8 +79,8 @@ def main() -> None:
         from torch.profiler import ProfilerActivity, profile
 
         with suspended_offloading(block, nxt):
-            tuner = BlockTuner(block, targets, RouterLossConfig("vsraq"),
-                               TuningConfig(iters=5, batch_size=args.batch, batched_experts=False), nxt,
+            tuner = BlockTuner(block, targets, RouterLossConfig(objective="vsraq"),
+                               TuningConfig(iters=5, batch_size=args.batch, batched_experts=False, holdout=0.0), nxt,
                                activations=activations)
             tuner.targets(q)
             with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -81,6 +81,8 @@ def main() -> None:
     parser.add_argument("--smooth-extra", default="{}", help="JSON of extra ExpertAwareSmoothingModifier fields")
     parser.add_argument("--moe-calibrate-all-experts", action="store_true",
                         help="llm-compressor's default; off here unless given (routealign does not need it)")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                        help="dtype the model is loaded in for quantization (evaluation is always bf16)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -108,7 +110,7 @@ def main() -> None:
         from llmcompressor.pipelines.cache import IntermediatesCache
 
         IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
-    model = AutoModelForCausalLM.from_pretrained(str(args.model), dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(str(args.model), dtype=getattr(torch, args.dtype))
     data = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
     steps = recipe(args.method, args.scheme, args.iters, args.seed, json.loads(args.extra), args.smooth,
                    json.loads(args.smooth_extra))
@@ -143,7 +145,8 @@ def main() -> None:
            "iters": args.iters if args.method not in ("rtn", "gptq", "awq") else None,
            "smooth": args.smooth, "smooth_extra": json.loads(args.smooth_extra),
            "smoothing": getattr(flat[0], "report", None) if args.smooth else None,
-           "extra": json.loads(args.extra), "oneshot_s": round(seconds, 2),
+           "extra": json.loads(args.extra), "dtype": args.dtype, "samples": args.samples, "seq_len": args.seq_len,
+           "eval_text": Path(test_text).name, "eval_rows": args.eval_rows, "oneshot_s": round(seconds, 2),
            "peak_rss_mib": round(peak_rss), "peak_gpu_mib": None if peak_gpu is None else round(peak_gpu),
            "ppl_reference": result.report["perplexity"]["reference"], "ppl": result.report["perplexity"]["quantized"],
            **{k: mean[k] for k in ("overlap_at_k", "jaccard", "exact_set", "top1", "match_score",

@@ -158,3 +158,25 @@ def test_non_moe_evaluate_raises():
                                                          num_hidden_layers=1, num_attention_heads=2))
     with pytest.raises(NotMoEError):
         evaluate(dense, dense, torch.zeros(1, 4, dtype=torch.long), progress=False)
+
+
+@pytest.mark.parametrize("scheme", ["W4A16", "W4A16_ASYM"])
+def test_load_model_casts_decompressed_weights_to_the_requested_dtype(tmp_path, scheme):
+    """A checkpoint quantized from a bf16 model loads in float32 and one from a float32 model loads in bf16 (the
+    decompressed weights otherwise keep the scales' dtype: 'expected m1 and m2 to have the same dtype')."""
+    ids = calibration_ids(rows=2, seq_len=32)
+    logits = {}
+    for source in (torch.bfloat16, torch.float32):
+        model_dir = tmp_path / f"m-{source}"
+        save_tiny("qwen3_moe", model_dir, seed=11, dtype=source)
+        expected = quantize_with_llmcompressor(model_dir, tmp_path / f"q-{source}", scheme, ids, dtype=source)
+        for dtype in (torch.bfloat16, torch.float32):
+            model = load_model(tmp_path / f"q-{source}", dtype=dtype)
+            assert {p.dtype for n, p in model.named_parameters() if n.endswith("weight")} == {dtype}
+            with torch.no_grad():
+                logits[(source, dtype)] = model(input_ids=ids).logits.float()
+        # loaded in its own dtype, the checkpoint reproduces the in-memory model exactly
+        assert torch.equal(logits[(source, source)], expected.float())
+    for source in (torch.bfloat16, torch.float32):
+        other = torch.float32 if source is torch.bfloat16 else torch.bfloat16
+        assert (logits[(source, other)] - logits[(source, source)]).abs().max() < 0.1

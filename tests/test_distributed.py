@@ -14,7 +14,7 @@ def _setup(samples_seed: int):
     from llmcompressor.modeling.moe.linearize import linearize_moe
 
     from routealign.tiny import tiny_model
-    from routealign.tuning import BlockInputs
+    from routealign.streams import BlockInputs
 
     model = tiny_model("qwen3_moe", seed=2)
     linearize_moe(model)
@@ -40,7 +40,7 @@ def _tune(rank: int, world: int, init: str, out: str) -> None:
     # as the modifier does it: tune with offloading suspended, write through compressed-tensors' offload caches
     # (linearized experts are offloaded; under torch.distributed their storage is shared by the ranks)
     with suspended_offloading(block, nxt):
-        tuner = BlockTuner(block, targets, RouterLossConfig("vsraq"),
+        tuner = BlockTuner(block, targets, RouterLossConfig(objective="vsraq"),
                            TuningConfig(iters=6, lr=0.02, batch_size=2, router_scope="next", min_expert_tokens=0),
                            nxt)
         tuner.tune(q, q)
@@ -82,7 +82,7 @@ def test_written_result_does_not_reread_the_module():
     for clobber in (False, True):
         block, nxt, targets, q = _setup(100)
         with suspended_offloading(block, nxt):
-            tuner = BlockTuner(block, targets, RouterLossConfig("vsraq"),
+            tuner = BlockTuner(block, targets, RouterLossConfig(objective="vsraq"),
                                TuningConfig(iters=3, lr=0.02, batch_size=2, min_expert_tokens=0), nxt)
             tuner.tune(q, q)
             if clobber:  # what another rank's earlier write looks like from here

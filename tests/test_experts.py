@@ -9,7 +9,7 @@ from llmcompressor.modeling.moe.linearize import linearize_moe
 from routealign.experts import batched_experts, batched_forward, supports_batching
 from routealign.routing import find_moe_layers
 from routealign.tiny import tiny_model
-from routealign.tuning import plain_forwards
+from routealign.streams import plain_forwards
 
 
 @pytest.mark.parametrize("padded", [False, True])

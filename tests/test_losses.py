@@ -113,3 +113,60 @@ def test_sigmoid_family_uses_corrected_scores_and_groups():
     assert torch.equal(tgt.order[:, : loss.k].sort(-1).values, selected.sort(-1).values)
     expected = z.sigmoid() + router.e_score_correction_bias
     torch.testing.assert_close(loss.selection(z), expected)
+
+
+def _sigmoid_case():
+    """A GLM-style sigmoid router with correction biases that reorder two experts: by logits 0 > 1, by
+    selection score (sigmoid + bias) 1 > 0."""
+    family, router = _router("glm4_moe", n_routed_experts=4, num_experts_per_tok=2)
+    with torch.no_grad():
+        router.e_score_correction_bias.copy_(torch.tensor([0.0, 0.3, 0.0, 0.0]))
+    z_fp = torch.tensor([[1.0, 0.5, -1.0, -2.0]])
+    z_q = torch.tensor([[0.8, 0.6, -0.7, -2.0]], requires_grad=True)
+    return family, router, z_fp, z_q
+
+
+def test_structure_terms_on_logits_by_default_for_sigmoid_routers():
+    family, router, z_fp, z_q = _sigmoid_case()
+    s = lambda z, e: sig(z) + (0.3 if e == 1 else 0.0)  # noqa: E731
+    # full-precision order by selection score: expert 1 (0.922), expert 0 (0.731), then 2, 3
+    for space in ("logits", "scores"):
+        loss = RouterLoss(RouterLossConfig(objective="vsraq", structure_space=space), family, router)
+        tgt = loss.target(z_fp)
+        assert tgt.order[0, :3].tolist() == [1, 0, 2]
+        terms = loss.terms(z_q, tgt)
+        if space == "logits":
+            gap_q, gap_fp = 0.6 - 0.8, 0.5 - 1.0            # z_1 - z_0 (VSRAQ eq. 13 on logits)
+            margin = ((0.8 - -0.7) - (1.0 - -1.0)) ** 2     # z_0 - z_2 (eq. 14-15 on logits)
+        else:
+            gap_q, gap_fp = s(0.6, 1) - s(0.8, 0), s(0.5, 1) - s(1.0, 0)
+            margin = ((s(0.8, 0) - s(-0.7, 2)) - (s(1.0, 0) - s(-1.0, 2))) ** 2
+        rank = max(0.0, sp(-gap_q) - sp(-gap_fp))
+        assert terms["rank"].item() == pytest.approx(rank, rel=1e-5), space
+        assert terms["margin"].item() == pytest.approx(margin, rel=1e-5), space
+        eq = RouterLoss(RouterLossConfig(objective="expertquant", structure_space=space), family, router)
+        assert eq.terms(z_q, eq.target(z_fp))["gap_hinge"].item() == pytest.approx(max(0.0, gap_fp - gap_q), rel=1e-5)
+
+
+def test_structure_space_makes_no_difference_for_softmax_routers():
+    family, router, z_fp, z_q = _hand_case()
+    values = {}
+    for space in ("logits", "scores"):
+        loss = RouterLoss(RouterLossConfig(objective="vsraq", structure_space=space), family, router)
+        values[space] = loss(z_q, loss.target(z_fp))
+    assert torch.equal(values["logits"], values["scores"])
+
+
+def test_logit_space_margin_gradient_is_not_damped_by_the_sigmoid():
+    family, router, z_fp, _ = _sigmoid_case()
+    grads = {}
+    for space in ("logits", "scores"):
+        z_q = torch.tensor([[1.0, 0.5, -0.5, -2.0]], requires_grad=True)  # boundary margin shrunk by 0.5
+        loss = RouterLoss(RouterLossConfig(objective="vsraq", structure_space=space, alpha=0.0, beta_rank=0.0),
+                          family, router)
+        terms = loss.terms(z_q, loss.target(z_fp))
+        terms["margin"].backward()
+        grads[space] = z_q.grad[0, 2].abs().item()
+    # d/dz of (Δq - Δfp)^2 on logits is 2|Δq - Δfp| = 1.0; on scores it carries sigmoid'(z) <= 0.25 twice over
+    assert grads["logits"] == pytest.approx(1.0, rel=1e-5)
+    assert grads["scores"] < 0.25 * grads["logits"]

@@ -253,7 +253,8 @@ def test_router_scope_reaches_the_documented_weights():
 
     from routealign.losses import RouterLossConfig
     from routealign.tiny import tiny_model
-    from routealign.tuning import BlockInputs, BlockTuner, TuningConfig
+    from routealign.streams import BlockInputs
+    from routealign.tuning import BlockTuner, TuningConfig
 
     from llmcompressor.modeling.moe.linearize import linearize_moe
 
@@ -271,7 +272,7 @@ def test_router_scope_reaches_the_documented_weights():
         q = BlockInputs(h, {"position_embeddings": model.model.rotary_emb(h, pos), "attention_mask": None})
     for scope in ("block", "next"):
         with suspended_offloading(block, nxt):
-            tuner = BlockTuner(block, targets, RouterLossConfig("vsraq"),
+            tuner = BlockTuner(block, targets, RouterLossConfig(objective="vsraq"),
                                TuningConfig(iters=1, router_scope=scope, router_weight=1.0), nxt)
             tuner.targets(q)
             with torch.enable_grad():
@@ -310,7 +311,8 @@ def test_nvfp4_tuning_sees_activation_quantization():
 
     from routealign.losses import RouterLossConfig
     from routealign.tiny import tiny_model
-    from routealign.tuning import BlockInputs, BlockTuner, TuningConfig, suspended_offloading
+    from routealign.streams import BlockInputs
+    from routealign.tuning import BlockTuner, TuningConfig, suspended_offloading
 
     model = tiny_model("qwen3_moe", seed=2)
     linearize_moe(model)
@@ -326,7 +328,7 @@ def test_nvfp4_tuning_sees_activation_quantization():
     first = {}
     for simulate, batched in ((False, True), (True, True), (True, False)):
         with suspended_offloading(block, nxt):
-            tuner = BlockTuner(block, targets, RouterLossConfig("none"),
+            tuner = BlockTuner(block, targets, RouterLossConfig(objective="none"),
                                TuningConfig(iters=1, batch_size=4, quantize_activations=simulate,
                                             batched_experts=batched), nxt, activations=activations)
             tuner.tune(q, q)

@@ -253,3 +253,48 @@ def test_weight_only_quantization_modifier_in_the_same_recipe_sees_the_smoothed_
     plain = _load(tmp_path / "plain", "qwen3_moe")
     _oneshot(plain, [rtn()])
     assert any(not torch.equal(a[k], plain.state_dict()[k]) for k in keys)  # the smoothing did change them
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "glm4_moe", "gpt_oss"])
+def test_statistics_come_from_the_causal_model(tmp_path, model_type, monkeypatch):
+    """Inside oneshot, llm-compressor propagates bidirectional activations from the second layer on; the smoothing
+    statistics of every layer (o_proj input maxima, routed-token counts) are those of the causal model."""
+    model = _load(tmp_path, model_type)
+    rows, seq_len = 4, 32
+    ids = calibration_ids(rows=rows, seq_len=seq_len)
+    layers = find_moe_layers(model)
+    # the causal model's own statistics, from its forward
+    o_max, counts = {}, {}
+    handles = []
+    for name, module in model.named_modules():
+        if name.endswith("self_attn.o_proj"):
+            handles.append(module.register_forward_pre_hook(
+                lambda m, a, name=name: o_max.__setitem__(name, torch.maximum(
+                    o_max.get(name, torch.zeros(a[0].shape[-1])), a[0].reshape(-1, a[0].shape[-1]).abs().amax(0)))))
+    with torch.no_grad(), RouterTap(layers) as tap:
+        model(input_ids=ids)
+    for h in handles:
+        h.remove()
+    for l in layers:
+        counts[l.name] = torch.bincount(tap.routing(l).indices.reshape(-1), minlength=l.num_experts)
+    seen = {}
+    original = ExpertAwareSmoothingModifier._fold_decoder_layer
+
+    def snapshot(self, model, prefix):
+        for key, stats in self._stats.items():
+            if key.startswith(prefix + "."):
+                seen[key] = (None if stats.max is None else stats.max.clone(),
+                             None if stats.counts is None else stats.counts.clone())
+        return original(self, model, prefix)
+
+    monkeypatch.setattr(ExpertAwareSmoothingModifier, "_fold_decoder_layer", snapshot)
+    _oneshot(model, ExpertAwareSmoothingModifier(mode="expertquant"), rows=rows, seq_len=seq_len)
+    checked = 0
+    for name, expected in o_max.items():
+        if name in seen:
+            torch.testing.assert_close(seen[name][0], expected, rtol=1e-5, atol=1e-6, msg=name)
+            checked += 1
+    for name, expected in counts.items():
+        assert torch.equal(seen[name][1], expected), (name, seen[name][1], expected)
+        checked += 1
+    assert checked >= 3

@@ -172,7 +172,20 @@ def _load_compressed(folder: Path, dtype: torch.dtype):
         )
     with _fp4_unpacked_in(dtype):
         compressor.decompress_model(model)
+    _weights_in(model, dtype)
     return model
+
+
+@torch.no_grad()
+def _weights_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Decompressed weights come out in the dtype of the stored scales (a checkpoint saved from a float32 model has
+    float32 scales); the evaluated model runs in ``dtype`` throughout, so every floating weight and bias is cast to
+    it (the scales keep their stored values)."""
+    for module in model.modules():
+        for name in ("weight", "bias"):
+            tensor = module._parameters.get(name)
+            if tensor is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+                module._parameters[name] = torch.nn.Parameter(tensor.to(dtype), requires_grad=False)
 
 
 @contextlib.contextmanager

@@ -9,6 +9,11 @@ router's logits ``z_fp`` on the same tokens, in float32, in the router family's 
   ``sigmoid(z) + e_score_correction_bias`` for sigmoid routers. The full-precision order ``π`` is taken with the
   model's own group-limited masking; the quantized side is read at ``π``'s experts without masking (masking is
   discrete and carries no gradient).
+- *structure space* (``structure_space``) is where the structure terms (VSRAQ's rank and margin, ExpertQuant's
+  gap hinge) measure gaps between experts taken in the full-precision order: ``logits`` (default; both papers write
+  these terms on logits, VSRAQ eqs. 13-15 and ExpertQuant eqs. 6-8) or ``scores`` (selection space). The two are
+  the same for softmax and GPT-OSS routers; for sigmoid routers score gaps scale the gradient by
+  ``sigmoid'(z) <= 0.25``, so the structure terms act about four times more weakly there.
 
 Objectives (``objective`` field):
 
@@ -22,7 +27,8 @@ Objectives (``objective`` field):
 ``vsraq`` (VSRAQ, eqs. 7-17)
     ``(1-α)·TopK-MSE + α·L_sig + β_rank·L_rank + β_margin·L_margin`` with
     ``L_sig = mean w·(σ(z_q) - σ(z_fp))^2``, ``w = (p_fp(1-p_fp))^γ + ε``; ``L_rank`` over adjacent full-precision
-    top-k experts; ``L_margin = mean_j (Δ_j^q - Δ_j^fp)^2`` with ``Δ_j = s_π(k) - s_π(k+j)``, j = 1..b.
+    top-k experts; ``L_margin = mean_j (Δ_j^q - Δ_j^fp)^2`` with ``Δ_j = z_π(k) - z_π(k+j)``, j = 1..b (in
+    structure space).
     The paper's ``L_rank = mean softplus(m - (s^q_π(i) - s^q_π(i+1)))`` is not zero when quantized equals full
     precision and keeps widening every gap past the full-precision one. With ``rank_anchor=True`` (default) we
     subtract the full-precision level and clamp at zero:
@@ -41,41 +47,57 @@ Objectives (``objective`` field):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 import torch
 import torch.nn.functional as F
 
 from .routing import RouterFamily
 
-__all__ = ["Objective", "RouterLossConfig", "RouterTarget", "RouterLoss", "OBJECTIVES"]
+__all__ = ["Objective", "StructureSpace", "RouterLossConfig", "RouterTarget", "RouterLoss", "OBJECTIVES"]
 
 Objective = Literal["none", "topk_mse", "kl", "vsraq", "expertquant"]
 OBJECTIVES: tuple[str, ...] = ("none", "topk_mse", "kl", "vsraq", "expertquant")
 
 
-@dataclass(frozen=True)
-class RouterLossConfig:
-    """Hyperparameters of the router objectives; defaults are the papers'."""
+StructureSpace = Literal["logits", "scores"]
+
+
+class RouterLossConfig(BaseModel):
+    """Hyperparameters of the router objectives; defaults are the papers'. The one declaration of these fields:
+    :class:`~routealign.modifiers.rounding.RouterAlignedRoundingModifier` inherits them."""
+
+    model_config = ConfigDict(extra="forbid")
 
     objective: Objective = "vsraq"
+    # where the structure terms (VSRAQ rank and margin, ExpertQuant gap hinge) measure gaps: the raw logits, as
+    # both papers write them (VSRAQ eqs. 13-15, ExpertQuant eqs. 6-8), or the selection scores
+    structure_space: StructureSpace = "logits"
     # VSRAQ (Table 1)
-    alpha: float = 0.3
-    gamma: float = 1.0
-    eps: float = 1e-3
+    alpha: float = Field(0.3, ge=0, le=1)
+    gamma: float = Field(1.0, ge=0)
+    eps: float = Field(1e-3, ge=0)
     rank_margin: float = 0.0
-    beta_rank: float = 0.01
-    beta_margin: float = 0.05
-    boundary: int = 1
+    beta_rank: float = Field(0.01, ge=0)
+    beta_margin: float = Field(0.05, ge=0)
+    boundary: int = Field(1, ge=1)
     rank_anchor: bool = True
     # ExpertQuant (Sec. 3.3-3.4, App. B)
-    raj_beta: float = 0.95
-    lambda_raj: float = 1.0
-    lambda_gh: float = 1.0
-    gh_gamma: float = 0.0
-    tau: float = 0.5
-    candidates: int | None = None  # extra candidates beyond k for the soft Jaccard (default k)
+    raj_beta: float = Field(0.95, gt=0, le=1)
+    lambda_raj: float = Field(1.0, ge=0)
+    lambda_gh: float = Field(1.0, ge=0)
+    gh_gamma: float = Field(0.0, ge=0)
+    tau: float = Field(0.5, gt=0)
+    candidates: int | None = Field(None, ge=1)  # extra candidates beyond k for the soft Jaccard (default k)
+
+    @classmethod
+    def of(cls, settings) -> "RouterLossConfig":
+        """The config carried by ``settings`` (an object with these fields, e.g. the modifier)."""
+        return cls(**{name: getattr(settings, name) for name in cls.model_fields})
 
 
 @dataclass
@@ -85,9 +107,10 @@ class RouterTarget:
     logits: torch.Tensor  # [T, E] float32
     scores: torch.Tensor  # [T, E] float32 selection scores (masked entries -inf)
     order: torch.Tensor  # [T, n] experts in full-precision order, n = k + extra (masked ones cut)
+    structure: torch.Tensor  # [T, E] float32 full-precision values in structure space (group-masked: -inf)
 
     def __getitem__(self, index) -> "RouterTarget":
-        return RouterTarget(self.logits[index], self.scores[index], self.order[index])
+        return RouterTarget(self.logits[index], self.scores[index], self.order[index], self.structure[index])
 
 
 class RouterLoss:
@@ -109,12 +132,17 @@ class RouterLoss:
             return z.sigmoid() + self.router.e_score_correction_bias.float()
         return z
 
+    def structure(self, logits: torch.Tensor) -> torch.Tensor:
+        """Where the structure terms measure gaps (``structure_space``): logits, or selection scores."""
+        return logits.float() if self.config.structure_space == "logits" else self.selection(logits)
+
     @torch.no_grad()
     def target(self, logits_fp: torch.Tensor) -> RouterTarget:
         z = logits_fp.reshape(-1, logits_fp.shape[-1]).float()
         scores = self.family.rank_scores(self.router, z)
         order = torch.topk(scores, self.k + self.extra, dim=-1).indices
-        return RouterTarget(logits=z, scores=scores, order=order)
+        structure = scores if self.config.structure_space == "scores" else z.masked_fill(scores.isneginf(), -math.inf)
+        return RouterTarget(logits=z, scores=scores, order=order, structure=structure)
 
     # -- terms --------------------------------------------------------------------------------------------
     def _gather(self, t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -141,7 +169,7 @@ class RouterLoss:
         m = self.config.rank_margin
         loss = F.softplus(m - self._adjacent_gaps(sq, idx))
         if self.config.rank_anchor:
-            loss = (loss - F.softplus(m - self._adjacent_gaps(tgt.scores, idx))).clamp_min(0)
+            loss = (loss - F.softplus(m - self._adjacent_gaps(tgt.structure, idx))).clamp_min(0)
         return loss.mean()
 
     def margin_loss(self, sq: torch.Tensor, tgt: RouterTarget) -> torch.Tensor:
@@ -151,7 +179,7 @@ class RouterLoss:
         kth = tgt.order[:, self.k - 1 : self.k]
         after = tgt.order[:, self.k : self.k + b]
         d_q = self._gather(sq, kth) - self._gather(sq, after)
-        d_fp = self._gather(tgt.scores, kth) - self._gather(tgt.scores, after)
+        d_fp = self._gather(tgt.structure, kth) - self._gather(tgt.structure, after)
         valid = torch.isfinite(d_fp)
         return torch.where(valid, d_q - d_fp.nan_to_num(0.0, posinf=0.0), torch.zeros_like(d_q)).pow(2).sum() \
             / valid.sum().clamp_min(1)
@@ -170,7 +198,7 @@ class RouterLoss:
         if self.k < 2:
             return sq.new_zeros(())
         idx = tgt.order[:, : self.k]
-        gap = self._adjacent_gaps(tgt.scores, idx) - self._adjacent_gaps(sq, idx) + self.config.gh_gamma
+        gap = self._adjacent_gaps(tgt.structure, idx) - self._adjacent_gaps(sq, idx) + self.config.gh_gamma
         return gap.clamp_min(0).mean()
 
     def _soft_affinity(self, s: torch.Tensor, cand: torch.Tensor, valid: torch.Tensor,
@@ -209,12 +237,12 @@ class RouterLoss:
             return {"topk_mse": self.topk_mse(zq, tgt)}
         if obj == "kl":
             return {"kl": self.kl(zq, tgt)}
-        sq = self.selection(zq)
+        st = self.structure(zq)
         if obj == "vsraq":
             return {"topk_mse": self.topk_mse(zq, tgt), "sigmoid_mse": self.sigmoid_mse(zq, tgt),
-                    "rank": self.rank_loss(sq, tgt), "margin": self.margin_loss(sq, tgt)}
+                    "rank": self.rank_loss(st, tgt), "margin": self.margin_loss(st, tgt)}
         if obj == "expertquant":
-            return {"raj": self.soft_rank_jaccard(sq, tgt), "gap_hinge": self.gap_hinge(sq, tgt)}
+            return {"raj": self.soft_rank_jaccard(self.selection(zq), tgt), "gap_hinge": self.gap_hinge(st, tgt)}
         raise ValueError(f"unknown router objective '{obj}'; known: {', '.join(OBJECTIVES)}")
 
     def weights(self) -> dict[str, float]:

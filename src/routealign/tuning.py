@@ -4,8 +4,10 @@ Per targeted weight ``W`` (``[out, in]``): a rounding offset ``v`` (``[out, in]`
 ``[-0.5, 0.5]``) and per-group clip factors ``c_lo``, ``c_hi`` (kept in ``[0, 1]``) that scale the group minimum
 and maximum before the scale is computed. Signed gradient descent (``p -= lr_t * sign(grad)``) with a learning
 rate decaying linearly from ``lr`` (default ``1/iters``) to 0; each iteration samples ``batch_size`` calibration
-sequences; the parameters of the iteration with the lowest loss are kept. With ``iters=0`` the result is plain RTN,
-identical to llm-compressor's QuantizationModifier.
+sequences from the tuning part of the calibration set. A fraction ``holdout`` of the calibration sequences is held
+out of the steps: the parameters kept are those of the iteration with the lowest loss *on the held-out sequences*
+(evaluated every ``holdout_every`` iterations; with nothing held out, the lowest minibatch loss, as AutoRound).
+With ``iters=0`` the result is plain RTN, identical to llm-compressor's QuantizationModifier.
 
 Loss: mean-squared error between the tuned block's output on the *quantized model's* input activations and the
 unquantized block's output on the *unquantized model's* input activations (for the last decoder block, after the
@@ -15,9 +17,17 @@ made the model worse than RTN on tiny-qwen3_moe), plus ``router_weight`` times t
 
 - ``block``: this block's own routers, on the tuned block's activations (their logits only depend on the block's
   attention weights);
-- ``next``: the next block's routers, evaluated (next block's weights unquantized) on the tuned block's output;
-  this is where the tuned experts' rounding changes the routing;
+- ``next``: the next router downstream, evaluated (the layers up to it unquantized) on the tuned block's output;
+  this is where the tuned experts' rounding changes the routing. For a layer followed by layers without a router
+  (Nemotron-H: attention or mamba blocks between MoE blocks) the layers in between are run too;
 - ``both``.
+
+Router objectives fit the calibration tokens' routing and need not generalise (benchmarks/RESULTS.md). So with a
+router objective and ``router_gate`` (default) the block is tuned twice from the same start on the same
+minibatches, with and without the router term, and the result whose error on the held-out sequences is smaller
+*at the output of the first routing layer downstream* is kept (the layers in between unquantized, every router
+choosing its experts itself, so a changed expert choice counts by what it does to the values). The router term is
+thus used in a block only where it helps on text it was not tuned on; the choice is reported per layer.
 
 Experts that the router sends fewer than ``min_expert_tokens`` calibration tokens cannot be tuned from data: they
 get MSE-optimal clipping RTN (per group, the clip factor on a grid that minimises the weight reconstruction error)
@@ -38,19 +48,20 @@ from typing import Literal
 
 import torch
 from compressed_tensors.quantization import QuantizationStrategy
-from compressed_tensors.utils import patch_attr
 from loguru import logger
+from pydantic import BaseModel, ConfigDict, Field
 from torch.func import functional_call
 
 from .errors import NonFiniteError
 from .experts import batched_experts, input_quantization_plans
 from .losses import RouterLoss, RouterTarget
-from .routing import MoELayer, RouterTap, StopForward, find_moe_layers
+from .routing import MoELayer, find_moe_layers
 from .schemes import ActivationQuantizer, QParams, WeightQuantizer
+from .streams import BlockInputs, run_block, to_device
 from .validation import check_finite
 
-__all__ = ["TuningConfig", "TunedWeight", "BlockTuner", "BlockInputs", "RouterScope", "FUSED_GROUPS", "world_size",
-           "write_parameters", "suspended_offloading", "plain_forwards"]
+__all__ = ["TuningConfig", "TunedWeight", "BlockTuner", "RouterScope", "FUSED_GROUPS", "CLIP_GRID", "world_size",
+           "write_parameters", "suspended_offloading"]
 
 RouterScope = Literal["block", "next", "both"]
 
@@ -156,101 +167,48 @@ def _all_reduce_counts(counts: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return dict(zip(names, _all_reduce_flat([counts[n] for n in names])))
 
 
-@dataclass
-class TuningConfig:
-    iters: int = 200
-    lr: float | None = None
-    batch_size: int = 8
-    router_weight: float = 0.1
+CLIP_GRID: tuple[float, ...] = tuple(1.0 - 0.05 * i for i in range(11))  # RTN-fallback clip search: 1.0 .. 0.5
+
+
+class TuningConfig(BaseModel):
+    """Settings of the learned-rounding algorithm. The one declaration of these fields:
+    :class:`~routealign.modifiers.rounding.RouterAlignedRoundingModifier` inherits them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    iters: int = Field(200, ge=0)
+    lr: float | None = Field(None, gt=0)
+    batch_size: int = Field(8, ge=1)
+    router_weight: float = Field(0.1, ge=0)
     router_scope: RouterScope = "next"
-    min_expert_tokens: int = 8
+    min_expert_tokens: int = Field(8, ge=0)
     seed: int = 0
     batched_experts: bool = True
-    quantize_activations: bool = True  # simulate input-activation quantization (NVFP4) in the tuning forward
-    activation_scale_all_tokens: bool = True  # activation global scales from all tokens (else routed ones)
-    clip_grid: tuple[float, ...] = tuple(1.0 - 0.05 * i for i in range(11))  # fallback search: 1.0 .. 0.5
+    # simulate input-activation quantization (NVFP4) in the tuning forward and the propagated stream
+    quantize_activations: bool = True
+    # NVFP4 expert activation global scales from all tokens or only the routed ones
+    activation_scale_tokens: Literal["routed", "all"] = "all"
+    # fraction of the calibration sequences held out of the tuning steps; they choose the iteration kept and
+    # whether the router term is used in a block
+    holdout: float = Field(0.125, ge=0, lt=1)
+    holdout_every: int = Field(10, ge=1)
+    # with a router objective: also tune without it and keep, per block, whichever result has the smaller error on
+    # the held-out sequences at the output of the first layer downstream that routes
+    router_gate: bool = True
+    # how the router term's gradient is combined with the MSE gradient before the sign step: ``none`` adds
+    # ``router_weight`` times it; ``grad_norm`` rescales it per tensor to ``router_weight`` times the MSE
+    # gradient's norm (signed steps ignore magnitudes, so an unbalanced router gradient decides the sign of every
+    # coordinate where it outweighs the MSE gradient, whatever lambda is)
+    router_balance: Literal["none", "grad_norm"] = "none"
 
     @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else 1.0 / max(self.iters, 1)
 
-
-@dataclass
-class BlockInputs:
-    """The calibration inputs of one block: hidden states ``[N, T, H]`` and the keyword arguments shared by all
-    sequences (rotary embeddings, masks)."""
-
-    hidden: torch.Tensor
-    kwargs: dict
-
-    @staticmethod
-    def from_captured(captured: list[tuple[tuple, dict]], where: str) -> "BlockInputs":
-        """Stack what a forward-pre hook captured per calibration batch."""
-        if not captured:
-            raise RuntimeError(f"no calibration inputs were captured for {where}")
-        hidden = torch.cat([args[0] if args else kw["hidden_states"] for args, kw in captured])
-        first = {k: v for k, v in captured[0][1].items() if k != "hidden_states"}
-        for args, kw in captured[1:]:
-            for key, value in first.items():
-                if not _same(value, kw.get(key)):
-                    raise ValueError(
-                        f"{where}: calibration batches differ in '{key}' (variable-length or padded batches); "
-                        "use equal-length calibration sequences (e.g. max_seq_length with packing/truncation)"
-                    )
-        for key, value in first.items():
-            if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] not in (1,):
-                raise ValueError(f"{where}: keyword '{key}' has batch dimension {value.shape[0]}; use batch_size=1")
-        return BlockInputs(hidden=hidden, kwargs=first)
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
-    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return a is b or a == b
-
-
-def _to(value, dtype=None, device=None):
-    if isinstance(value, torch.Tensor):
-        if dtype is not None and value.is_floating_point():
-            value = value.to(dtype)
-        return value.to(device) if device is not None else value
-    if isinstance(value, tuple):
-        return tuple(_to(v, dtype, device) for v in value)
-    if isinstance(value, list):
-        return [_to(v, dtype, device) for v in value]
-    if isinstance(value, dict):
-        return {k: _to(v, dtype, device) for k, v in value.items()}
-    return value
-
-
-@contextlib.contextmanager
-def plain_forwards(module: torch.nn.Module, all_experts: bool = False):
-    """Run ``module``'s submodules with their class forward (no compressed-tensors fake quantization, no
-    activation quantization), without llm-compressor's all-experts calibration (unless ``all_experts``: every
-    expert runs on every token, the block output still combines only the routed ones), and with SDPA attention."""
-    from llmcompressor.modeling.moe import context as moe_context
-
-    saved = {}
-    configs = {}
-    for sub in module.modules():
-        if "forward" in sub.__dict__:
-            saved[sub] = sub.__dict__.pop("forward")
-        config = getattr(sub, "config", None)
-        if getattr(config, "_attn_implementation", None) == "eager":
-            configs[id(config)] = config
-    try:
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(patch_attr(moe_context, "_CALIBRATE_ALL_EXPERTS", all_experts))
-            # llm-compressor forces eager attention for its traced calibration graphs; SDPA computes the same
-            # attention (with the same additive mask) several times faster, forward and backward
-            for config in configs.values():
-                stack.enter_context(patch_attr(config, "_attn_implementation", "sdpa"))
-            yield
-    finally:
-        for sub, fwd in saved.items():
-            sub.forward = fwd
+    @classmethod
+    def of(cls, settings) -> "TuningConfig":
+        """The config carried by ``settings`` (an object with these fields, e.g. the modifier)."""
+        return cls(**{name: getattr(settings, name) for name in cls.model_fields})
 
 
 @contextlib.contextmanager
@@ -369,19 +327,34 @@ class TunedWeight:
 class BlockTuner:
     """Learned rounding of every targeted Linear in ``block``.
 
-    ``targets`` maps names relative to ``block`` to compressed-tensors weight ``QuantizationArgs``.
-    ``next_block`` (or ``None``) is the following decoder layer, used by ``router_scope`` ``next``/``both``.
+    ``targets`` maps names relative to ``block`` to compressed-tensors weight ``QuantizationArgs``. ``kwargs`` of
+    the inputs are the block's keyword arguments as the model's forward passes them
+    (:class:`~routealign.streams.StreamEngine`). ``next_block`` is the following decoder layer, or the list of the
+    layers downstream up to and including the first one that routes (a Nemotron-H MoE block is followed by attention
+    or mamba blocks first); ``next_kwargs`` their keyword arguments (default: the block's own). The next router is
+    the router of the last of them (``router_scope`` ``next``/``both``).
     """
 
     def __init__(self, block: torch.nn.Module, targets: dict, loss_config, config: TuningConfig,
-                 next_block: torch.nn.Module | None = None, name: str = "block",
-                 output_norm: torch.nn.Module | None = None, activations: dict | None = None):
+                 next_block: torch.nn.Module | list | None = None, name: str = "block",
+                 output_norm: torch.nn.Module | None = None, activations: dict | None = None,
+                 next_kwargs: list[dict] | None = None):
         self.block = block
         # input-activation quantization args of targets whose inputs are fake-quantized while tuning (NVFP4)
         self.activations = dict(activations or {})
         self._act_hooks_on: dict[str, ActivationQuantizer] = {}
         self._act_plans: dict = {}  # experts.input_quantization_plans of _act_hooks_on, while simulating
-        self.next_block = next_block
+        if next_block is None:
+            chain = []
+        elif isinstance(next_block, (list, tuple)):
+            chain = list(next_block)
+        else:
+            chain = [next_block]
+        self.next_chain = chain
+        self.next_block = chain[-1] if chain else None
+        if next_kwargs is not None and len(next_kwargs) != len(chain):
+            raise ValueError(f"{name}: {len(next_kwargs)} keyword sets for {len(chain)} downstream layers")
+        self._next_kwargs = next_kwargs
         self.output_norm = output_norm
         self.config = config
         self.name = name
@@ -395,8 +368,8 @@ class BlockTuner:
             self.weights.append(TunedWeight(n, modules[n], quantizer, global_scales.get(n),
                                             int(match.group(1)) if match else None))
         self.own_layers = find_moe_layers(block, require=False)
-        self.next_layers = find_moe_layers(next_block, require=False) if next_block is not None else []
-        scope = config.router_scope
+        self.next_layers = find_moe_layers(self.next_block, require=False) if chain else []
+        scope = config.router_scope if loss_config.objective != "none" else None
         self.scoped: list[tuple[str, MoELayer]] = []
         if scope in ("block", "both"):
             self.scoped += [("block", l) for l in self.own_layers]
@@ -405,10 +378,14 @@ class BlockTuner:
         self.losses = {(where, l.name): RouterLoss(loss_config, l.family, l.router) for where, l in self.scoped}
         self.loss_config = loss_config
         self._params32 = self._float_params(block)
-        self._next_params32 = self._float_params(next_block) if next_block is not None else {}
+        self._next_params32 = [self._float_params(b) for b in chain]
         self._norm_params32 = self._float_params(output_norm) if output_norm is not None else {}
         self.history: list[float] = []
         self.fallback: dict[str, int] = {}
+        # per arm (``router`` / ``plain``): training and held-out losses, the iteration kept, the downstream error
+        self.arms: dict[str, dict] = {}
+        self.router_kept: bool | None = None
+        self.router_scale: dict | None = None  # the router term against the MSE at the first router iteration
 
     @staticmethod
     def _float_params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -438,28 +415,35 @@ class BlockTuner:
     # -- forward passes -----------------------------------------------------------------------------------
     def _run(self, module, params, hidden, kwargs, layers, stop_after: bool = False, all_experts: bool = False,
              batched: bool | None = None):
-        """Forward ``module`` with ``params``; returns (output, or None when stopped after the last of ``layers``'
-        routers, and their logits by layer name, with gradients)."""
-        out = None
-        with RouterTap(layers, detach=False, stop_after=stop_after) as tap:
-            try:
-                batched = self.config.batched_experts if batched is None else batched
-                acting = module is self.block and bool(self._act_hooks_on)
-                # the batched experts bypass the expert Linear modules where the activation hooks sit, so they
-                # apply those quantizers themselves
-                plans = self._act_plans if acting else None
-                with plain_forwards(module, all_experts), (
-                    batched_experts(module, plans) if batched and not all_experts else contextlib.nullcontext()
-                ), (self._activation_hooks() if acting else contextlib.nullcontext()):
-                    out = functional_call(module, params, (hidden,), kwargs, strict=False)
-                out = out[0] if isinstance(out, tuple) else out
-            except StopForward:
-                pass
-        return out, tap.logits
+        """Forward ``module`` with ``params`` (:func:`routealign.streams.run_block`); returns (output, or None when
+        stopped after the last of ``layers``' routers, and their logits by layer name, with gradients)."""
+        batched = self.config.batched_experts if batched is None else batched
+        acting = module is self.block and bool(self._act_hooks_on)
+        extra = contextlib.ExitStack()
+        if batched and not all_experts:
+            # the batched experts bypass the expert Linear modules where the activation hooks sit, so they apply
+            # those quantizers themselves
+            extra.enter_context(batched_experts(module, self._act_plans if acting else None))
+        if acting:
+            extra.enter_context(self._activation_hooks())
+        with extra:
+            return run_block(module, params, hidden, kwargs, layers, stop_after=stop_after, all_experts=all_experts)
+
+    def _run_next(self, y: torch.Tensor, kwargs: dict, stop_after: bool):
+        """The downstream layers (unquantized) on ``y``: (output of the last, or None when stopped after its
+        routers, and its routers' logits)."""
+        kws = self._next_kwargs or [None] * len(self.next_chain)
+        h, logits = y, {}
+        for i, (module, params) in enumerate(zip(self.next_chain, self._next_params32)):
+            kw = kwargs if kws[i] is None else to_device(kws[i], torch.float32, self.device)
+            last = i == len(self.next_chain) - 1
+            h, logits = self._run(module, params, h, kw, self.next_layers if last else [],
+                                  stop_after=stop_after and last)
+        return h, logits
 
     def _chunks(self, inputs: BlockInputs, chunk: int = 8):
         """``(float32 hidden chunk, float32 kwargs)`` over the calibration sequences in order, on the block's device."""
-        kwargs = _to(inputs.kwargs, torch.float32, self.device)
+        kwargs = to_device(inputs.kwargs, torch.float32, self.device)
         for start in range(0, inputs.hidden.shape[0], chunk):
             yield inputs.hidden[start : start + chunk].to(self.device, torch.float32), kwargs
 
@@ -480,8 +464,7 @@ class BlockTuner:
             for n in own:
                 own[n].append(logits[n].float())
             if self.next_layers:
-                _, logits = self._run(self.next_block, self._next_params32, y, kwargs, self.next_layers,
-                                      stop_after=True)
+                _, logits = self._run_next(y, kwargs, stop_after=True)
                 for n in nxt:
                     nxt[n].append(logits[n].float())
         self._y_fp = torch.cat(outs)
@@ -521,7 +504,7 @@ class BlockTuner:
         self.fallback = {}
         for w in self.weights:
             if w.expert is not None and w.expert in starving:
-                w.mse_clip_fallback(self.config.clip_grid)
+                w.mse_clip_fallback(CLIP_GRID)
                 self.fallback[w.name] = starving[w.expert]
         if starving:
             listed = ", ".join(f"experts.{e} ({c} tokens)" for e, c in sorted(starving.items()))
@@ -529,9 +512,24 @@ class BlockTuner:
                         f"routed calibration tokens use MSE-clipped RTN: {listed}")
 
     # -- the loop -----------------------------------------------------------------------------------------
+    def split(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tuning, held-out) calibration sequence indices: ``holdout`` of ``n``, drawn with the seed; none held
+        out when that is less than one sequence or would leave none to tune on."""
+        held = int(n * self.config.holdout)
+        if held < 1 or held >= n:
+            return torch.arange(n), torch.arange(0)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed + 1_000_003))
+        return perm[held:].sort().values, perm[:held].sort().values
+
     def tune(self, q: BlockInputs, fp: BlockInputs) -> torch.Tensor:
         """Tune on quantized-stream inputs ``q`` against unquantized-stream inputs ``fp``; returns the unquantized
-        block outputs (the next block's unquantized-stream inputs)."""
+        block outputs (the next block's unquantized-stream inputs).
+
+        With held-out sequences (``holdout``) the iteration kept is the one with the lowest held-out loss (checked
+        every ``holdout_every`` iterations and after the last); with a router objective and ``router_gate``, the
+        block is tuned twice from the same start on the same minibatches, with and without the router term, and
+        the result with the smaller held-out error at the output of the first routing layer downstream (where a
+        changed expert choice shows in the values; the block's own output for the last block) is kept."""
         check_finite(q.hidden, f"{self.name}: calibration activations entering the layer (quantized stream)")
         check_finite(fp.hidden, f"{self.name}: calibration activations entering the layer (unquantized stream)")
         y_fp = self.targets(fp)
@@ -541,30 +539,68 @@ class BlockTuner:
         if cfg.iters <= 0 or not self.weights:
             return y_fp
         params = [p for w in self.weights if w.trainable for p in w.parameters()]
+        train, held = self.split(q.hidden.shape[0])
+        arms = ["router"] if self.scoped else ["plain"]
+        if self.scoped and cfg.router_gate and held.numel() and cfg.router_weight > 0:
+            arms = ["plain", "router"]
         simulate = cfg.quantize_activations and bool(self.activations)
+        start = [p.detach().clone() for p in params]
+        results: dict[str, list[torch.Tensor]] = {}
+        histories: dict[str, list[float]] = {}
         with self._simulating(self.activation_quantizers(q) if simulate else {}):
-            best = self._tune_loop(q, params)
-        with torch.no_grad():
-            for p, b in zip(params, best):
-                p.copy_(b)
-                p.grad = None
+            for arm in arms:
+                self._set(params, start)
+                self.history = []
+                results[arm], self.arms[arm] = self._tune_loop(q, params, train, held, use_router=arm == "router")
+                histories[arm] = self.history
+            if len(arms) == 2:
+                for arm in arms:
+                    self._set(params, results[arm])
+                    self.arms[arm]["downstream_heldout"] = self._downstream_error(q, held)
+                self.router_kept = (self.arms["router"]["downstream_heldout"]
+                                    < self.arms["plain"]["downstream_heldout"])
+                chosen = "router" if self.router_kept else "plain"
+            else:
+                chosen = arms[0]
+                self.router_kept = True if chosen == "router" else None
+        self._set(params, results[chosen])
+        self.history = histories[chosen]
         return y_fp
 
-    def _tune_loop(self, q: BlockInputs, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Signed gradient descent; returns the parameters of the iteration with the lowest loss."""
+    @staticmethod
+    @torch.no_grad()
+    def _set(params: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        for p, v in zip(params, values):
+            p.copy_(v)
+            p.grad = None
+
+    def _tune_loop(self, q: BlockInputs, params: list[torch.Tensor], train: torch.Tensor, held: torch.Tensor,
+                   use_router: bool) -> tuple[list[torch.Tensor], dict]:
+        """Signed gradient descent on minibatches of ``train``; returns the parameters of the iteration with the
+        lowest held-out loss (lowest training loss when nothing is held out) and a summary."""
         cfg = self.config
         gen = torch.Generator().manual_seed(cfg.seed)
-        kwargs = _to(q.kwargs, torch.float32, self.device)
-        n = q.hidden.shape[0]
+        kwargs = to_device(q.kwargs, torch.float32, self.device)
         best_loss, best, best_it = math.inf, None, -1
+        heldout: list[tuple[int, float]] = []
+
+        def consider(it: int, value: float) -> None:
+            nonlocal best_loss, best, best_it
+            if value < best_loss:
+                best_loss, best_it = value, it
+                best = [p.detach().clone() for p in params]
+
         with torch.enable_grad():
             for it in range(cfg.iters):
-                idx = torch.randperm(n, generator=gen)[: cfg.batch_size]
+                if held.numel() and it % cfg.holdout_every == 0:
+                    heldout.append((it, self._heldout_loss(q, held, use_router)))
+                    consider(it, heldout[-1][1])
+                idx = train[torch.randperm(train.numel(), generator=gen)[: cfg.batch_size]]
                 h = q.hidden[idx].to(self.device, torch.float32)
                 y, logits = self._run(self.block, self._block_params(), h, kwargs, self.own_layers)
                 target = self._y_fp[idx.to(self._y_fp.device)].to(y.device)
                 loss = torch.nn.functional.mse_loss(self._normed(y), self._normed(target))
-                router = self._router_loss(y, logits, kwargs, idx)
+                router = self._router_loss(y, logits, kwargs, idx) if use_router else None
                 total = loss + cfg.router_weight * router if router is not None else loss
                 value = _global_mean(total.detach())
                 if not math.isfinite(value):
@@ -575,12 +611,16 @@ class BlockTuner:
                         f"before {self.name} are quantized, {self.name} and later layers are unchanged"
                     )
                 self.history.append(value)
-                if value < best_loss:
-                    best_loss, best_it = value, it
-                    best = [p.detach().clone() for p in params]
+                if not held.numel():
+                    consider(it, value)
                 for p in params:
                     p.grad = None
-                total.backward()
+                # a router term that reaches no tuned weight (unreachable, reported) has no gradient to combine
+                combine = router is not None and router.requires_grad
+                if combine and (cfg.router_balance != "none" or it == 0):
+                    self._combine_gradients(params, loss, router, measure_only=cfg.router_balance == "none")
+                if not combine or cfg.router_balance == "none":
+                    total.backward()
                 _all_reduce_grads(params)
                 lr = cfg.learning_rate * (1 - it / cfg.iters)
                 with torch.no_grad():
@@ -593,7 +633,85 @@ class BlockTuner:
                         w.offset.clamp_(-0.5, 0.5)
                         w.clip_lo.clamp_(0.0, 1.0)
                         w.clip_hi.clamp_(0.0, 1.0)
-        return best
+            if held.numel():
+                heldout.append((cfg.iters, self._heldout_loss(q, held, use_router)))
+                consider(cfg.iters, heldout[-1][1])
+        info = {"best_iter": best_it, "train_first": self.history[0] if self.history else None,
+                "train_best": min(self.history) if self.history else None,
+                "heldout_first": heldout[0][1] if heldout else None,
+                "heldout_best": best_loss if heldout else None, "heldout_curve": heldout}
+        return best, info
+
+    def _combine_gradients(self, params: list[torch.Tensor], mse: torch.Tensor, router: torch.Tensor,
+                           measure_only: bool) -> None:
+        """Separate MSE and router gradients; records at the first call how they compare (``router_scale``: loss
+        ratio, gradient-norm ratio and the fraction of coordinates whose step sign the weighted router gradient
+        changes); unless ``measure_only``, sets ``p.grad`` to the MSE gradient plus the router gradient rescaled
+        per tensor to ``router_weight`` times the MSE gradient's norm."""
+        lam = self.config.router_weight
+        g_mse = torch.autograd.grad(mse, params, retain_graph=True, allow_unused=True)
+        g_rt = torch.autograd.grad(router, params, retain_graph=measure_only, allow_unused=True)
+        flips = total = 0
+        norm_m = norm_r = 0.0
+        for p, gm, gr in zip(params, g_mse, g_rt):
+            gm = torch.zeros_like(p) if gm is None else gm
+            gr = torch.zeros_like(p) if gr is None else gr
+            nm, nr = gm.norm(), gr.norm()
+            norm_m += float(nm) ** 2
+            norm_r += float(nr) ** 2
+            if self.router_scale is None:
+                flips += int((gm.sign() != (gm + lam * gr).sign()).sum())
+                total += gm.numel()
+            if not measure_only:
+                p.grad = gm + lam * gr * (nm / nr.clamp_min(1e-30))
+        if self.router_scale is None:
+            self.router_scale = {"loss_ratio": float(lam * router.detach() / mse.detach().clamp_min(1e-30)),
+                                 "grad_norm_ratio": lam * (norm_r ** 0.5) / max(norm_m ** 0.5, 1e-30),
+                                 "sign_flip_fraction": flips / max(total, 1)}
+
+    @torch.no_grad()
+    def _heldout_loss(self, q: BlockInputs, held: torch.Tensor, use_router: bool, chunk: int = 8) -> float:
+        """The tuning objective (block-output MSE, plus the weighted router term when ``use_router``) on the
+        held-out sequences, with the current rounding parameters."""
+        kwargs = to_device(q.kwargs, torch.float32, self.device)
+        params = self._block_params()
+        sq, elems, router, chunks = 0.0, 0, 0.0, 0
+        for start in range(0, held.numel(), chunk):
+            idx = held[start : start + chunk]
+            y, logits = self._run(self.block, params, q.hidden[idx].to(self.device, torch.float32), kwargs,
+                                  self.own_layers)
+            target = self._y_fp[idx.to(self._y_fp.device)].to(y.device)
+            err = self._normed(y) - self._normed(target)
+            sq += float(err.pow(2).sum())
+            elems += err.numel()
+            if use_router and self.scoped:
+                router += float(self._router_loss(y, logits, kwargs, idx)) * idx.numel()
+                chunks += idx.numel()
+        value = sq / max(elems, 1)
+        if chunks:
+            value += self.config.router_weight * router / chunks
+        return _global_mean(torch.tensor(value))
+
+    @torch.no_grad()
+    def _downstream_error(self, q: BlockInputs, held: torch.Tensor, chunk: int = 8) -> float:
+        """Mean squared error, on the held-out sequences, at the output of the first routing layer downstream (the
+        next layers unquantized, their experts chosen by their own routers), or of this block (through the final
+        norm) when none follows."""
+        kwargs = to_device(q.kwargs, torch.float32, self.device)
+        params = self._block_params()
+        sq, elems = 0.0, 0
+        for start in range(0, held.numel(), chunk):
+            idx = held[start : start + chunk]
+            y, _ = self._run(self.block, params, q.hidden[idx].to(self.device, torch.float32), kwargs, [])
+            target = self._y_fp[idx.to(self._y_fp.device)].to(y.device)
+            if self.next_chain:
+                y, _ = self._run_next(y, kwargs, stop_after=False)
+                target, _ = self._run_next(target, kwargs, stop_after=False)
+            else:
+                y, target = self._normed(y), self._normed(target)
+            sq += float((y - target).pow(2).sum())
+            elems += y.numel()
+        return _global_mean(torch.tensor(sq / max(elems, 1)))
 
     def _normed(self, y: torch.Tensor) -> torch.Tensor:
         """The last block's output is read only through the model's final norm: measure its error there."""
@@ -606,8 +724,7 @@ class BlockTuner:
             return None
         next_logits = {}
         if any(where == "next" for where, _ in self.scoped):
-            _, next_logits = self._run(self.next_block, self._next_params32, y, kwargs, self.next_layers,
-                                       stop_after=True)
+            _, next_logits = self._run_next(y, kwargs, stop_after=True)
         total = None
         for (where, name), loss in self.losses.items():
             z = logits[name] if where == "block" else next_logits[name]
@@ -650,13 +767,13 @@ class BlockTuner:
     def input_global_scales(self, q: "BlockInputs", names: list[str]) -> dict[str, torch.Tensor]:
         """NVFP4 input global scales (float32 ``[1]``, compressed-tensors' ``generate_gparam``) of ``names`` from
         the largest input each sees on the quantized stream: all tokens or only the routed ones
-        (``activation_scale_all_tokens``). An expert that saw no routed token takes the largest value among the
+        (``activation_scale_tokens``). An expert that saw no routed token takes the largest value among the
         same projection of the other experts."""
         from compressed_tensors.quantization.utils import generate_gparam
 
         if not names:
             return {}
-        amax = self.routed_input_amax(q, names, all_tokens=self.config.activation_scale_all_tokens)
+        amax = self.routed_input_amax(q, names, all_tokens=self.config.activation_scale_tokens == "all")
         by_leaf: dict[str, torch.Tensor] = {}
         for n, value in amax.items():
             leaf = n.rsplit(".", 1)[-1]

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from compressed_tensors.quantization import QuantizationStrategy
 from compressed_tensors.quantization.utils import is_module_quantized
 from compressed_tensors.utils import align_modules, match_named_modules
 from loguru import logger
-from pydantic import Field, PrivateAttr
+from pydantic import PrivateAttr
 from torch.utils._pytree import tree_map
 
 from llmcompressor.core import Event, State
@@ -22,16 +22,16 @@ from llmcompressor.modifiers.utils.hooks import HooksMixin
 from llmcompressor.utils.pytorch import infer_sequential_targets
 
 from ..errors import NotMoEError
-from ..losses import Objective, RouterLossConfig
+from ..losses import RouterLossConfig
 from ..routing import find_moe_layers
+from ..streams import BlockInputs, StreamEngine
 from ..validation import check_calibration, check_group_sizes, check_router_settings
-from ..tuning import (BlockInputs, BlockTuner, RouterScope, TuningConfig, suspended_offloading, world_size,
-                      write_parameters)
+from ..tuning import BlockTuner, TuningConfig, suspended_offloading, world_size, write_parameters
 
 __all__ = ["RouterAlignedRoundingModifier"]
 
 
-class RouterAlignedRoundingModifier(Modifier, QuantizationMixin):
+class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, RouterLossConfig):
     """Learned rounding (AutoRound-style signed gradient descent on rounding offsets and clip ranges, block by
     block) whose loss adds a router-alignment objective, so that the quantized model keeps the full-precision
     model's expert choices. Writes ordinary compressed-tensors parameters: ``save_pretrained(save_compressed=True)``
@@ -46,6 +46,7 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin):
           objective: vsraq          # none | topk_mse | kl | vsraq | expertquant
           router_scope: next        # block | next | both
           router_weight: 0.1
+          holdout: 0.125            # held-out sequences choose the iteration and whether the router term stays
           iters: 200
           scheme: W4A16             # W4A16, W4A16_ASYM, W3A16, W2A16, NVFP4, NVFP4A16
           targets: [Linear]
@@ -63,9 +64,10 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin):
         - mark targets as calibrating; capture each decoder layer's inputs with forward-pre hooks
     - on_sequential_epoch_end (once per decoder layer, in order)
         - inputs: the first layer's captured inputs; after that the quantized and unquantized streams that the
-          previous layer's tuning computed (causal attention; llm-compressor's propagated activations are not
-          used, see ``_tune_layer``)
+          previous layer's tuning computed with :mod:`routealign.streams` (each layer run as the model's forward
+          runs it: its own causal mask and attention; llm-compressor's propagated activations are not used)
         - :class:`~routealign.tuning.BlockTuner`: unquantized targets, starving-expert fallback, tuning loop
+          (with and without the router term when ``router_gate``), the iteration and arm chosen on held-out data
         - write quantize-dequantized weights, ``weight_scale``, ``weight_zero_point``, ``weight_global_scale``, and
           for activation-quantized NVFP4 ``input_global_scale`` from routed tokens
     - on_calibration_end
@@ -85,38 +87,21 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin):
     :param quantize_activations: for schemes with quantized input activations (NVFP4), simulate them in the
         tuning forward (compressed-tensors' dynamic group quantization with the layer's global scales,
         straight-through gradient) and in the propagated quantized stream
+    :param holdout: fraction of the calibration sequences held out of the tuning steps (default 1/8): the
+        iteration kept is the one with the lowest held-out loss, and the router term is kept in a block only if it
+        lowers the held-out error downstream (``router_gate``)
+    :param holdout_every: iterations between held-out evaluations
+    :param router_gate: with a router objective, also tune each block without it and keep the result with the
+        smaller held-out error at the output of the first routing layer downstream (reported per layer)
+    :param structure_space: ``logits`` (the papers') or ``scores``: where VSRAQ's rank/margin and ExpertQuant's
+        gap-hinge terms measure gaps (differs only for sigmoid routers)
     :param batched_experts: run the experts stacked (batched matmuls over routed tokens) in the tuning loop
         instead of llm-compressor's per-expert Python loop (same values up to float summation order)
     """
 
     requires_calibration_data: bool = True
 
-    objective: Objective = "vsraq"
-    router_scope: RouterScope = "next"
-    router_weight: float = Field(0.1, ge=0)
-    iters: int = Field(200, ge=0)
-    lr: float | None = Field(None, gt=0)
-    batch_size: int = Field(8, ge=1)
-    min_expert_tokens: int = Field(8, ge=0)
-    activation_scale_tokens: Literal["routed", "all"] = "all"
-    batched_experts: bool = True
-    quantize_activations: bool = True
-    seed: int = 0
-    # VSRAQ
-    alpha: float = Field(0.3, ge=0, le=1)
-    gamma: float = Field(1.0, ge=0)
-    eps: float = Field(1e-3, ge=0)
-    rank_margin: float = 0.0
-    beta_rank: float = Field(0.01, ge=0)
-    beta_margin: float = Field(0.05, ge=0)
-    boundary: int = Field(1, ge=1)
-    rank_anchor: bool = True
-    # ExpertQuant
-    raj_beta: float = Field(0.95, gt=0, le=1)
-    lambda_raj: float = Field(1.0, ge=0)
-    lambda_gh: float = Field(1.0, ge=0)
-    gh_gamma: float = Field(0.0, ge=0)
-    tau: float = Field(0.5, gt=0)
+    # every algorithm field (and its default and range) is declared once, in TuningConfig and RouterLossConfig
 
     _layer_names: dict[int, str] = PrivateAttr(default_factory=dict)
     _layer_order: list[str] = PrivateAttr(default_factory=list)
@@ -126,22 +111,14 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin):
     _q_hidden: torch.Tensor | None = PrivateAttr(default=None)
     _samples: int | None = PrivateAttr(default=None)
     _report: list[dict] = PrivateAttr(default_factory=list)
+    _engine: StreamEngine | None = PrivateAttr(default=None)
 
     # -- configuration ------------------------------------------------------------------------------------
     def loss_config(self) -> RouterLossConfig:
-        return RouterLossConfig(
-            objective=self.objective, alpha=self.alpha, gamma=self.gamma, eps=self.eps,
-            rank_margin=self.rank_margin, beta_rank=self.beta_rank, beta_margin=self.beta_margin,
-            boundary=self.boundary, rank_anchor=self.rank_anchor, raj_beta=self.raj_beta,
-            lambda_raj=self.lambda_raj, lambda_gh=self.lambda_gh, gh_gamma=self.gh_gamma, tau=self.tau,
-        )
+        return RouterLossConfig.of(self)
 
     def tuning_config(self) -> TuningConfig:
-        return TuningConfig(iters=self.iters, lr=self.lr, batch_size=self.batch_size,
-                            router_weight=self.router_weight, router_scope=self.router_scope,
-                            min_expert_tokens=self.min_expert_tokens, seed=self.seed,
-                            batched_experts=self.batched_experts, quantize_activations=self.quantize_activations,
-                            activation_scale_all_tokens=self.activation_scale_tokens == "all")
+        return TuningConfig.of(self)
 
     @property
     def report(self) -> list[dict]:
@@ -214,10 +191,15 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin):
         captured = BlockInputs.from_captured(self._captured.pop(name, []), name)
         # Both streams are ours: llm-compressor 0.14.0.1's sequential pipeline runs decoder layers with eager
         # attention and attention_mask=None (bidirectional attention), so the activations it propagates to the
-        # second layer onwards are not the causal model's. Only the first layer's captured inputs (embeddings) and the
-        # shared keyword arguments (rotary embeddings) are taken from it.
-        q = captured if self._q_hidden is None else BlockInputs(self._q_hidden, captured.kwargs)
-        fp = captured if self._fp_hidden is None else BlockInputs(self._fp_hidden, captured.kwargs)
+        # second layer onwards are not the causal model's. Only the first layer's captured inputs (embeddings) are
+        # taken from it; every layer's keyword arguments (causal mask, position embeddings) come from the model's
+        # own forward (routealign.streams.StreamEngine).
+        if self._engine is None:
+            self._engine = StreamEngine(model, self._layer_order)
+        layer_kwargs = self._engine.layer_kwargs(captured.hidden.shape[1])
+        kwargs = layer_kwargs[name]
+        q = BlockInputs(captured.hidden if self._q_hidden is None else self._q_hidden, kwargs)
+        fp = BlockInputs(captured.hidden if self._fp_hidden is None else self._fp_hidden, kwargs)
         targets = {n: m.quantization_scheme.weights for n, m in block.named_modules()
                    if is_module_quantized(m) and m.quantization_scheme.weights is not None
                    and hasattr(m, "weight")}
@@ -226,21 +208,21 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin):
                        and m.quantization_scheme.input_activations.dynamic in (True, "local")
                        and m.quantization_scheme.input_activations.strategy == QuantizationStrategy.TENSOR_GROUP
                        and hasattr(m, "input_global_scale")}
-        index = self._layer_order.index(name)
-        next_block = model.get_submodule(self._layer_order[index + 1]) if index + 1 < len(self._layer_order) else None
+        chain = self._downstream(model, name)
         if self._samples is None:
             self._samples = captured.hidden.shape[0]
         elif captured.hidden.shape[0] != self._samples:
             raise RuntimeError(f"{name}: captured {captured.hidden.shape[0]} calibration sequences, the first layer "
                                f"saw {self._samples}")
         start = time.perf_counter()
-        aligned = [block] + ([next_block] if next_block is not None else [])
+        downstream = [model.get_submodule(n) for n in chain]
         # our own forwards must not trigger hooks (ours would capture them as the next layer's inputs)
-        with HooksMixin.disable_hooks(), align_modules(aligned):
-            output_norm = self._final_norm(model) if next_block is None else None
-            with suspended_offloading(block, next_block, output_norm):
-                tuner = BlockTuner(block, targets, self.loss_config(), self.tuning_config(), next_block, name,
-                                   output_norm=output_norm, activations=activations)
+        with HooksMixin.disable_hooks(), align_modules([block] + downstream):
+            output_norm = self._final_norm(model) if not chain else None
+            with suspended_offloading(block, *downstream, output_norm):
+                tuner = BlockTuner(block, targets, self.loss_config(), self.tuning_config(), downstream, name,
+                                   output_norm=output_norm, activations=activations,
+                                   next_kwargs=[layer_kwargs[n] for n in chain])
                 unreachable = self._unreachable(tuner, name)
                 y_fp = tuner.tune(q, fp)
             tuner.apply()
@@ -256,12 +238,24 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin):
                "loss_first": history[0] if history else None, "loss_best": min(history) if history else None,
                "seconds": round(time.perf_counter() - start, 3), "rtn_fallback": dict(tuner.fallback),
                "router_unreachable": unreachable,
-               "routers": [f"{w}:{(name if w == 'block' else self._layer_order[index + 1])}.{l.router_name}"
-                           for w, l in tuner.scoped]}
+               "routers": [f"{w}:{(name if w == 'block' else chain[-1])}.{l.router_name}" for w, l in tuner.scoped],
+               "router_kept": tuner.router_kept, "arms": tuner.arms}
         self._report.append(row)
         if history:
+            kept = {True: ", router term kept", False: ", router term dropped (held-out)", None: ""}[tuner.router_kept]
             logger.info(f"{name}: tuned {len(tuner.weights)} weights, {len(history)} iters, loss "
-                        f"{history[0]:.4g} -> best {min(history):.4g} ({row['seconds']:.1f} s)")
+                        f"{history[0]:.4g} -> best {min(history):.4g}{kept} ({row['seconds']:.1f} s)")
+
+    def _downstream(self, model: torch.nn.Module, name: str) -> list[str]:
+        """The decoder layers after ``name`` up to and including the first one that routes (all remaining layers
+        when none does; empty for the last layer)."""
+        index = self._layer_order.index(name)
+        chain = []
+        for later in self._layer_order[index + 1:]:
+            chain.append(later)
+            if find_moe_layers(model.get_submodule(later), require=False):
+                break
+        return chain
 
     @staticmethod
     def _final_norm(model: torch.nn.Module) -> torch.nn.Module | None:
@@ -296,3 +290,4 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin):
         self._fp_hidden = None
         self._q_hidden = None
         self._samples = None
+        self._engine = None

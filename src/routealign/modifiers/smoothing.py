@@ -11,6 +11,7 @@ from pydantic import Field, PrivateAttr
 
 from llmcompressor.core import Event, State
 from llmcompressor.modifiers import Modifier
+from llmcompressor.modifiers.utils.hooks import HooksMixin
 from llmcompressor.utils.pytorch import infer_sequential_targets
 
 from ..errors import InputError, NotMoEError
@@ -37,6 +38,7 @@ from ..smoothing import (
     search_alpha,
     smooth_scales,
 )
+from ..streams import StreamEngine, run_block
 from ..tuning import world_size
 from ..validation import check_calibration
 
@@ -108,11 +110,16 @@ class ExpertAwareSmoothingModifier(Modifier):
     - on_calibration_start
         - hooks: MoE block input (routed per expert with the model's own router; expert intermediates computed on
           routed tokens only), input norm output (checked equal to the block input), ``o_proj`` and dense/shared
-          ``down_proj`` inputs
+          ``down_proj`` inputs; they record only while the modifier runs a layer on its own causal stream
+        - capture the first decoder layer's inputs (the embeddings)
     - on_sequential_epoch_end (per decoder layer, before the quantizing modifier's)
+        - run the layer on the modifier's causal stream (:mod:`routealign.streams`: the model's own masks and
+          attention; llm-compressor's propagated activations are bidirectional and are not used) to collect the
+          statistics
         - choose scales (``expertquant``: eq. 4 with ``alpha``; ``search``: best ``alpha`` on ``grid`` or none by
           the quantized reconstruction error on routed tokens), fold them, rescale GPTQ Hessians of the modules
           whose inputs were rescaled
+        - run the folded layer on the causal stream: the next layer's input
     - on_calibration_end
         - remove hooks
 
@@ -149,6 +156,11 @@ class ExpertAwareSmoothingModifier(Modifier):
     _report: list[dict] = PrivateAttr(default_factory=list)
     _powers: dict[str, list[int | None]] = PrivateAttr(default_factory=dict)
     _decoder_ids: dict[int, str] = PrivateAttr(default_factory=dict)
+    _stat_hooks: set = PrivateAttr(default_factory=set)
+    _captured: list[torch.Tensor] = PrivateAttr(default_factory=list)
+    _hidden: torch.Tensor | None = PrivateAttr(default=None)
+    _engine: StreamEngine | None = PrivateAttr(default=None)
+    _recording: bool = PrivateAttr(default=False)
 
     @property
     def report(self) -> list[dict]:
@@ -230,23 +242,64 @@ class ExpertAwareSmoothingModifier(Modifier):
                 )
 
     def on_calibration_start(self, state: State, event: Event, **kwargs):
+        """Statistics hooks, which record only while the modifier runs a layer on its own causal stream (never
+        during llm-compressor's propagation: bidirectional from the second layer on), and a hook that captures the
+        first decoder layer's inputs (the embeddings, the one thing taken from the pipeline)."""
         model = state.model
+
+        def add(module, hook, kind, **kw):
+            def gated(*args, **kwargs):
+                return hook(*args, **kwargs) if self._recording else None
+
+            self._stat_hooks.add(self.register_hook(module, gated, kind, **kw))
+
         for name, layer in self._layers.items():
             self._stats[name] = _Stats(self.search_tokens)
-            self.register_hook(layer.block, self._moe_hook(name), "forward_pre", with_kwargs=True)
+            add(layer.block, self._moe_hook(name), "forward_pre", with_kwargs=True)
             if name in self._norms:
-                self.register_hook(model.get_submodule(self._norms[name]), self._norm_hook(name), "forward")
+                add(model.get_submodule(self._norms[name]), self._norm_hook(name), "forward")
         for _, o_name, _ in self._attn:
             self._stats[o_name] = _Stats(self.search_tokens)
-            self.register_hook(model.get_submodule(o_name), self._input_hook(o_name), "forward_pre")
+            add(model.get_submodule(o_name), self._input_hook(o_name), "forward_pre")
         for _, _, down_name, _ in self._mlps:
             self._stats[down_name] = _Stats(self.search_tokens)
-            self.register_hook(model.get_submodule(down_name), self._input_hook(down_name), "forward_pre")
+            add(model.get_submodule(down_name), self._input_hook(down_name), "forward_pre")
         for attn, norm, _ in self._attn_in:
             self._stats[attn] = _Stats(self.search_tokens)
             self._norms[attn] = norm
-            self.register_hook(model.get_submodule(attn), self._site_hook(attn), "forward_pre", with_kwargs=True)
-            self.register_hook(model.get_submodule(norm), self._norm_hook(attn), "forward")
+            add(model.get_submodule(attn), self._site_hook(attn), "forward_pre", with_kwargs=True)
+            add(model.get_submodule(norm), self._norm_hook(attn), "forward")
+        first = model.get_submodule(self._decoder[0])
+        self.register_hook(first, self._capture_first, "forward_pre", with_kwargs=True)
+
+    def _capture_first(self, module, args, kwargs):
+        if self._hidden is None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self._captured.append(hidden.detach())
+
+    @torch.no_grad()
+    def _run_causal(self, model, name: str, record: bool, chunk: int = 8) -> torch.Tensor:
+        """Layer ``name`` on the modifier's own causal stream (routealign.streams: the model's own masks and
+        attention); with ``record`` only the statistics hooks fire, otherwise no hook does. Returns its output."""
+        if self._hidden is None:
+            if not self._captured:
+                raise RuntimeError(f"ExpertAwareSmoothingModifier: no calibration inputs reached {name}")
+            self._hidden = torch.cat(self._captured)
+            self._captured.clear()
+        if self._engine is None:
+            self._engine = StreamEngine(model, self._decoder)
+        kwargs = self._engine.layer_kwargs(self._hidden.shape[1])[name]
+        block = model.get_submodule(name)
+        outs = []
+        self._recording = record
+        try:
+            with HooksMixin.disable_hooks(keep=self._stat_hooks if record else set()):
+                for start in range(0, self._hidden.shape[0], chunk):
+                    y, _ = run_block(block, None, self._hidden[start : start + chunk], kwargs)
+                    outs.append(y)
+        finally:
+            self._recording = False
+        return torch.cat(outs)
 
     # -- statistics -------------------------------------------------------------------------------------------------
     def _norm_hook(self, name: str):
@@ -322,7 +375,10 @@ class ExpertAwareSmoothingModifier(Modifier):
             prefix = self._decoder_ids.get(id(module))
             if prefix is None or prefix in self._done:
                 continue
+            self._run_causal(state.model, prefix, record=True)  # statistics from the causal stream
             self._fold_decoder_layer(state.model, prefix)
+            # the next layer's input: this layer, folded (exact, so the unquantized function is unchanged)
+            self._hidden = self._run_causal(state.model, prefix, record=False)
             self._done.add(prefix)
 
     def _fold_decoder_layer(self, model, prefix: str) -> None:
@@ -540,6 +596,10 @@ class ExpertAwareSmoothingModifier(Modifier):
                            "nothing folded there")
         self._stats.clear()
         self._pending_norm.clear()
+        self._stat_hooks.clear()
+        self._captured.clear()
+        self._hidden = None
+        self._engine = None
 
     def on_finalize(self, state: State, **kwargs) -> bool:
         return True

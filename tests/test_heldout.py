@@ -1,0 +1,134 @@
+"""Held-out calibration sequences choose the iteration kept and whether the router term is used in a block; the
+next router downstream is found past layers without one (Nemotron-H)."""
+
+import pytest
+import torch
+from compressed_tensors.quantization import preset_name_to_scheme
+from datasets import Dataset
+from llmcompressor import oneshot
+from llmcompressor.modeling.moe.linearize import linearize_moe
+from transformers import AutoModelForCausalLM
+
+import routealign  # noqa: F401
+from routealign import RouterAlignedRoundingModifier
+from routealign.losses import RouterLossConfig
+from routealign.streams import BlockInputs, StreamEngine
+from routealign.tiny import save_tiny, tiny_model
+from routealign.tuning import BlockTuner, TuningConfig, suspended_offloading
+
+from .conftest import calibration_ids
+
+
+def _setup(model_type="qwen3_moe", rows=8, seq_len=24, seed=4):
+    model = tiny_model(model_type, seed=seed)
+    linearize_moe(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = [f"model.layers.{i}" for i in range(len(model.model.layers))]
+    engine = StreamEngine(model, names)
+    h, kwargs = engine.capture(calibration_ids(rows=rows, seq_len=seq_len, seed=seed))
+    block, nxt = model.model.layers[0], model.model.layers[1]
+    args = preset_name_to_scheme("W4A16", ["Linear"]).weights
+    targets = {n: args for n, m in block.named_modules() if isinstance(m, torch.nn.Linear) and n != "mlp.gate"}
+    return block, nxt, targets, BlockInputs(h, kwargs[names[0]]), kwargs[names[1]]
+
+
+def _tune(block, nxt, targets, q, next_kwargs, objective, **config):
+    with suspended_offloading(block, nxt):
+        tuner = BlockTuner(block, targets, RouterLossConfig(objective=objective),
+                           TuningConfig(**{"iters": 12, "batch_size": 2, "min_expert_tokens": 0, "holdout_every": 3,
+                                           **config}), [nxt], next_kwargs=[next_kwargs])
+        tuner.tune(q, q)
+    return tuner
+
+
+def _state(tuner):
+    return [p.detach().clone() for w in tuner.weights for p in w.parameters()]
+
+
+def test_split_is_seeded_disjoint_and_complete():
+    block, nxt, targets, q, nkw = _setup()
+    tuner = BlockTuner(block, targets, RouterLossConfig(objective="none"), TuningConfig(holdout=0.25), [nxt])
+    train, held = tuner.split(8)
+    assert held.numel() == 2 and train.numel() == 6
+    assert sorted(train.tolist() + held.tolist()) == list(range(8))
+    again = BlockTuner(block, targets, RouterLossConfig(objective="none"), TuningConfig(holdout=0.25), [nxt])
+    assert torch.equal(again.split(8)[1], held)
+    other = BlockTuner(block, targets, RouterLossConfig(objective="none"), TuningConfig(holdout=0.25, seed=1), [nxt])
+    assert [other.split(40)[1].tolist()] != [tuner.split(40)[1].tolist()]
+    # fewer than one sequence to hold out, or none left to tune on: nothing held out
+    assert tuner.split(3)[1].numel() == 0
+    none = BlockTuner(block, targets, RouterLossConfig(objective="none"), TuningConfig(holdout=0.0), [nxt])
+    assert none.split(8)[1].numel() == 0
+
+
+def test_kept_iteration_has_the_lowest_held_out_loss():
+    block, nxt, targets, q, nkw = _setup()
+    tuner = _tune(block, nxt, targets, q, nkw, "none", holdout=0.25)
+    info = tuner.arms["plain"]
+    curve = info["heldout_curve"]
+    assert [it for it, _ in curve] == [0, 3, 6, 9, 12]
+    best_it, best = min(curve, key=lambda c: c[1])
+    assert info["best_iter"] == best_it and info["heldout_best"] == best
+    _, held = tuner.split(q.hidden.shape[0])
+    # the parameters kept reproduce that held-out loss exactly
+    assert tuner._heldout_loss(q, held, use_router=False) == best
+    # with nothing held out, the lowest minibatch loss decides (AutoRound's rule)
+    plain = _tune(block, nxt, targets, q, nkw, "none", holdout=0.0)
+    assert plain.arms["plain"]["heldout_curve"] == []
+    assert plain.arms["plain"]["train_best"] == min(plain.history)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_router_gate_keeps_the_arm_with_the_smaller_held_out_downstream_error(seed):
+    block, nxt, targets, q, nkw = _setup(seed=seed)
+    gated = _tune(block, nxt, targets, q, nkw, "vsraq", holdout=0.25, router_weight=1.0, seed=seed)
+    plain = _tune(block, nxt, targets, q, nkw, "none", holdout=0.25, seed=seed)
+    assert set(gated.arms) == {"plain", "router"}
+    down = {arm: gated.arms[arm]["downstream_heldout"] for arm in ("plain", "router")}
+    assert gated.router_kept == (down["router"] < down["plain"])
+    same = all(torch.equal(a, b) for a, b in zip(_state(gated), _state(plain)))
+    # the plain arm of a gated run is exactly the objective-none run
+    assert same == (not gated.router_kept)
+    assert gated.arms["plain"]["downstream_heldout"] == pytest.approx(
+        plain._downstream_error(q, plain.split(q.hidden.shape[0])[1]), rel=1e-6)
+
+
+def test_router_gate_off_or_no_held_out_tunes_with_the_router_term_only():
+    block, nxt, targets, q, nkw = _setup()
+    for config in ({"router_gate": False, "holdout": 0.25}, {"holdout": 0.0}):
+        tuner = _tune(block, nxt, targets, q, nkw, "vsraq", **config)
+        assert set(tuner.arms) == {"router"} and tuner.router_kept is True
+
+
+def test_router_balance_rescales_the_router_gradient_and_reports_its_scale():
+    block, nxt, targets, q, nkw = _setup()
+    raw = _tune(block, nxt, targets, q, nkw, "vsraq", holdout=0.0, router_weight=0.1)
+    scale = raw.router_scale
+    assert scale["grad_norm_ratio"] > 0 and 0 < scale["sign_flip_fraction"] < 1 and scale["loss_ratio"] > 0
+    balanced = _tune(block, nxt, targets, q, nkw, "vsraq", holdout=0.0, router_weight=0.1,
+                     router_balance="grad_norm")
+    assert balanced.router_scale == scale  # measured on the same first minibatch
+    assert any(not torch.equal(a, b) for a, b in zip(_state(raw), _state(balanced)))
+
+
+def test_next_router_is_found_past_layers_without_one(tmp_path):
+    """Nemotron-H: attention, MoE, attention, MoE. With router_scope next, the first MoE block's objective is the
+    router of the next MoE block, two layers down, and the attention blocks' objective the next MoE router."""
+    save_tiny("nemotron_h", tmp_path / "m", seed=3)
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"), dtype=torch.float32)
+    ids = calibration_ids(rows=8, seq_len=24)
+    mod = RouterAlignedRoundingModifier(objective="vsraq", iters=4, batch_size=2, scheme="W4A16", targets="Linear",
+                                        ignore=["lm_head"], min_expert_tokens=0)
+    oneshot(model=model, dataset=Dataset.from_dict({"input_ids": ids.tolist()}), recipe=mod,
+            num_calibration_samples=8, max_seq_length=24)
+    rows = {r["layer"]: r for r in mod.report}
+    assert rows["model.layers.0"]["routers"] == ["next:model.layers.1.mixer.gate"]
+    assert rows["model.layers.1"]["routers"] == ["next:model.layers.3.mixer.gate"]
+    assert rows["model.layers.2"]["routers"] == ["next:model.layers.3.mixer.gate"]
+    assert rows["model.layers.3"]["routers"] == []
+    for name in ("model.layers.0", "model.layers.1", "model.layers.2"):
+        assert rows[name]["router_kept"] in (True, False)
+        assert set(rows[name]["arms"]) == {"plain", "router"}
+        assert rows[name]["router_unreachable"] == []
+    assert rows["model.layers.3"]["router_kept"] is None
