@@ -103,7 +103,7 @@ def test_router_gate_off_or_no_held_out_tunes_with_the_router_term_only():
 
 def test_router_balance_rescales_the_router_gradient_and_reports_its_scale():
     block, nxt, targets, q, nkw = _setup()
-    raw = _tune(block, nxt, targets, q, nkw, "vsraq", holdout=0.0, router_weight=0.1)
+    raw = _tune(block, nxt, targets, q, nkw, "vsraq", holdout=0.0, router_weight=0.1, router_balance="none")
     scale = raw.router_scale
     assert scale["grad_norm_ratio"] > 0 and 0 < scale["sign_flip_fraction"] < 1 and scale["loss_ratio"] > 0
     balanced = _tune(block, nxt, targets, q, nkw, "vsraq", holdout=0.0, router_weight=0.1,
@@ -132,3 +132,18 @@ def test_next_router_is_found_past_layers_without_one(tmp_path):
         assert set(rows[name]["arms"]) == {"plain", "router"}
         assert rows[name]["router_unreachable"] == []
     assert rows["model.layers.3"]["router_kept"] is None
+
+
+def test_minibatches_cycle_through_every_tuning_sequence():
+    from routealign.tuning import _CyclicBatches
+
+    train = torch.tensor([0, 2, 3, 5, 6, 7, 9])
+    batches = _CyclicBatches(train, 3, torch.Generator().manual_seed(0))
+    first = [batches.next() for _ in range(2)]
+    seen = torch.cat(first)
+    assert seen.unique().numel() == 6 and set(seen.tolist()) <= set(train.tolist())  # no repeats within a pass
+    third = batches.next()  # one sequence left over: a new shuffled pass starts
+    assert third.numel() == 3 and set(third.tolist()) <= set(train.tolist())
+    again = _CyclicBatches(train, 3, torch.Generator().manual_seed(0))
+    assert all(torch.equal(again.next(), b) for b in first)
+    assert _CyclicBatches(train, 10, torch.Generator()).next().numel() == 7  # batch larger than the set

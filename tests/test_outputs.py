@@ -30,13 +30,13 @@ def _digest(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def _quantized(model_dir: Path, iters: int = 0, seed: int = 0):
+def _quantized(model_dir: Path, iters: int = 0, seed: int = 0, rows: int = 2, **fields):
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    ids = calibration_ids(rows=2, seq_len=16)
+    ids = calibration_ids(rows=rows, seq_len=16)
     data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
-    oneshot(model=model, dataset=data, num_calibration_samples=2, max_seq_length=16,
+    oneshot(model=model, dataset=data, num_calibration_samples=rows, max_seq_length=16,
             recipe=RouterAlignedRoundingModifier(objective="vsraq", iters=iters, batch_size=1, seed=seed, scheme="W4A16",
-                                                 targets="Linear", ignore=["lm_head"]))
+                                                 targets="Linear", ignore=["lm_head"], **fields))
     return model
 
 
@@ -136,3 +136,17 @@ def test_demo_refuses_a_non_empty_output_folder(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "demo output folder" in err and "pass --overwrite" in err
     assert (tmp_path / "demo" / "notes.txt").read_text() == "mine"
+
+
+def test_checkpoint_gets_the_usual_permissions(tmp_path):
+    """A vLLM container running as another user must read the checkpoint: 0755 folder, 0644 files (umask 022)."""
+    save_tiny("qwen3_moe", tmp_path / "m", seed=1)
+    model = _quantized(tmp_path / "m")
+    old = os.umask(0o022)
+    try:
+        out = save_compressed(model, tmp_path / "q")
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o755
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert files and all(p.stat().st_mode & 0o777 == 0o644 for p in files), {p.name: oct(p.stat().st_mode) for p in files}

@@ -190,3 +190,35 @@ def test_routealign_checkpoints_of_every_family_pass(tmp_path, model_type, schem
     save_compressed(model, tmp_path / "q")
     report = check_checkpoint(tmp_path / "q")
     assert report.ok and report.findings == [] and report.moe_layers == 2, report.table()
+
+
+@pytest.mark.parametrize("name", ["w4a16", "nvfp4"])
+def test_non_finite_or_zero_scales_fail(good, tmp_path, name):
+    """A scale never calibrated (saved as uninitialised memory: NaN in places, mostly zeros) serves garbage."""
+    folder = _copy(good, name, tmp_path)
+
+    def nan(tensors):
+        key = next(k for k in tensors if k.endswith("self_attn.q_proj.weight_scale"))
+        tensors[key] = tensors[key].clone()
+        tensors[key].view(-1)[3] = float("nan")
+
+    _edit_tensors(folder, nan)
+    findings = [(f.rule, f.level) for f in check_checkpoint(folder).findings]
+    assert ("scales", "error") in findings
+    folder = _copy(good, name, tmp_path / "zero")
+
+    def zero(tensors):
+        key = next(k for k in tensors if k.endswith("experts.0.down_proj.weight_scale"))
+        tensors[key] = torch.zeros_like(tensors[key])
+
+    _edit_tensors(folder, zero)
+    report = check_checkpoint(folder)
+    assert any(f.rule == "scales" and f.level == "error" and "down_proj.weight_scale" in f.where
+               for f in report.findings), report.table()
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith("routealign 0.")

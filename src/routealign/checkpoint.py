@@ -242,6 +242,16 @@ def _remove_stale_staging(out: Path) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
+def _usual_permissions(folder: Path) -> None:
+    """``mkdtemp`` makes the staging folder 0700; a checkpoint is read by other users (a vLLM container), so the
+    folder and everything in it get the permissions ordinary writes get under the user's umask (0755 / 0644)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def _fsync_tree(folder: Path) -> None:
     for file in folder.rglob("*"):
         if file.is_file():
@@ -286,6 +296,7 @@ def save_compressed(model, out: str | Path, tokenizer=None, overwrite: bool = Fa
         model.save_pretrained(str(staging), save_compressed=True, **save_kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
+        _usual_permissions(staging)
         _fsync_tree(staging)
         replaced = None
         if out.exists():

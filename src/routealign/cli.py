@@ -74,8 +74,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("routealign")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        return "unknown"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="routealign", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"routealign {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     ev = sub.add_parser("eval", help="routing agreement and perplexity of a quantized model against its reference")
@@ -85,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--tokenizer", type=Path, help="tokenizer.json (default: the reference folder's)")
     ev.add_argument("--rows", type=int, default=64, help="number of rows of --seq-len tokens (default 64)")
     ev.add_argument("--seq-len", type=int, default=512, help="tokens per row (default 512)")
-    ev.add_argument("--batch-size", type=int, default=4)
+    ev.add_argument("--batch-size", type=int, default=4, help="rows per forward pass (default 4)")
     ev.add_argument("--dtype", choices=_DTYPES, default="bfloat16", help="compute dtype (default bfloat16)")
     ev.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     ev.add_argument("--perfect-routing", action="store_true",
@@ -102,7 +112,8 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="end-to-end demo on a tiny built-in MoE and bundled text")
     demo.add_argument("--out", type=Path, default=Path("routealign-out"), help="working folder")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0,
+                      help="seed of the tiny model's training, the calibration windows and the tuning (default 0)")
     demo.add_argument("--overwrite", action="store_true", help="replace the contents of an existing --out folder")
     demo.set_defaults(func=_cmd_demo)
     return parser

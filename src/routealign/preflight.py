@@ -236,6 +236,8 @@ def check_checkpoint(path: str | Path) -> PreflightReport:
         if shape is not None and got != shape:
             report.add("error", "tensors", originals[key], f"shape {list(got)}, expected {list(shape)}")
 
+    _check_scale_values(stored, originals, report)
+
     # MoE rules
     layers = find_moe_layers(model, require=False)
     report.moe_layers = len(layers)
@@ -323,3 +325,28 @@ def _check_global_scales(layer, stored: dict, originals: dict, report: Preflight
             report.add("error", "global-scale", base,
                        f"gate_proj and up_proj weight_global_scale differ ({values[0].item():.6g} vs "
                        f"{values[1].item():.6g}); vLLM fuses them into one w13 tensor with one global scale")
+
+
+def _check_scale_values(stored: dict, originals: dict, report: PreflightReport) -> None:
+    """Quantization scales are read (they are small): a non-finite scale, or one that is zero for most of a tensor,
+    serves garbage (e.g. a scale never calibrated and saved as uninitialised memory) and is an error; a few zero
+    group scales (all-zero weight groups) are a warning."""
+    by_file: dict[Path, list[str]] = {}
+    for name, (_, _, file) in stored.items():
+        if name.endswith(("weight_scale", "weight_global_scale", "input_global_scale")):
+            by_file.setdefault(file, []).append(name)
+    for file, names in by_file.items():
+        with safe_open(str(file), framework="pt") as handle:
+            for name in names:
+                value = handle.get_tensor(originals[name]).float()
+                if not bool(torch.isfinite(value).all()):
+                    bad = int((~torch.isfinite(value)).sum())
+                    report.add("error", "scales", originals[name],
+                               f"{bad} of {value.numel()} values are NaN or infinite")
+                    continue
+                zeros = int((value == 0).sum())
+                if zeros and (zeros * 2 > value.numel() or name.endswith("global_scale")):
+                    report.add("error", "scales", originals[name], f"{zeros} of {value.numel()} values are zero")
+                elif zeros:
+                    report.add("warning", "scales", originals[name],
+                               f"{zeros} of {value.numel()} group scales are zero (all-zero weight groups?)")

@@ -30,7 +30,8 @@ from torch.func import functional_call
 
 from .routing import MoELayer, RouterTap, StopForward
 
-__all__ = ["BlockInputs", "StreamEngine", "plain_forwards", "attention_implementation", "run_block", "to_device"]
+__all__ = ["BlockInputs", "StreamEngine", "plain_forwards", "attention_implementation", "run_block", "to_device",
+           "canonical_order"]
 
 
 @dataclass
@@ -60,6 +61,16 @@ class BlockInputs:
             if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] not in (1,):
                 raise ValueError(f"{where}: keyword '{key}' has batch dimension {value.shape[0]}; use batch_size=1")
         return BlockInputs(hidden=hidden, kwargs=first)
+
+
+@torch.no_grad()
+def canonical_order(hidden: torch.Tensor) -> torch.Tensor:
+    """An order of the sequences ``hidden`` (``[N, T, H]``) that depends on their contents only, not on the order
+    they came in: by a fixed random projection of each sequence (ties, i.e. identical sequences, are harmless)."""
+    generator = torch.Generator().manual_seed(0)
+    weights = torch.randn(hidden.shape[1], hidden.shape[2], generator=generator, dtype=torch.float64)
+    keys = (hidden.detach().to("cpu", torch.float64) * weights).sum(dim=(1, 2))
+    return torch.argsort(keys, stable=True)
 
 
 def _same(a, b) -> bool:

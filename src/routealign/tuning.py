@@ -3,8 +3,8 @@
 Per targeted weight ``W`` (``[out, in]``): a rounding offset ``v`` (``[out, in]``, in grid units, kept in
 ``[-0.5, 0.5]``) and per-group clip factors ``c_lo``, ``c_hi`` (kept in ``[0, 1]``) that scale the group minimum
 and maximum before the scale is computed. Signed gradient descent (``p -= lr_t * sign(grad)``) with a learning
-rate decaying linearly from ``lr`` (default ``1/iters``) to 0; each iteration samples ``batch_size`` calibration
-sequences from the tuning part of the calibration set. A fraction ``holdout`` of the calibration sequences is held
+rate decaying linearly from ``lr`` (default ``1/iters``) to 0; each iteration takes the next ``batch_size``
+calibration sequences of a shuffled pass over the tuning part of the calibration set (AutoRound's sampler). A fraction ``holdout`` of the calibration sequences is held
 out of the steps: the parameters kept are those of the iteration with the lowest loss *on the held-out sequences*
 (evaluated every ``holdout_every`` iterations; with nothing held out, the lowest minibatch loss, as AutoRound).
 With ``iters=0`` the result is plain RTN, identical to llm-compressor's QuantizationModifier.
@@ -61,7 +61,7 @@ from .streams import BlockInputs, run_block, to_device
 from .validation import check_finite
 
 __all__ = ["TuningConfig", "TunedWeight", "BlockTuner", "RouterScope", "FUSED_GROUPS", "CLIP_GRID", "world_size",
-           "write_parameters", "suspended_offloading"]
+           "write_parameters", "suspended_offloading", "quantized_writes"]
 
 RouterScope = Literal["block", "next", "both"]
 
@@ -199,7 +199,7 @@ class TuningConfig(BaseModel):
     # ``router_weight`` times it; ``grad_norm`` rescales it per tensor to ``router_weight`` times the MSE
     # gradient's norm (signed steps ignore magnitudes, so an unbalanced router gradient decides the sign of every
     # coordinate where it outweighs the MSE gradient, whatever lambda is)
-    router_balance: Literal["none", "grad_norm"] = "none"
+    router_balance: Literal["none", "grad_norm"] = "grad_norm"
 
     @property
     def learning_rate(self) -> float:
@@ -322,6 +322,43 @@ class TunedWeight:
             return self.quantizer.fake_quant(w, qp), qp
         qp32 = QParams(qp.scale.float(), qp.zero_point, qp.global_scale)
         return self.quantizer.fake_quant(self.weight32, qp32, self.offset).to(w.dtype), qp
+
+
+@torch.no_grad()
+def quantized_writes(w: TunedWeight, where: str) -> list[tuple[torch.nn.Module, str, torch.Tensor]]:
+    """``(module, name, value)`` writes of ``w``'s quantize-dequantized weight and quantization parameters, each
+    checked finite (:class:`NonFiniteError` naming ``where``)."""
+    weight, qp = w.final()
+    for what, value in (("weight", weight), ("weight_scale", qp.scale), ("weight_global_scale", qp.global_scale)):
+        if value is not None:
+            check_finite(value, f"{where}: quantized {what}")
+    writes = [(w.module, "weight", weight)]
+    for key, value in (("weight_scale", qp.scale), ("weight_zero_point", qp.zero_point),
+                       ("weight_global_scale", qp.global_scale)):
+        current = getattr(w.module, key, None)
+        if value is not None and current is not None:
+            writes.append((w.module, key, value.to(current.dtype).reshape(current.shape)))
+    return writes
+
+
+class _CyclicBatches:
+    """Minibatches of ``indices`` drawn as AutoRound draws them: a shuffled pass over all of them, batch after
+    batch, reshuffled when fewer than a batch remain (every calibration sequence is used equally often)."""
+
+    def __init__(self, indices: torch.Tensor, batch_size: int, generator: torch.Generator):
+        self.indices = indices
+        self.size = min(batch_size, indices.numel())
+        self.generator = generator
+        self.order = indices[:0]
+        self.pos = 0
+
+    def next(self) -> torch.Tensor:
+        if self.pos + self.size > self.order.numel():
+            self.order = self.indices[torch.randperm(self.indices.numel(), generator=self.generator)]
+            self.pos = 0
+        batch = self.order[self.pos : self.pos + self.size]
+        self.pos += self.size
+        return batch
 
 
 class BlockTuner:
@@ -583,6 +620,7 @@ class BlockTuner:
         kwargs = to_device(q.kwargs, torch.float32, self.device)
         best_loss, best, best_it = math.inf, None, -1
         heldout: list[tuple[int, float]] = []
+        batches = _CyclicBatches(train, cfg.batch_size, gen)
 
         def consider(it: int, value: float) -> None:
             nonlocal best_loss, best, best_it
@@ -595,7 +633,7 @@ class BlockTuner:
                 if held.numel() and it % cfg.holdout_every == 0:
                     heldout.append((it, self._heldout_loss(q, held, use_router)))
                     consider(it, heldout[-1][1])
-                idx = train[torch.randperm(train.numel(), generator=gen)[: cfg.batch_size]]
+                idx = batches.next()
                 h = q.hidden[idx].to(self.device, torch.float32)
                 y, logits = self._run(self.block, self._block_params(), h, kwargs, self.own_layers)
                 target = self._y_fp[idx.to(self._y_fp.device)].to(y.device)
@@ -831,16 +869,4 @@ class BlockTuner:
     @torch.no_grad()
     def apply(self) -> None:
         """Write quantize-dequantized weights and their quantization parameters into the block's modules."""
-        writes = []
-        for w in self.weights:
-            weight, qp = w.final()
-            for what, value in (("weight", weight), ("weight_scale", qp.scale), ("weight_global_scale", qp.global_scale)):
-                if value is not None:
-                    check_finite(value, f"{self.name}.{w.name}: quantized {what}")
-            writes.append((w.module, "weight", weight))
-            for key, value in (("weight_scale", qp.scale), ("weight_zero_point", qp.zero_point),
-                               ("weight_global_scale", qp.global_scale)):
-                current = getattr(w.module, key, None)
-                if value is not None and current is not None:
-                    writes.append((w.module, key, value.to(current.dtype).reshape(current.shape)))
-        write_parameters(writes)
+        write_parameters([item for w in self.weights for item in quantized_writes(w, f"{self.name}.{w.name}")])

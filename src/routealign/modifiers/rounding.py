@@ -21,11 +21,11 @@ from llmcompressor.modifiers.quantization.quantization import QuantizationMixin
 from llmcompressor.modifiers.utils.hooks import HooksMixin
 from llmcompressor.utils.pytorch import infer_sequential_targets
 
-from ..errors import NotMoEError
+from ..errors import InputError, NotMoEError
 from ..losses import RouterLossConfig
 from ..routing import find_moe_layers
-from ..streams import BlockInputs, StreamEngine
-from ..validation import check_calibration, check_group_sizes, check_router_settings
+from ..streams import BlockInputs, StreamEngine, canonical_order
+from ..validation import check_calibration, check_finite, check_group_sizes, check_router_settings
 from ..tuning import BlockTuner, TuningConfig, suspended_offloading, world_size, write_parameters
 
 __all__ = ["RouterAlignedRoundingModifier"]
@@ -112,6 +112,8 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
     _samples: int | None = PrivateAttr(default=None)
     _report: list[dict] = PrivateAttr(default_factory=list)
     _engine: StreamEngine | None = PrivateAttr(default=None)
+    _targets: set[str] = PrivateAttr(default_factory=set)
+    _outside: list[str] = PrivateAttr(default_factory=list)
 
     # -- configuration ------------------------------------------------------------------------------------
     def loss_config(self) -> RouterLossConfig:
@@ -148,6 +150,10 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
                 QuantizationMixin.initialize_quantization(self, model)
         # everything checkable is checked now, before any calibration forward
         where = type(self).__name__
+        classes = set(infer_sequential_targets(model, sequential_targets=kwargs.get("sequential_targets")))
+        self._layer_order = [n for n, m in model.named_modules() if type(m).__name__ in classes]
+        if QuantizationMixin.has_config(self):
+            self._resolve_targets(model, where)
         check_group_sizes(model, where)
         if self.objective == "vsraq":
             check_router_settings(moe_layers, self.boundary, where)
@@ -159,12 +165,41 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
                                f"{self.batch_size}; every iteration uses all of them")
         for param in model.parameters():
             param.requires_grad_(False)
-        classes = set(infer_sequential_targets(model, sequential_targets=kwargs.get("sequential_targets")))
-        self._layer_order = [n for n, m in model.named_modules() if type(m).__name__ in classes]
         self._layer_names = {id(model.get_submodule(n)): n for n in self._layer_order}
         return True
 
+    def _resolve_targets(self, model: torch.nn.Module, where: str) -> None:
+        """The modules this modifier quantizes (its own targets and ignore, never another modifier's), the ones
+        outside every decoder layer (RTN at the end of calibration; lm_head's input activations from the final
+        norm of the quantized stream); a clear error when nothing matches or an outside module needs activation
+        statistics this modifier cannot take."""
+        named = [(n, m) for n, m in match_named_modules(model, self.resolved_targets, self.ignore)
+                 if is_module_quantized(m) and m.quantization_scheme.weights is not None
+                 and getattr(m, "weight", None) is not None]
+        if not named:
+            raise InputError(
+                f"{where}: targets {sorted(self.resolved_targets)} with ignore {list(self.ignore)} match no "
+                f"quantizable module of {type(model).__name__}; nothing would be quantized"
+            )
+        self._targets = {n for n, _ in named}
+        inside = tuple(f"{l}." for l in self._layer_order)
+        self._outside = [n for n, _ in named if not n.startswith(inside)]
+        head = model.get_output_embeddings()
+        for n in self._outside:
+            module = model.get_submodule(n)
+            if _needs_input_scale(module) and module is not head:
+                raise InputError(
+                    f"{where}: {n} lies outside the decoder layers and quantizes its input activations; "
+                    "routealign calibrates those only for decoder layers and the LM head: add it to ignore"
+                )
+
     def on_calibration_start(self, state: State, event: Event, **kwargs):
+        head = state.model.get_output_embeddings()
+        if head is not None and any(state.model.get_submodule(n) is head for n in self._outside) and getattr(
+                state.model.config, "tie_word_embeddings", False):
+            from llmcompressor.utils.transformers import untie_word_embeddings
+
+            untie_word_embeddings(state.model)  # quantizing the LM head must not change the input embeddings
         for _, module in match_named_modules(state.model, self.resolved_targets, self.ignore):
             apply_calibration_status(module)
         for name in self._layer_order:
@@ -196,13 +231,17 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
         # own forward (routealign.streams.StreamEngine).
         if self._engine is None:
             self._engine = StreamEngine(model, self._layer_order)
+        if self._q_hidden is None:
+            # llm-compressor's dataloader shuffles the calibration set with the global RNG; in a canonical order of
+            # the sequences the held-out split and the minibatches depend only on the set of sequences and the seed
+            captured = BlockInputs(captured.hidden[canonical_order(captured.hidden)], captured.kwargs)
         layer_kwargs = self._engine.layer_kwargs(captured.hidden.shape[1])
         kwargs = layer_kwargs[name]
         q = BlockInputs(captured.hidden if self._q_hidden is None else self._q_hidden, kwargs)
         fp = BlockInputs(captured.hidden if self._fp_hidden is None else self._fp_hidden, kwargs)
+        # only this modifier's own targets: another modifier in the recipe (e.g. GPTQ on attention) quantizes its
         targets = {n: m.quantization_scheme.weights for n, m in block.named_modules()
-                   if is_module_quantized(m) and m.quantization_scheme.weights is not None
-                   and hasattr(m, "weight")}
+                   if f"{name}.{n}" in self._targets}
         activations = {n: m.quantization_scheme.input_activations for n, m in block.named_modules()
                        if n in targets and m.quantization_scheme.input_activations is not None
                        and m.quantization_scheme.input_activations.dynamic in (True, "local")
@@ -228,6 +267,8 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
             tuner.apply()
             with suspended_offloading(block):
                 scales = tuner.input_global_scales(q, list(activations))
+                for n, scale in scales.items():
+                    check_finite(scale, f"{name}.{n}: input global scale")
                 modules = {n: block.get_submodule(n) for n in scales}
                 write_parameters([(modules[n], "input_global_scale", scale.to(modules[n].input_global_scale.dtype))
                                   for n, scale in scales.items()])
@@ -282,7 +323,39 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
                                f"(every target lies after {layer.router_name}); use router_scope 'next' or 'both'")
         return unreachable
 
+    @torch.no_grad()
+    def _quantize_outside(self, model: torch.nn.Module) -> None:
+        """RTN (compressed-tensors' arithmetic, as QuantizationModifier) for targets outside the decoder layers;
+        the LM head's NVFP4 input global scale from the final norm of the quantized stream."""
+        from compressed_tensors.quantization.utils import generate_gparam
+
+        from ..schemes import WeightQuantizer
+        from ..tuning import TunedWeight, quantized_writes
+
+        writes = []
+        for n in self._outside:
+            module = model.get_submodule(n)
+            with align_modules([module]), suspended_offloading(module):
+                quantizer = WeightQuantizer(module.quantization_scheme.weights)
+                scale = quantizer.global_scale(module.weight.detach()) if quantizer.uses_global_scale else None
+                writes += quantized_writes(TunedWeight(n, module, quantizer, scale, None), n)
+                if _needs_input_scale(module) and self._q_hidden is not None:
+                    norm = self._final_norm(model)
+                    hidden = self._q_hidden
+                    with align_modules([norm]) if norm is not None else contextlib.nullcontext():
+                        amax = max(float((norm(hidden[i : i + 8].to(module.weight.device)) if norm is not None
+                                          else hidden[i : i + 8]).abs().amax()) for i in range(0, hidden.shape[0], 8))
+                    value = torch.tensor([amax], dtype=torch.float32)
+                    gparam = generate_gparam(-value, value)
+                    check_finite(gparam, f"{n}: input global scale")
+                    writes.append((module, "input_global_scale", gparam.to(module.input_global_scale.dtype)))
+        write_parameters(writes)
+        if self._outside:
+            logger.info(f"RouterAlignedRoundingModifier: RTN for {len(self._outside)} targeted module(s) outside the "
+                        f"decoder layers: {', '.join(self._outside[:5])}")
+
     def on_calibration_end(self, state: State, event: Event, **kwargs):
+        self._quantize_outside(state.model)
         QuantizationMixin.end_calibration(self, state.model)
         self.remove_hooks()
         self._captured.clear()
@@ -291,3 +364,10 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
         self._q_hidden = None
         self._samples = None
         self._engine = None
+
+
+def _needs_input_scale(module: torch.nn.Module) -> bool:
+    """Dynamic group-quantized input activations under a calibrated global scale (NVFP4)."""
+    acts = getattr(getattr(module, "quantization_scheme", None), "input_activations", None)
+    return (acts is not None and acts.dynamic in (True, "local")
+            and acts.strategy == QuantizationStrategy.TENSOR_GROUP and hasattr(module, "input_global_scale"))

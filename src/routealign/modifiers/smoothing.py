@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Callable, Literal
 
 import torch
 from compressed_tensors.quantization.utils import is_module_quantized
@@ -73,6 +74,30 @@ class _Stats:
         if idx is not None:
             self.sample_idx.append(idx[:room].cpu())
         self.kept += min(room, x.shape[0])
+
+
+@dataclass
+class _Site:
+    """One fold site: its name and mapping, the scale for a migration strength ``a`` (``candidate``), the quantized
+    reconstruction error under a scale or none (``error``), and the fold itself (``apply``: folds the scale, returns
+    ``(module, input scale)`` for every module whose input it rescaled)."""
+
+    where: str
+    mapping: str
+    candidate: Callable[[float], torch.Tensor]
+    error: Callable[[torch.Tensor | None], float]
+    apply: Callable[[torch.Tensor], list[tuple[torch.nn.Module, torch.Tensor]]]
+    extra: dict = field(default_factory=dict)
+
+
+def _fold_up_down(up, down, scale, power):
+    fold_up_down(up, down, scale, power)
+    return [(down, scale)]
+
+
+def _fold_v_o(v, o, scale, head_dim):
+    fold_v_o(v, o, scale, head_dim)
+    return [(o, expand_kv(scale, o.in_features, head_dim))]
 
 
 def _update_max(current: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
@@ -437,14 +462,11 @@ class ExpertAwareSmoothingModifier(Modifier):
             rows = (idx_all == e).any(-1) if idx_all.numel() else torch.zeros(0, dtype=torch.bool)
             with torch.no_grad():
                 h = expert_hidden(expert, x_all[rows].to(down.weight.device)) if rows.any() else x_all[:0]
-            hmax = stats.hmax[e]
-            plan = self._choose(lambda a: smooth_scales(hmax, wmax, a, self.s_min, self.s_max),
-                                lambda s: reconstruction_error(down.weight, h, s, wq, aq),
-                                f"{layer.experts_name}.{e}", "expert_down")
-            if plan.scale is not None:
-                fold_up_down(expert.up_proj, down, plan.scale, power)
-                self._rescale_hessians([(down, plan.scale)])
-            plans.append(plan)
+            plans.append(self._fold(_Site(
+                f"{layer.experts_name}.{e}", "expert_down",
+                candidate=lambda a, hmax=stats.hmax[e], wmax=wmax: smooth_scales(hmax, wmax, a, self.s_min, self.s_max),
+                error=lambda s, down=down, h=h, wq=wq, aq=aq: reconstruction_error(down.weight, h, s, wq, aq),
+                apply=lambda s, up=expert.up_proj, down=down, power=power: _fold_up_down(up, down, s, power))))
         self._log_plans(plans, layer.experts_name, "expert_down")
 
     def _fold_moe_input(self, model, layer: MoELayer) -> None:
@@ -490,12 +512,11 @@ class ExpertAwareSmoothingModifier(Modifier):
                 total_error += reconstruction_error(m.weight, x_all, s, *self._quantizers(m))
             return total_error
 
-        plan = self._choose(candidate, error, layer.name, "moe_input")
-        if plan.scale is not None:
-            consumers = [layer.router] + [m for ws in expert_weights for m in ws] + shared
-            fold_norm_into_consumers(model.get_submodule(self._norms[layer.name]), consumers, plan.scale)
-            self._rescale_hessians([(m, plan.scale) for m in consumers])
-        plan.extra.update(norm=self._norms[layer.name], routed_tokens=stats.counts.tolist())
+        consumers = [layer.router] + [m for ws in expert_weights for m in ws] + shared
+        norm = self._norms[layer.name]
+        plan = self._fold(_Site(layer.name, "moe_input", candidate, error,
+                                apply=lambda s: self._fold_norm(model, norm, consumers, s),
+                                extra={"norm": norm, "routed_tokens": stats.counts.tolist()}))
         self._log_plans([plan], layer.name, "moe_input")
 
     def _fold_attention(self, model, v_name: str, o_name: str, head_dim: int) -> None:
@@ -508,15 +529,14 @@ class ExpertAwareSmoothingModifier(Modifier):
         wmax = reduce_to_kv(o.weight.detach().float().abs().amax(0), kv, head_dim)
         x = torch.cat(stats.sample) if stats.sample else torch.zeros(0, o.in_features)
         wq, aq = self._quantizers(o)
-        plan = self._choose(
-            lambda a: smooth_scales(xmax, wmax, a, self.s_min, self.s_max),
-            lambda s: reconstruction_error(o.weight, x, None if s is None else expand_kv(s, o.in_features, head_dim),
-                                           wq, aq),
-            o_name.rsplit(".", 1)[0], "attention_vo")
-        if plan.scale is not None:
-            fold_v_o(v, o, plan.scale, head_dim)
-            self._rescale_hessians([(o, expand_kv(plan.scale, o.in_features, head_dim))])
-        self._log_plans([plan], o_name.rsplit(".", 1)[0], "attention_vo")
+        where = o_name.rsplit(".", 1)[0]
+        plan = self._fold(_Site(
+            where, "attention_vo",
+            candidate=lambda a: smooth_scales(xmax, wmax, a, self.s_min, self.s_max),
+            error=lambda s: reconstruction_error(o.weight, x, None if s is None else expand_kv(s, o.in_features,
+                                                                                               head_dim), wq, aq),
+            apply=lambda s: _fold_v_o(v, o, s, head_dim)))
+        self._log_plans([plan], where, "attention_vo")
 
     def _fold_attention_input(self, model, attn: str, consumer_names: list[str]) -> None:
         stats = self._stats.get(attn)
@@ -526,14 +546,12 @@ class ExpertAwareSmoothingModifier(Modifier):
         wmax = column_absmax(*(m.weight for m in consumers))
         x = torch.cat(stats.sample) if stats.sample else torch.zeros(0, stats.max.shape[-1])
         quant = [self._quantizers(m) for m in consumers]
-        plan = self._choose(
-            lambda a: smooth_scales(stats.max, wmax, a, self.s_min, self.s_max),
-            lambda s: sum(reconstruction_error(m.weight, x, s, *q) for m, q in zip(consumers, quant)),
-            attn, "attention_input")
-        if plan.scale is not None:
-            fold_norm_into_consumers(model.get_submodule(self._norms[attn]), consumers, plan.scale)
-            self._rescale_hessians([(m, plan.scale) for m in consumers])
-        plan.extra["norm"] = self._norms[attn]
+        norm = self._norms[attn]
+        plan = self._fold(_Site(
+            attn, "attention_input",
+            candidate=lambda a: smooth_scales(stats.max, wmax, a, self.s_min, self.s_max),
+            error=lambda s: sum(reconstruction_error(m.weight, x, s, *q) for m, q in zip(consumers, quant)),
+            apply=lambda s: self._fold_norm(model, norm, consumers, s), extra={"norm": norm}))
         self._log_plans([plan], attn, "attention_input")
 
     def _fold_mlp(self, model, mlp: str, up_name: str, down_name: str, power: int) -> None:
@@ -544,12 +562,27 @@ class ExpertAwareSmoothingModifier(Modifier):
         wmax = column_absmax(down.weight)
         x = torch.cat(stats.sample) if stats.sample else torch.zeros(0, down.in_features)
         wq, aq = self._quantizers(down)
-        plan = self._choose(lambda a: smooth_scales(stats.max, wmax, a, self.s_min, self.s_max),
-                            lambda s: reconstruction_error(down.weight, x, s, wq, aq), mlp, "mlp_down")
-        if plan.scale is not None:
-            fold_up_down(up, down, plan.scale, power)
-            self._rescale_hessians([(down, plan.scale)])
+        plan = self._fold(_Site(
+            mlp, "mlp_down",
+            candidate=lambda a: smooth_scales(stats.max, wmax, a, self.s_min, self.s_max),
+            error=lambda s: reconstruction_error(down.weight, x, s, wq, aq),
+            apply=lambda s: _fold_up_down(up, down, s, power)))
         self._log_plans([plan], mlp, "mlp_down")
+
+    def _fold(self, site: "_Site") -> FoldPlan:
+        """The one skeleton of every mapping: choose a scale (``expertquant``: the formula at ``alpha``;
+        ``search``: the grid or none, by ``site.error``), fold it (``site.apply`` returns the modules whose inputs
+        it rescaled, with their input scales), rescale GPTQ Hessians accordingly, return the plan for the report."""
+        plan = self._choose(site.candidate, site.error, site.where, site.mapping)
+        if plan.scale is not None:
+            self._rescale_hessians(site.apply(plan.scale))
+        plan.extra.update(site.extra)
+        return plan
+
+    @staticmethod
+    def _fold_norm(model, norm: str, consumers: list[torch.nn.Module], scale: torch.Tensor):
+        fold_norm_into_consumers(model.get_submodule(norm), consumers, scale)
+        return [(m, scale) for m in consumers]
 
     def _rescale_hessians(self, pairs: list[tuple[torch.nn.Module, torch.Tensor]]) -> None:
         """A module whose input became ``x / s`` has Hessian ``diag(1/s) H diag(1/s)``: GPTQModifier accumulated
