@@ -147,3 +147,21 @@ def test_minibatches_cycle_through_every_tuning_sequence():
     again = _CyclicBatches(train, 3, torch.Generator().manual_seed(0))
     assert all(torch.equal(again.next(), b) for b in first)
     assert _CyclicBatches(train, 10, torch.Generator()).next().numel() == 7  # batch larger than the set
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_tuning_forwards_use_the_batched_experts(monkeypatch, batched):
+    """The batched experts must survive plain_forwards (which strips instance forwards) inside the tuning loop."""
+    import routealign.experts as experts
+
+    calls = []
+    original = experts.batched_forward
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(experts, "batched_forward", counted)
+    block, nxt, targets, q, nkw = _setup()
+    _tune(block, nxt, targets, q, nkw, "none", iters=2, holdout=0.0, batched_experts=batched)
+    assert (len(calls) > 0) == batched

@@ -456,15 +456,21 @@ class BlockTuner:
         stopped after the last of ``layers``' routers, and their logits by layer name, with gradients)."""
         batched = self.config.batched_experts if batched is None else batched
         acting = module is self.block and bool(self._act_hooks_on)
-        extra = contextlib.ExitStack()
-        if batched and not all_experts:
-            # the batched experts bypass the expert Linear modules where the activation hooks sit, so they apply
-            # those quantizers themselves
-            extra.enter_context(batched_experts(module, self._act_plans if acting else None))
-        if acting:
-            extra.enter_context(self._activation_hooks())
-        with extra:
-            return run_block(module, params, hidden, kwargs, layers, stop_after=stop_after, all_experts=all_experts)
+        @contextlib.contextmanager
+        def extra():
+            with contextlib.ExitStack() as stack:
+                if batched and not all_experts:
+                    # the batched experts bypass the expert Linear modules where the activation hooks sit, so they
+                    # apply those quantizers themselves
+                    stack.enter_context(batched_experts(module, self._act_plans if acting else None))
+                if acting:
+                    stack.enter_context(self._activation_hooks())
+                yield
+
+        # entered inside run_block, after plain_forwards (which removes instance forwards: entered before it, the
+        # batched experts' forward would be removed and llm-compressor's per-expert loop would run instead)
+        return run_block(module, params, hidden, kwargs, layers, stop_after=stop_after, all_experts=all_experts,
+                         extra=extra())
 
     def _run_next(self, y: torch.Tensor, kwargs: dict, stop_after: bool):
         """The downstream layers (unquantized) on ``y``: (output of the last, or None when stopped after its
