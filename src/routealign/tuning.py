@@ -391,11 +391,14 @@ class BlockTuner:
         self.next_block = chain[-1] if chain else None
         if next_kwargs is not None and len(next_kwargs) != len(chain):
             raise ValueError(f"{name}: {len(next_kwargs)} keyword sets for {len(chain)} downstream layers")
-        self._next_kwargs = next_kwargs
         self.output_norm = output_norm
         self.config = config
         self.name = name
         self.device = next(block.parameters()).device
+        # float32 on the block's device once, not on every tuning forward
+        self._next_kw32 = (None if next_kwargs is None
+                           else [to_device(kw, torch.float32, self.device) for kw in next_kwargs])
+        self._down_fp: list[torch.Tensor] = []  # downstream outputs of the held-out targets, the same for both arms
         modules = dict(block.named_modules())
         self.weights: list[TunedWeight] = []
         quantizers = {n: WeightQuantizer(args) for n, args in targets.items()}
@@ -475,10 +478,9 @@ class BlockTuner:
     def _run_next(self, y: torch.Tensor, kwargs: dict, stop_after: bool):
         """The downstream layers (unquantized) on ``y``: (output of the last, or None when stopped after its
         routers, and its routers' logits)."""
-        kws = self._next_kwargs or [None] * len(self.next_chain)
         h, logits = y, {}
         for i, (module, params) in enumerate(zip(self.next_chain, self._next_params32)):
-            kw = kwargs if kws[i] is None else to_device(kws[i], torch.float32, self.device)
+            kw = kwargs if self._next_kw32 is None else self._next_kw32[i]
             last = i == len(self.next_chain) - 1
             h, logits = self._run(module, params, h, kw, self.next_layers if last else [],
                                   stop_after=stop_after and last)
@@ -713,18 +715,22 @@ class BlockTuner:
                                  "grad_norm_ratio": lam * (norm_r ** 0.5) / max(norm_m ** 0.5, 1e-30),
                                  "sign_flip_fraction": flips / max(total, 1)}
 
-    @torch.no_grad()
-    def _heldout_loss(self, q: BlockInputs, held: torch.Tensor, use_router: bool, chunk: int = 8) -> float:
-        """The tuning objective (block-output MSE, plus the weighted router term when ``use_router``) on the
-        held-out sequences, with the current rounding parameters."""
+    def _held_out(self, q: BlockInputs, held: torch.Tensor, layers: list, chunk: int = 8):
+        """Per chunk of the held-out sequences, with the current rounding parameters: ``(indices, block output,
+        router logits of layers, unquantized target, float32 kwargs)``."""
         kwargs = to_device(q.kwargs, torch.float32, self.device)
         params = self._block_params()
-        sq, elems, router, chunks = 0.0, 0, 0.0, 0
         for start in range(0, held.numel(), chunk):
             idx = held[start : start + chunk]
-            y, logits = self._run(self.block, params, q.hidden[idx].to(self.device, torch.float32), kwargs,
-                                  self.own_layers)
-            target = self._y_fp[idx.to(self._y_fp.device)].to(y.device)
+            y, logits = self._run(self.block, params, q.hidden[idx].to(self.device, torch.float32), kwargs, layers)
+            yield idx, y, logits, self._y_fp[idx.to(self._y_fp.device)].to(y.device), kwargs
+
+    @torch.no_grad()
+    def _heldout_loss(self, q: BlockInputs, held: torch.Tensor, use_router: bool) -> float:
+        """The tuning objective (block-output MSE, plus the weighted router term when ``use_router``) on the
+        held-out sequences, with the current rounding parameters."""
+        sq, elems, router, chunks = 0.0, 0, 0.0, 0
+        for idx, y, logits, target, kwargs in self._held_out(q, held, self.own_layers):
             err = self._normed(y) - self._normed(target)
             sq += float(err.pow(2).sum())
             elems += err.numel()
@@ -737,20 +743,17 @@ class BlockTuner:
         return _global_mean(torch.tensor(value))
 
     @torch.no_grad()
-    def _downstream_error(self, q: BlockInputs, held: torch.Tensor, chunk: int = 8) -> float:
+    def _downstream_error(self, q: BlockInputs, held: torch.Tensor) -> float:
         """Mean squared error, on the held-out sequences, at the output of the first routing layer downstream (the
         next layers unquantized, their experts chosen by their own routers), or of this block (through the final
         norm) when none follows."""
-        kwargs = to_device(q.kwargs, torch.float32, self.device)
-        params = self._block_params()
         sq, elems = 0.0, 0
-        for start in range(0, held.numel(), chunk):
-            idx = held[start : start + chunk]
-            y, _ = self._run(self.block, params, q.hidden[idx].to(self.device, torch.float32), kwargs, [])
-            target = self._y_fp[idx.to(self._y_fp.device)].to(y.device)
+        for i, (_, y, _, target, kwargs) in enumerate(self._held_out(q, held, [])):
             if self.next_chain:
                 y, _ = self._run_next(y, kwargs, stop_after=False)
-                target, _ = self._run_next(target, kwargs, stop_after=False)
+                if i == len(self._down_fp):  # the unquantized side is the same for every arm: computed once
+                    self._down_fp.append(self._run_next(target, kwargs, stop_after=False)[0])
+                target = self._down_fp[i]
             else:
                 y, target = self._normed(y), self._normed(target)
             sq += float((y - target).pow(2).sum())

@@ -243,10 +243,7 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
         targets = {n: m.quantization_scheme.weights for n, m in block.named_modules()
                    if f"{name}.{n}" in self._targets}
         activations = {n: m.quantization_scheme.input_activations for n, m in block.named_modules()
-                       if n in targets and m.quantization_scheme.input_activations is not None
-                       and m.quantization_scheme.input_activations.dynamic in (True, "local")
-                       and m.quantization_scheme.input_activations.strategy == QuantizationStrategy.TENSOR_GROUP
-                       and hasattr(m, "input_global_scale")}
+                       if n in targets and _needs_input_scale(m)}
         chain = self._downstream(model, name)
         if self._samples is None:
             self._samples = captured.hidden.shape[0]
