@@ -86,12 +86,38 @@ def test_router_gate_keeps_the_arm_with_the_smaller_held_out_downstream_error(se
     plain = _tune(block, nxt, targets, q, nkw, "none", holdout=0.25, seed=seed)
     assert set(gated.arms) == {"plain", "router"}
     down = {arm: gated.arms[arm]["downstream_heldout"] for arm in ("plain", "router")}
-    assert gated.router_kept == (down["router"] < down["plain"])
+    gate = gated.gate
+    assert gate["mean_diff"] == pytest.approx(down["router"] - down["plain"], rel=1e-9, abs=1e-15)
+    assert gate["n"] == 2 and gate["se"] >= 0
+    assert gated.router_kept == (gate["mean_diff"] + 1.645 * gate["se"] < 0)
     same = all(torch.equal(a, b) for a, b in zip(_state(gated), _state(plain)))
     # the plain arm of a gated run is exactly the objective-none run
     assert same == (not gated.router_kept)
     assert gated.arms["plain"]["downstream_heldout"] == pytest.approx(
         plain._downstream_error(q, plain.split(q.hidden.shape[0])[1]), rel=1e-6)
+
+
+def test_router_gate_z_zero_keeps_any_mean_improvement():
+    block, nxt, targets, q, nkw = _setup(seed=1)
+    gated = _tune(block, nxt, targets, q, nkw, "vsraq", holdout=0.25, router_weight=1.0, seed=1, router_gate_z=0.0)
+    down = {arm: gated.arms[arm]["downstream_heldout"] for arm in ("plain", "router")}
+    assert gated.router_kept == (down["router"] < down["plain"])
+
+
+def test_paired_gate_statistics():
+    from routealign.tuning import paired_gate
+
+    d = torch.tensor([-3.0, -1.0, -2.0, -2.0])
+    g = paired_gate(d, 1.645)
+    se = float(d.std(unbiased=True)) / 2.0
+    assert g["mean_diff"] == -2.0 and g["se"] == pytest.approx(se) and g["n"] == 4
+    assert g["keep"] is True  # -2 + 1.645 * 0.408 < 0
+    noisy = paired_gate(torch.tensor([-3.0, 2.5, -2.0, 1.0]), 1.645)
+    assert noisy["mean_diff"] < 0 and noisy["keep"] is False  # better on average, not significantly
+    assert paired_gate(torch.tensor([-3.0, 2.5, -2.0, 1.0]), 0.0)["keep"] is True
+    assert paired_gate(torch.tensor([-1.0]), 1.645)["keep"] is False  # one sequence: no standard error
+    assert paired_gate(torch.tensor([-1.0]), 0.0)["keep"] is True
+    assert paired_gate(torch.tensor([0.5, 1.0]), 0.0)["keep"] is False
 
 
 def test_router_gate_off_or_no_held_out_tunes_with_the_router_term_only():

@@ -222,3 +222,42 @@ def test_version(capsys):
         main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.startswith("routealign 0.")
+
+
+def test_truncated_weight_file_is_one_line_error_naming_it(good, tmp_path, capsys):
+    folder = _copy(good, "w4a16", tmp_path)
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    assert main(["check", str(folder)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "Error" in line or "error" in line]
+    assert len(err) == 1 and err[0].startswith("routealign: error: ") and str(folder / "model.safetensors") in err[0]
+    from routealign import CheckpointError, load_model
+
+    with pytest.raises(CheckpointError, match="model.safetensors: not a readable safetensors file"):
+        load_model(folder)
+
+
+def test_console_command_json_on_stdout_logs_on_stderr(good):
+    """The installed ``routealign`` command: stdout of ``check --json`` is exactly one JSON document (llm-compressor's
+    import-time log lines go to stderr), and ``--help`` answers without importing llm-compressor."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", "import sys, routealign_cli; sys.exit(routealign_cli.main())",
+                          "check", "--json", str(good / "w4a16")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert report["ok"] is True
+    light = subprocess.run([sys.executable, "-c", "import sys, routealign_cli\ntry:\n    routealign_cli.main(['--help'])\n"
+                            "except SystemExit:\n    pass\nprint('llmcompressor' in sys.modules)"],
+                           capture_output=True, text=True, timeout=120)
+    assert light.stdout.strip().endswith("False") and "usage: routealign" in light.stdout
+
+
+def test_eval_on_a_missing_cuda_device_is_a_clear_error(good, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code = main(["eval", "--reference", str(good / "qwen2"), "--quantized", str(good / "w4a16"), "--text",
+                 str(good / "none.txt"), "--device", "cuda"])
+    assert code == 2
+    assert "--device cuda: no CUDA device is available" in capsys.readouterr().err

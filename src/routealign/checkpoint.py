@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from loguru import logger
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .errors import CheckpointError, OutputExistsError
 
@@ -49,6 +49,18 @@ def read_config(path: str | Path) -> dict:
 def is_compressed(path: str | Path) -> bool:
     qconfig = read_config(path).get("quantization_config") or {}
     return qconfig.get("quant_method") == "compressed-tensors"
+
+
+@contextlib.contextmanager
+def read_safetensors(file: str | Path):
+    """``safe_open`` of one weight file; a damaged file (truncated copy, not safetensors) is a
+    :class:`CheckpointError` naming it instead of safetensors' bare ``SafetensorError``."""
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            yield handle
+    except SafetensorError as exc:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({exc}); a truncated or interrupted copy? "
+                              f"copy or save it again") from None
 
 
 def weight_files(path: str | Path) -> list[Path]:
@@ -140,7 +152,7 @@ def _load_compressed(folder: Path, dtype: torch.dtype):
     rename = _checkpoint_renamer(model)
     loaded: set[str] = set()
     for file in files:
-        with safe_open(str(file), framework="pt") as handle:
+        with read_safetensors(file) as handle:
             state = {rename(key): handle.get_tensor(key) for key in handle.keys()}
         unexpected = sorted(set(state) - expected)
         if unexpected:

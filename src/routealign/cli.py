@@ -1,4 +1,5 @@
-"""Command line: ``routealign eval``, ``routealign check`` and ``routealign demo``.
+"""The commands behind ``routealign eval``, ``routealign check`` and ``routealign demo`` (the argument parser is
+:mod:`routealign_cli`, which imports nothing heavy).
 
 Errors on bad input print one line, ``routealign: error: ...``, and exit with status 2.
 """
@@ -7,20 +8,22 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from .errors import RouteAlignError
+from .errors import InputError, RouteAlignError
 
-__all__ = ["main"]
-
-_DTYPES = ("bfloat16", "float16", "float32")
-
+__all__ = ["main", "run"]
 
 def _device(name: str) -> str:
     import torch
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        build = "a CPU build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise InputError(f"--device {name}: no CUDA device is available (torch {torch.__version__}, {build}); "
+                         f"use --device cpu or auto")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise InputError(f"--device {name}: expected cpu, cuda, cuda:N or auto")
     return name
 
 
@@ -33,12 +36,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .report import markdown_table, write_report
 
     # everything that can be checked cheaply is checked before the models load
+    device = _device(args.device)
     read_config(args.reference)
     read_config(args.quantized)
     tokenizer = find_tokenizer(args.reference, args.tokenizer)
     all_ids = encode_text(args.text, tokenizer)
     dtype = getattr(torch, args.dtype)
-    device = _device(args.device)
     reference = load_model(args.reference, dtype=dtype, device=device)
     quantized = load_model(args.quantized, dtype=dtype, device=device)
     ids = eval_rows(all_ids, args.rows, args.seq_len,
@@ -74,58 +77,25 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("routealign")
-    except PackageNotFoundError:  # running from a source tree that is not installed
-        return "unknown"
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="routealign", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"routealign {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    ev = sub.add_parser("eval", help="routing agreement and perplexity of a quantized model against its reference")
-    ev.add_argument("--reference", required=True, type=Path, help="unquantized model folder")
-    ev.add_argument("--quantized", required=True, type=Path, help="quantized (compressed-tensors) model folder")
-    ev.add_argument("--text", required=True, type=Path, help="evaluation text file")
-    ev.add_argument("--tokenizer", type=Path, help="tokenizer.json (default: the reference folder's)")
-    ev.add_argument("--rows", type=int, default=64, help="number of rows of --seq-len tokens (default 64)")
-    ev.add_argument("--seq-len", type=int, default=512, help="tokens per row (default 512)")
-    ev.add_argument("--batch-size", type=int, default=4, help="rows per forward pass (default 4)")
-    ev.add_argument("--dtype", choices=_DTYPES, default="bfloat16", help="compute dtype (default bfloat16)")
-    ev.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    ev.add_argument("--perfect-routing", action="store_true",
-                    help="also run the quantized model with the reference model's expert choices forced")
-    ev.add_argument("--out", type=Path, default=Path("routealign-eval"), help="report folder")
-    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
-    ev.set_defaults(func=_cmd_eval)
-
-    check = sub.add_parser("check", help="pre-flight: will this compressed-tensors checkpoint load in vLLM's MoE path? "
-                                         "(exit 0: pass, 1: problems found, 2: not a readable checkpoint)")
-    check.add_argument("checkpoint", type=Path, help="saved checkpoint folder")
-    check.add_argument("--json", action="store_true", help="print the report as JSON")
-    check.set_defaults(func=_cmd_check)
-
-    demo = sub.add_parser("demo", help="end-to-end demo on a tiny built-in MoE and bundled text")
-    demo.add_argument("--out", type=Path, default=Path("routealign-out"), help="working folder")
-    demo.add_argument("--seed", type=int, default=0,
-                      help="seed of the tiny model's training, the calibration windows and the tuning (default 0)")
-    demo.add_argument("--overwrite", action="store_true", help="replace the contents of an existing --out folder")
-    demo.set_defaults(func=_cmd_demo)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """Run the parsed command; a :class:`RouteAlignError` becomes one ``routealign: error:`` line and status 2."""
     try:
         return args.func(args)
     except RouteAlignError as exc:
         sys.stderr.write(f"routealign: error: {exc}\n")
         return 2
+
+
+_COMMANDS = {"eval": _cmd_eval, "check": _cmd_check, "demo": _cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``routealign`` command (as :func:`routealign_cli.main`, once this package is imported)."""
+    from routealign_cli import parser
+
+    args = parser().parse_args(argv)
+    args.func = _COMMANDS[args.command]
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -31,9 +31,8 @@ from typing import Literal
 
 import torch
 from compressed_tensors.utils.match import match_name
-from safetensors import safe_open
 
-from .checkpoint import _checkpoint_renamer, read_config, skeleton, weight_files
+from .checkpoint import _checkpoint_renamer, read_config, read_safetensors, skeleton, weight_files
 from .errors import CheckpointError
 from .routing import find_moe_layers
 
@@ -187,7 +186,7 @@ def check_checkpoint(path: str | Path) -> PreflightReport:
     stored: dict[str, tuple[str, tuple[int, ...], Path]] = {}
     originals: dict[str, str] = {}
     for file in weight_files(folder):
-        with safe_open(str(file), framework="pt") as handle:
+        with read_safetensors(file) as handle:
             for key in handle.keys():
                 sl = handle.get_slice(key)
                 name = rename(key)
@@ -319,7 +318,7 @@ def _check_global_scales(layer, stored: dict, originals: dict, report: Preflight
             continue  # non-gated experts (Nemotron-H) or missing tensors, reported above
         values = []
         for key in keys:
-            with safe_open(str(stored[key][2]), framework="pt") as handle:
+            with read_safetensors(stored[key][2]) as handle:
                 values.append(handle.get_tensor(originals[key]).float())
         if not torch.equal(values[0], values[1]):
             report.add("error", "global-scale", base,
@@ -336,7 +335,7 @@ def _check_scale_values(stored: dict, originals: dict, report: PreflightReport) 
         if name.endswith(("weight_scale", "weight_global_scale", "input_global_scale")):
             by_file.setdefault(file, []).append(name)
     for file, names in by_file.items():
-        with safe_open(str(file), framework="pt") as handle:
+        with read_safetensors(file) as handle:
             for name in names:
                 value = handle.get_tensor(originals[name]).float()
                 if not bool(torch.isfinite(value).all()):

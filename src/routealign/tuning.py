@@ -111,6 +111,33 @@ def _global_mean(value: torch.Tensor) -> float:
     return float(total) / world_size()
 
 
+def _global_mean_of(values: torch.Tensor) -> float:
+    """Mean of per-sequence ``values`` over every rank's sequences."""
+    total, count = values.double().sum().reshape(1), torch.tensor([float(values.numel())], dtype=torch.float64)
+    if world_size() > 1:
+        total, count = _all_reduce_flat([total, count])
+    return float(total) / max(float(count), 1.0)
+
+
+def paired_gate(diff: torch.Tensor, z: float) -> dict:
+    """Decision on per-sequence paired differences ``diff`` (router arm minus plain arm, lower is better, this
+    rank's sequences; summed over ranks): keep the router arm iff ``mean + z * se < 0`` with ``se`` the standard
+    error of the mean. With one sequence the standard error is unknown: kept only when ``z`` is 0."""
+    stats = torch.stack([diff.double().sum(), diff.double().pow(2).sum(),
+                         torch.tensor(float(diff.numel()), dtype=torch.float64)])
+    if world_size() > 1:
+        (stats,) = _all_reduce_flat([stats])
+    total, squares, n = (float(v) for v in stats)
+    mean = total / max(n, 1.0)
+    if n > 1:
+        var = max(squares - n * mean * mean, 0.0) / (n - 1)
+        se = math.sqrt(var / n)
+    else:
+        se = 0.0 if z == 0 else math.inf
+    bound = mean + z * se if z else mean
+    return {"mean_diff": mean, "se": se, "n": int(n), "z": z, "keep": bool(n >= 1 and bound < 0)}
+
+
 def _shared_across_ranks(module: torch.nn.Module) -> bool:
     """Whether ``module``'s tensors live in storage every rank shares (compressed-tensors' distributed CPU and disk
     offload caches)."""
@@ -195,6 +222,10 @@ class TuningConfig(BaseModel):
     # with a router objective: also tune without it and keep, per block, whichever result has the smaller error on
     # the held-out sequences at the output of the first layer downstream that routes
     router_gate: bool = True
+    # the router arm is kept only when its held-out downstream error is below the plain arm's by more than this many
+    # standard errors of the paired per-sequence difference (0: any mean improvement). Block-level differences are
+    # mostly noise of the signed descent; keeping a noisy "win" costs perplexity (RESULTS section 6)
+    router_gate_z: float = Field(1.645, ge=0)
     # how the router term's gradient is combined with the MSE gradient before the sign step: ``none`` adds
     # ``router_weight`` times it; ``grad_norm`` rescales it per tensor to ``router_weight`` times the MSE
     # gradient's norm (signed steps ignore magnitudes, so an unbalanced router gradient decides the sign of every
@@ -425,6 +456,7 @@ class BlockTuner:
         # per arm (``router`` / ``plain``): training and held-out losses, the iteration kept, the downstream error
         self.arms: dict[str, dict] = {}
         self.router_kept: bool | None = None
+        self.gate: dict | None = None  # the gate's statistics (paired_gate) when both arms ran
         self.router_scale: dict | None = None  # the router term against the MSE at the first router iteration
 
     @staticmethod
@@ -599,11 +631,13 @@ class BlockTuner:
                 results[arm], self.arms[arm] = self._tune_loop(q, params, train, held, use_router=arm == "router")
                 histories[arm] = self.history
             if len(arms) == 2:
+                errors = {}
                 for arm in arms:
                     self._set(params, results[arm])
-                    self.arms[arm]["downstream_heldout"] = self._downstream_error(q, held)
-                self.router_kept = (self.arms["router"]["downstream_heldout"]
-                                    < self.arms["plain"]["downstream_heldout"])
+                    errors[arm] = self._downstream_errors(q, held)
+                    self.arms[arm]["downstream_heldout"] = _global_mean_of(errors[arm])
+                self.gate = paired_gate(errors["router"] - errors["plain"], cfg.router_gate_z)
+                self.router_kept = self.gate["keep"]
                 chosen = "router" if self.router_kept else "plain"
             else:
                 chosen = arms[0]
@@ -743,11 +777,11 @@ class BlockTuner:
         return _global_mean(torch.tensor(value))
 
     @torch.no_grad()
-    def _downstream_error(self, q: BlockInputs, held: torch.Tensor) -> float:
-        """Mean squared error, on the held-out sequences, at the output of the first routing layer downstream (the
+    def _downstream_errors(self, q: BlockInputs, held: torch.Tensor) -> torch.Tensor:
+        """Per held-out sequence, the mean squared error at the output of the first routing layer downstream (the
         next layers unquantized, their experts chosen by their own routers), or of this block (through the final
         norm) when none follows."""
-        sq, elems = 0.0, 0
+        errors = []
         for i, (_, y, _, target, kwargs) in enumerate(self._held_out(q, held, [])):
             if self.next_chain:
                 y, _ = self._run_next(y, kwargs, stop_after=False)
@@ -756,9 +790,12 @@ class BlockTuner:
                 target = self._down_fp[i]
             else:
                 y, target = self._normed(y), self._normed(target)
-            sq += float((y - target).pow(2).sum())
-            elems += y.numel()
-        return _global_mean(torch.tensor(sq / max(elems, 1)))
+            errors.append((y - target).pow(2).flatten(1).mean(1).double().cpu())
+        return torch.cat(errors) if errors else torch.zeros(0, dtype=torch.float64)
+
+    def _downstream_error(self, q: BlockInputs, held: torch.Tensor) -> float:
+        """The mean of :meth:`_downstream_errors` (over all ranks' held-out sequences)."""
+        return _global_mean_of(self._downstream_errors(q, held))
 
     def _normed(self, y: torch.Tensor) -> torch.Tensor:
         """The last block's output is read only through the model's final norm: measure its error there."""

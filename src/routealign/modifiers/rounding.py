@@ -92,7 +92,10 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
         lowers the held-out error downstream (``router_gate``)
     :param holdout_every: iterations between held-out evaluations
     :param router_gate: with a router objective, also tune each block without it and keep the result with the
-        smaller held-out error at the output of the first routing layer downstream (reported per layer)
+        router term only when its held-out error at the output of the first routing layer downstream is
+        significantly smaller (reported per layer: ``router_kept``, ``arms``, ``gate``)
+    :param router_gate_z: how many standard errors of the paired per-sequence difference the router arm must win
+        by (default 1.645, one-sided 95%; 0 keeps any mean improvement)
     :param structure_space: ``logits`` (the papers') or ``scores``: where VSRAQ's rank/margin and ExpertQuant's
         gap-hinge terms measure gaps (differs only for sigmoid routers)
     :param batched_experts: run the experts stacked (batched matmuls over routed tokens) in the tuning loop
@@ -277,7 +280,7 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
                "seconds": round(time.perf_counter() - start, 3), "rtn_fallback": dict(tuner.fallback),
                "router_unreachable": unreachable,
                "routers": [f"{w}:{(name if w == 'block' else chain[-1])}.{l.router_name}" for w, l in tuner.scoped],
-               "router_kept": tuner.router_kept, "arms": tuner.arms}
+               "router_kept": tuner.router_kept, "arms": tuner.arms, "gate": tuner.gate}
         self._report.append(row)
         if history:
             kept = {True: ", router term kept", False: ", router term dropped (held-out)", None: ""}[tuner.router_kept]

@@ -1,0 +1,73 @@
+"""The ``routealign`` console command's entry point.
+
+It lives outside the ``routealign`` package on purpose: importing the package imports llm-compressor (several
+seconds, and log lines that llm-compressor's logger writes to stdout). Here ``--help`` and ``--version`` answer
+without that import, and the package is imported with stdout pointed at stderr, so llm-compressor's log sink is
+stderr and stdout carries only the command's output (``routealign check --json`` is parseable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from pathlib import Path
+
+__all__ = ["main", "parser"]
+
+DESCRIPTION = "Router-stable MoE quantization: routing evaluation, vLLM pre-flight checks and a demo."
+_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("routealign")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        return "unknown"
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="routealign", description=DESCRIPTION)
+    top.add_argument("--version", action="version", version=f"routealign {_version()}")
+    sub = top.add_subparsers(dest="command", required=True)
+
+    ev = sub.add_parser("eval", help="routing agreement and perplexity of a quantized model against its reference")
+    ev.add_argument("--reference", required=True, type=Path, help="unquantized model folder")
+    ev.add_argument("--quantized", required=True, type=Path, help="quantized (compressed-tensors) model folder")
+    ev.add_argument("--text", required=True, type=Path, help="evaluation text file")
+    ev.add_argument("--tokenizer", type=Path, help="tokenizer.json (default: the reference folder's)")
+    ev.add_argument("--rows", type=int, default=64, help="number of rows of --seq-len tokens (default 64)")
+    ev.add_argument("--seq-len", type=int, default=512, help="tokens per row (default 512)")
+    ev.add_argument("--batch-size", type=int, default=4, help="rows per forward pass (default 4)")
+    ev.add_argument("--dtype", choices=_DTYPES, default="bfloat16", help="compute dtype (default bfloat16)")
+    ev.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    ev.add_argument("--perfect-routing", action="store_true",
+                    help="also run the quantized model with the reference model's expert choices forced")
+    ev.add_argument("--out", type=Path, default=Path("routealign-eval"), help="report folder")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    check = sub.add_parser("check", help="pre-flight: will this compressed-tensors checkpoint load in vLLM's MoE path? "
+                                         "(exit 0: pass, 1: problems found, 2: not a readable checkpoint)")
+    check.add_argument("checkpoint", type=Path, help="saved checkpoint folder")
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    demo = sub.add_parser("demo", help="end-to-end demo on a tiny built-in MoE and bundled text")
+    demo.add_argument("--out", type=Path, default=Path("routealign-out"), help="working folder")
+    demo.add_argument("--seed", type=int, default=0,
+                      help="seed of the tiny model's training, the calibration windows and the tuning (default 0)")
+    demo.add_argument("--overwrite", action="store_true", help="replace the contents of an existing --out folder")
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)  # --help, --version and usage errors exit here, before any heavy import
+    with contextlib.redirect_stdout(sys.stderr):
+        from routealign import cli
+    args.func = cli._COMMANDS[args.command]
+    return cli.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
