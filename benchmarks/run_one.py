@@ -27,17 +27,19 @@ IGNORE = ["lm_head", "re:.*mlp.gate$", "re:.*shared_expert_gate$"]
 
 
 def recipe(method: str, scheme: str, iters: int, seed: int, extra: dict, smooth: str | None = None,
-           smooth_extra: dict | None = None):
+           smooth_extra: dict | None = None, ignore: list[str] | None = None):
     steps = []
     if smooth:
         from routealign import ExpertAwareSmoothingModifier
 
         steps.append(ExpertAwareSmoothingModifier(mode=smooth, **(smooth_extra or {})))
-    steps.append(quantizer(method, scheme, iters, seed, extra))
+    steps.append(quantizer(method, scheme, iters, seed, extra, ignore or []))
     return steps
 
 
-def quantizer(method: str, scheme: str, iters: int, seed: int, extra: dict):
+def quantizer(method: str, scheme: str, iters: int, seed: int, extra: dict, ignore: list[str] = ()):
+    """The quantizing modifier(s) of ``method``; ``ignore``: extra modules every method leaves unquantized."""
+    IGNORE = [*globals()["IGNORE"], *ignore]
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
     if method == "awq":
@@ -55,7 +57,7 @@ def quantizer(method: str, scheme: str, iters: int, seed: int, extra: dict):
                                  enable_torch_compile=False)
     from routealign import RouterAlignedRoundingModifier
 
-    return RouterAlignedRoundingModifier(objective=method, scheme=scheme, targets="Linear", ignore=["lm_head"],
+    return RouterAlignedRoundingModifier(objective=method, scheme=scheme, targets="Linear", ignore=["lm_head", *ignore],
                                          iters=iters, seed=seed, **extra)
 
 
@@ -83,6 +85,9 @@ def main() -> None:
                         help="llm-compressor's default; off here unless given (routealign does not need it)")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                         help="dtype the model is loaded in for quantization (evaluation is always bf16)")
+    parser.add_argument("--ignore", action="append", default=[],
+                        help="also leave this module pattern unquantized, every method (e.g. 're:.*kv_b_proj$' "
+                             "for MLA models whose kv_b_proj input does not fit group 128); repeatable")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -113,7 +118,7 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(str(args.model), dtype=getattr(torch, args.dtype))
     data = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
     steps = recipe(args.method, args.scheme, args.iters, args.seed, json.loads(args.extra), args.smooth,
-                   json.loads(args.smooth_extra))
+                   json.loads(args.smooth_extra), ignore=args.ignore)
     flat = [m for step in steps for m in (step if isinstance(step, list) else [step])]
     mod = flat[-1]
     if device == "cuda":
@@ -143,7 +148,7 @@ def main() -> None:
                  "flip_rate": 1 - vmean["overlap_at_k"], "match_score": vmean["match_score"]}
     row = {"model": args.model.name, "method": args.method, "scheme": args.scheme, "seed": args.seed,
            "iters": args.iters if args.method not in ("rtn", "gptq", "awq") else None,
-           "smooth": args.smooth, "smooth_extra": json.loads(args.smooth_extra),
+           "smooth": args.smooth, "smooth_extra": json.loads(args.smooth_extra), "ignore": args.ignore,
            "smoothing": getattr(flat[0], "report", None) if args.smooth else None,
            "extra": json.loads(args.extra), "dtype": args.dtype, "samples": args.samples, "seq_len": args.seq_len,
            "eval_text": Path(test_text).name, "eval_rows": args.eval_rows, "oneshot_s": round(seconds, 2),

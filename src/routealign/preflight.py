@@ -15,7 +15,10 @@ module):
 - ``router`` / ``ignore``: routers and ``shared_expert_gate`` unquantized and listed in ``ignore``;
 - ``global-scale``: NVFP4 gate/up global scales equal per expert (vLLM fuses them into one w13 tensor);
 - ``kernel``: group size and shapes that vLLM's MoE kernels take (int4/int8 Marlin MoE: group size -1, 32, 64 or
-  128, hidden size a multiple of 128, intermediate size a multiple of max(64, group size); NVFP4: group size 16).
+  128, hidden size a multiple of 128, intermediate size a multiple of max(64, group size); NVFP4: group size 16);
+- ``scales``: no NaN/Inf scale, no scale tensor that is mostly zeros;
+- ``tied-embeddings``: architectures whose vLLM loader ignores ``tie_word_embeddings`` (GLM-4.5, DeepSeek-V3,
+  OLMoE, GPT-OSS, Nemotron-H in vLLM 0.32) must store ``lm_head.weight``.
 
 :func:`check_checkpoint` returns a :class:`PreflightReport`; ``routealign check`` prints it and exits 1 when it has
 errors.
@@ -32,7 +35,8 @@ from typing import Literal
 import torch
 from compressed_tensors.utils.match import match_name
 
-from .checkpoint import _checkpoint_renamer, read_config, read_safetensors, skeleton, weight_files
+from .checkpoint import (VLLM_IGNORES_TIED_EMBEDDINGS, _checkpoint_renamer, read_config, read_safetensors, skeleton,
+                         vllm_needs_untied, weight_files)
 from .errors import CheckpointError
 from .routing import find_moe_layers
 
@@ -222,6 +226,12 @@ def check_checkpoint(path: str | Path) -> PreflightReport:
     extra = [k for k in stored if k not in expected and not any(k.startswith(w + ".") for w in wildcard)]
     tied_head = getattr(config, "tie_word_embeddings", False)
     missing = [k for k in missing if not (tied_head and k == "lm_head.weight")]
+    if vllm_needs_untied(config) and "lm_head.weight" not in stored:
+        arch = ", ".join(sorted(VLLM_IGNORES_TIED_EMBEDDINGS & set(config.architectures)))
+        report.add("error", "tied-embeddings", "lm_head.weight",
+                   f"tie_word_embeddings is true and the checkpoint has no lm_head.weight; vLLM's {arch} loader "
+                   f"does not tie them and serves an uninitialised LM head (every logit wrong). Save it with "
+                   f"routealign.save_compressed (writes the LM head) or store lm_head.weight")
     for k in missing:
         report.add("error", "tensors", k, "missing from the checkpoint")
     for k in extra:
