@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 import routealign  # noqa: F401
 from routealign import RouterAlignedRoundingModifier
 from routealign.losses import RouterLossConfig
-from routealign.streams import BlockInputs, StreamEngine
+from routealign.streams import BlockInputs, StreamEngine, to_device
 from routealign.tiny import save_tiny, tiny_model
 from routealign.tuning import BlockTuner, TuningConfig, suspended_offloading
 
@@ -82,7 +82,8 @@ def test_kept_iteration_has_the_lowest_held_out_loss():
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_router_gate_keeps_the_arm_with_the_smaller_held_out_downstream_error(seed):
     block, nxt, targets, q, nkw = _setup(seed=seed)
-    gated = _tune(block, nxt, targets, q, nkw, "vsraq", holdout=0.25, router_weight=1.0, seed=seed)
+    gated = _tune(block, nxt, targets, q, nkw, "vsraq", holdout=0.25, router_weight=1.0, seed=seed,
+                  router_headroom=False)
     plain = _tune(block, nxt, targets, q, nkw, "none", holdout=0.25, seed=seed)
     assert set(gated.arms) == {"plain", "router"}
     down = {arm: gated.arms[arm]["downstream_heldout"] for arm in ("plain", "router")}
@@ -99,9 +100,41 @@ def test_router_gate_keeps_the_arm_with_the_smaller_held_out_downstream_error(se
 
 def test_router_gate_z_zero_keeps_any_mean_improvement():
     block, nxt, targets, q, nkw = _setup(seed=1)
-    gated = _tune(block, nxt, targets, q, nkw, "vsraq", holdout=0.25, router_weight=1.0, seed=1, router_gate_z=0.0)
+    gated = _tune(block, nxt, targets, q, nkw, "vsraq", holdout=0.25, router_weight=1.0, seed=1, router_gate_z=0.0,
+                  router_headroom=False)
     down = {arm: gated.arms[arm]["downstream_heldout"] for arm in ("plain", "router")}
     assert gated.router_kept == (down["router"] < down["plain"])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_router_arm_runs_only_where_forcing_the_right_experts_helps(seed):
+    """router_headroom: after the plain arm, the held-out downstream error with the next router's choices forced to
+    the unquantized stream's is compared with its own; the router arm is tuned only on a significant gain, and the
+    block is otherwise exactly plain rounding."""
+    block, nxt, targets, q, nkw = _setup(seed=seed)
+    gated = _tune(block, nxt, targets, q, nkw, "vsraq", holdout=0.25, router_weight=1.0, seed=seed, router_gate_z=0.0)
+    plain = _tune(block, nxt, targets, q, nkw, "none", holdout=0.25, seed=seed)
+    room = gated.headroom
+    assert room["mean_diff"] == pytest.approx(room["forced"] - room["own"], rel=1e-9, abs=1e-15)
+    assert room["keep"] == (room["forced"] < room["own"])  # z = 0
+    assert set(gated.arms) == ({"plain", "router"} if room["keep"] else {"plain"})
+    assert gated.gate["headroom"] == room
+    if not room["keep"]:
+        assert gated.router_kept is False
+        assert all(torch.equal(a, b) for a, b in zip(_state(gated), _state(plain)))
+
+
+def test_forcing_the_next_routers_own_choices_changes_nothing():
+    block, nxt, targets, q, nkw = _setup(seed=1)
+    tuner = _tune(block, nxt, targets, q, nkw, "vsraq", holdout=0.25, router_weight=1.0, seed=1)
+    kwargs = to_device(q.kwargs, torch.float32, tuner.device)
+    y = tuner._y_fp[:2].to(torch.float32)
+    out, logits = tuner._run_next(y, kwargs, stop_after=False)
+    own = {l.name: l.family.route(l.router, logits[l.name]).indices for l in tuner.next_layers}
+    forced, _ = tuner._run_next(y, kwargs, stop_after=False, force=own)
+    assert torch.equal(forced, out)
+    rerouted, _ = tuner._run_next(y, kwargs, stop_after=False, force={n: torch.flip(i, [0]) for n, i in own.items()})
+    assert not torch.equal(rerouted, out)
 
 
 def test_paired_gate_statistics():
@@ -145,7 +178,7 @@ def test_next_router_is_found_past_layers_without_one(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"), dtype=torch.float32)
     ids = calibration_ids(rows=8, seq_len=24)
     mod = RouterAlignedRoundingModifier(objective="vsraq", iters=4, batch_size=2, scheme="W4A16", targets="Linear",
-                                        ignore=["lm_head"], min_expert_tokens=0)
+                                        ignore=["lm_head"], min_expert_tokens=0, router_headroom=False)
     oneshot(model=model, dataset=Dataset.from_dict({"input_ids": ids.tolist()}), recipe=mod,
             num_calibration_samples=8, max_seq_length=24)
     rows = {r["layer"]: r for r in mod.report}

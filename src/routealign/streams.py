@@ -146,11 +146,12 @@ def plain_forwards(module: torch.nn.Module, all_experts: bool = False, attn_impl
 
 def run_block(module: torch.nn.Module, params: dict, hidden: torch.Tensor, kwargs: dict,
               layers: list[MoELayer] = (), stop_after: bool = False, all_experts: bool = False,
-              extra: contextlib.AbstractContextManager | None = None):
+              extra: contextlib.AbstractContextManager | None = None, force: dict | None = None):
     """One forward of ``module`` with ``params`` (``functional_call``; ``None``: its own parameters, a plain call,
     which also works on offloaded modules) on ``hidden`` with ``kwargs``; returns
     ``(output or None when stopped after the last of layers' routers, {layer name: router logits with grad})``.
-    ``extra`` is entered around the call (batched experts, activation-quantization hooks)."""
+    ``extra`` is entered around the call (batched experts, activation-quantization hooks); ``force`` maps layer names
+    to ``[T, k]`` expert indices their routers return instead of their own."""
     implementation = attention_implementation(module)
     if implementation == "eager" and kwargs.get("attention_mask") is None and hidden.shape[1] > 1:
         raise ValueError(
@@ -158,7 +159,7 @@ def run_block(module: torch.nn.Module, params: dict, hidden: torch.Tensor, kwarg
             "take the layer's keyword arguments from routealign.streams.StreamEngine"
         )
     out = None
-    with RouterTap(list(layers), detach=False, stop_after=stop_after) as tap:
+    with RouterTap(list(layers), force=force, detach=False, stop_after=stop_after) as tap:
         try:
             with plain_forwards(module, all_experts, implementation), (extra or contextlib.nullcontext()):
                 if params is None:

@@ -226,6 +226,11 @@ class TuningConfig(BaseModel):
     # standard errors of the paired per-sequence difference (0: any mean improvement). Block-level differences are
     # mostly noise of the signed descent; keeping a noisy "win" costs perplexity (RESULTS section 6)
     router_gate_z: float = Field(1.645, ge=0)
+    # with ``router_scope`` next (or both) and the gate on: before tuning with the router term, measure on the held-out
+    # sequences whether forcing the unquantized expert choices at the next router lowers the downstream error of
+    # the block tuned without it (the most any router objective can gain there). Without a significant gain (same
+    # ``router_gate_z``) the router arm is not run: the block is kept as plain rounding, at plain rounding's cost
+    router_headroom: bool = True
     # how the router term's gradient is combined with the MSE gradient before the sign step: ``none`` adds
     # ``router_weight`` times it; ``grad_norm`` rescales it per tensor to ``router_weight`` times the MSE
     # gradient's norm (signed steps ignore magnitudes, so an unbalanced router gradient decides the sign of every
@@ -430,6 +435,7 @@ class BlockTuner:
         self._next_kw32 = (None if next_kwargs is None
                            else [to_device(kw, torch.float32, self.device) for kw in next_kwargs])
         self._down_fp: list[torch.Tensor] = []  # downstream outputs of the held-out targets, the same for both arms
+        self._down_fp_idx: list[dict[str, torch.Tensor]] = []  # the next routers' choices on them
         modules = dict(block.named_modules())
         self.weights: list[TunedWeight] = []
         quantizers = {n: WeightQuantizer(args) for n, args in targets.items()}
@@ -457,6 +463,7 @@ class BlockTuner:
         self.arms: dict[str, dict] = {}
         self.router_kept: bool | None = None
         self.gate: dict | None = None  # the gate's statistics (paired_gate) when both arms ran
+        self.headroom: dict | None = None  # forced-routing statistics (router_headroom)
         self.router_scale: dict | None = None  # the router term against the MSE at the first router iteration
 
     @staticmethod
@@ -486,7 +493,7 @@ class BlockTuner:
 
     # -- forward passes -----------------------------------------------------------------------------------
     def _run(self, module, params, hidden, kwargs, layers, stop_after: bool = False, all_experts: bool = False,
-             batched: bool | None = None):
+             batched: bool | None = None, force: dict[str, torch.Tensor] | None = None):
         """Forward ``module`` with ``params`` (:func:`routealign.streams.run_block`); returns (output, or None when
         stopped after the last of ``layers``' routers, and their logits by layer name, with gradients)."""
         batched = self.config.batched_experts if batched is None else batched
@@ -505,17 +512,18 @@ class BlockTuner:
         # entered inside run_block, after plain_forwards (which removes instance forwards: entered before it, the
         # batched experts' forward would be removed and llm-compressor's per-expert loop would run instead)
         return run_block(module, params, hidden, kwargs, layers, stop_after=stop_after, all_experts=all_experts,
-                         extra=extra())
+                         extra=extra(), force=force)
 
-    def _run_next(self, y: torch.Tensor, kwargs: dict, stop_after: bool):
+    def _run_next(self, y: torch.Tensor, kwargs: dict, stop_after: bool,
+                  force: dict[str, torch.Tensor] | None = None):
         """The downstream layers (unquantized) on ``y``: (output of the last, or None when stopped after its
-        routers, and its routers' logits)."""
+        routers, and its routers' logits). ``force``: expert indices the next routers return instead of their own."""
         h, logits = y, {}
         for i, (module, params) in enumerate(zip(self.next_chain, self._next_params32)):
             kw = kwargs if self._next_kw32 is None else self._next_kw32[i]
             last = i == len(self.next_chain) - 1
             h, logits = self._run(module, params, h, kw, self.next_layers if last else [],
-                                  stop_after=stop_after and last)
+                                  stop_after=stop_after and last, force=force if last else None)
         return h, logits
 
     def _chunks(self, inputs: BlockInputs, chunk: int = 8):
@@ -630,15 +638,22 @@ class BlockTuner:
                 self.history = []
                 results[arm], self.arms[arm] = self._tune_loop(q, params, train, held, use_router=arm == "router")
                 histories[arm] = self.history
-            if len(arms) == 2:
+                if arm == "plain" and len(arms) == 2 and self._router_has_no_headroom(q, held):
+                    break  # the router arm cannot gain what forcing the right experts does not
+            if "router" in results and "plain" in results:
                 errors = {}
                 for arm in arms:
                     self._set(params, results[arm])
                     errors[arm] = self._downstream_errors(q, held)
                     self.arms[arm]["downstream_heldout"] = _global_mean_of(errors[arm])
-                self.gate = paired_gate(errors["router"] - errors["plain"], cfg.router_gate_z)
+                self.gate = {**paired_gate(errors["router"] - errors["plain"], cfg.router_gate_z),
+                             "headroom": self.headroom}
                 self.router_kept = self.gate["keep"]
                 chosen = "router" if self.router_kept else "plain"
+            elif "plain" in results and len(arms) == 2:
+                self.gate = {"keep": False, "headroom": self.headroom}
+                self.router_kept = False
+                chosen = "plain"
             else:
                 chosen = arms[0]
                 self.router_kept = True if chosen == "router" else None
@@ -722,6 +737,19 @@ class BlockTuner:
                 "heldout_best": best_loss if heldout else None, "heldout_curve": heldout}
         return best, info
 
+    def _router_has_no_headroom(self, q: BlockInputs, held: torch.Tensor) -> bool:
+        """With the plain arm's parameters set: whether forcing the unquantized expert choices at the next routers
+        fails to lower the held-out downstream error significantly (``router_headroom``; records ``headroom``)."""
+        cfg = self.config
+        if not (cfg.router_headroom and self.next_chain and self.next_layers
+                and any(where == "next" for where, _ in self.scoped)):
+            return False
+        own = self._downstream_errors(q, held)
+        forced = self._downstream_errors(q, held, forced=True)
+        self.headroom = {**paired_gate(forced - own, cfg.router_gate_z), "own": _global_mean_of(own),
+                         "forced": _global_mean_of(forced)}
+        return not self.headroom["keep"]
+
     def _combine_gradients(self, params: list[torch.Tensor], mse: torch.Tensor, router: torch.Tensor,
                            measure_only: bool) -> None:
         """Separate MSE and router gradients; records at the first call how they compare (``router_scale``: loss
@@ -777,16 +805,20 @@ class BlockTuner:
         return _global_mean(torch.tensor(value))
 
     @torch.no_grad()
-    def _downstream_errors(self, q: BlockInputs, held: torch.Tensor) -> torch.Tensor:
+    def _downstream_errors(self, q: BlockInputs, held: torch.Tensor, forced: bool = False) -> torch.Tensor:
         """Per held-out sequence, the mean squared error at the output of the first routing layer downstream (the
-        next layers unquantized, their experts chosen by their own routers), or of this block (through the final
-        norm) when none follows."""
+        next layers unquantized, their experts chosen by their own routers, or with ``forced`` by the unquantized
+        stream's choices), or of this block (through the final norm) when none follows."""
         errors = []
         for i, (_, y, _, target, kwargs) in enumerate(self._held_out(q, held, [])):
             if self.next_chain:
-                y, _ = self._run_next(y, kwargs, stop_after=False)
                 if i == len(self._down_fp):  # the unquantized side is the same for every arm: computed once
-                    self._down_fp.append(self._run_next(target, kwargs, stop_after=False)[0])
+                    out, logits = self._run_next(target, kwargs, stop_after=False)
+                    self._down_fp.append(out)
+                    self._down_fp_idx.append({l.name: l.family.route(l.router, logits[l.name]).indices
+                                              for l in self.next_layers if l.name in logits})
+                force = self._down_fp_idx[i] if forced else None
+                y, _ = self._run_next(y, kwargs, stop_after=False, force=force)
                 target = self._down_fp[i]
             else:
                 y, target = self._normed(y), self._normed(target)

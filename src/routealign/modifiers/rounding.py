@@ -94,6 +94,10 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
     :param router_gate: with a router objective, also tune each block without it and keep the result with the
         router term only when its held-out error at the output of the first routing layer downstream is
         significantly smaller (reported per layer: ``router_kept``, ``arms``, ``gate``)
+    :param router_headroom: with the gate and ``router_scope`` next: tune with the router term only where forcing the
+        unquantized expert choices at the next router significantly lowers the held-out downstream error of the
+        block tuned without it (what any router objective could at most gain there); elsewhere the block costs what
+        plain rounding costs (reported per layer in ``gate["headroom"]``)
     :param router_gate_z: how many standard errors of the paired per-sequence difference the router arm must win
         by (default 1.645, one-sided 95%; 0 keeps any mean improvement)
     :param structure_space: ``logits`` (the papers') or ``scores``: where VSRAQ's rank/margin and ExpertQuant's
@@ -284,6 +288,8 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
         self._report.append(row)
         if history:
             kept = {True: ", router term kept", False: ", router term dropped (held-out)", None: ""}[tuner.router_kept]
+            if tuner.router_kept is False and "router" not in tuner.arms:
+                kept = ", router term not tried (forcing the unquantized experts gains nothing on held-out)"
             logger.info(f"{name}: tuned {len(tuner.weights)} weights, {len(history)} iters, loss "
                         f"{history[0]:.4g} -> best {min(history):.4g}{kept} ({row['seconds']:.1f} s)")
 
