@@ -91,10 +91,12 @@ def test_calibration_set_rules():
         check_calibration(None, vocab_size=10)
     with pytest.raises(InputError, match="batch 0 has sequences of 1 token"):
         check_calibration([{"input_ids": torch.ones(1, 1, dtype=torch.long)}], vocab_size=10)
-    with pytest.raises(InputError, match="batch 1 has sequences of 6 tokens, the first batch 8"):
+    with pytest.raises(InputError, match=r"batch 1 \(in calibration order\) has sequences of 6 tokens, the first "
+                                         r"batch 8.*concatenate_data=True.*The model has not been modified"):
         check_calibration([{"input_ids": torch.ones(1, 8, dtype=torch.long)},
                            {"input_ids": torch.ones(1, 6, dtype=torch.long)}], vocab_size=10)
-    with pytest.raises(InputError, match=r"batch 0 is padded \(attention_mask has zeros\)"):
+    with pytest.raises(InputError, match=r"batch 0 \(in calibration order\) is padded \(attention_mask has zeros\)"
+                                         r".*concatenate_data=True"):
         check_calibration([{"input_ids": torch.ones(1, 4, dtype=torch.long),
                             "attention_mask": torch.tensor([[1, 1, 1, 0]])}], vocab_size=10)
     with pytest.raises(InputError, match="batch 0 has token id -1 outside"):

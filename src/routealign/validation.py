@@ -87,6 +87,12 @@ def _input_ids(batch: Any, index: int) -> tuple[torch.Tensor, torch.Tensor | Non
     return ids, mask
 
 
+_WAY_ROUND = ("For a text dataset pass concatenate_data=True to oneshot (the text is joined and cut into "
+              "max_seq_length windows); for pre-tokenized data, join the token ids and cut them into windows of one "
+              "length yourself (routealign.textdata.calibration_windows does this for a text file). The model has not "
+              "been modified")
+
+
 def check_calibration(batches: Iterable, vocab_size: int, min_seq_len: int = 2,
                       where: str = "calibration dataset") -> CalibrationSummary:
     """Read the calibration batches once (token ids only, no forward pass) and check them.
@@ -115,13 +121,13 @@ def check_calibration(batches: Iterable, vocab_size: int, min_seq_len: int = 2,
             raise InputError(f"{where}: batch {index} has sequences of {length} token(s); at least {min_seq_len} "
                              "are needed")
         if mask is not None and not bool(mask.bool().all()):
-            raise InputError(f"{where}: batch {index} is padded (attention_mask has zeros); use equal-length "
-                             "unpadded sequences (e.g. concatenate and cut the text into max_seq_length windows)")
+            raise InputError(f"{where}: batch {index} (in calibration order) is padded (attention_mask has zeros); "
+                             f"this modifier calibrates on equal-length unpadded sequences. {_WAY_ROUND}")
         if seq_len is None:
             seq_len = length
         elif length != seq_len:
-            raise InputError(f"{where}: batch {index} has sequences of {length} tokens, the first batch {seq_len}; "
-                             "use one sequence length (equal-length windows)")
+            raise InputError(f"{where}: batch {index} (in calibration order) has sequences of {length} tokens, the "
+                             f"first batch {seq_len}; this modifier calibrates on one sequence length. {_WAY_ROUND}")
         samples += int(ids.shape[0])
     if samples == 0:
         raise InputError(f"{where}: the calibration set is empty")
