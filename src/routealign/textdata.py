@@ -32,7 +32,8 @@ def find_tokenizer(model_dir: str | Path | None, tokenizer: str | Path | None = 
 
 
 def encode_text(text_file: str | Path, tokenizer_file: str | Path) -> torch.Tensor:
-    """All ids of ``text_file`` encoded line by line (1-D long tensor)."""
+    """All ids of ``text_file`` encoded line by line (1-D long tensor). A ``.jsonl`` file is read as JSON Lines:
+    the ``text`` field of each record, records joined by newlines."""
     from tokenizers import Tokenizer
 
     path = Path(text_file)
@@ -41,12 +42,32 @@ def encode_text(text_file: str | Path, tokenizer_file: str | Path) -> torch.Tens
     text = path.read_text(encoding="utf-8")
     if not text.strip():
         raise InputError(f"text file is empty: {path}")
+    if path.suffix == ".jsonl":
+        text = "\n".join(_jsonl_texts(text, path))
     tok = Tokenizer.from_file(str(tokenizer_file))
     lines = [line + "\n" for line in text.split("\n")]
     ids: list[int] = []
     for enc in tok.encode_batch(lines, add_special_tokens=False):
         ids.extend(enc.ids)
     return torch.tensor(ids, dtype=torch.long)
+
+
+def _jsonl_texts(content: str, path: Path) -> list[str]:
+    """The ``text`` field of every record of a JSON Lines file (blank lines skipped)."""
+    import json
+
+    texts = []
+    for number, line in enumerate(content.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}:{number}: not JSON ({exc.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise InputError(f"{path}:{number}: a record needs a string field 'text'")
+        texts.append(record["text"])
+    return texts
 
 
 def eval_rows(ids: torch.Tensor, rows: int, seq_len: int, vocab_size: int | None = None,
