@@ -54,6 +54,22 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("checkpoint", type=Path, help="saved checkpoint folder")
     check.add_argument("--json", action="store_true", help="print the report as JSON")
 
+    qz = sub.add_parser("quantize", help="oneshot a model with a recipe on a text file, save it compressed (atomically) "
+                                         "and check it for vLLM (exit 0: written and passes check, 1: written, "
+                                         "check found problems, 2: bad input, nothing written)")
+    qz.add_argument("model", type=Path, help="unquantized model folder (never written to)")
+    qz.add_argument("--recipe", required=True, type=Path, help="llm-compressor recipe YAML (e.g. recipes/vsraq_w4a16.yaml)")
+    qz.add_argument("--data", required=True, type=Path,
+                    help="calibration text: a text file or .jsonl ('text' field); cut into --samples windows")
+    qz.add_argument("--out", required=True, type=Path, help="output checkpoint folder")
+    qz.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
+    qz.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    qz.add_argument("--seed", type=int, default=0, help="seed of the window offsets and of torch (default 0)")
+    qz.add_argument("--dtype", choices=_DTYPES, default="bfloat16", help="dtype the model is loaded in")
+    qz.add_argument("--tokenizer", type=Path, help="tokenizer.json (default: the model folder's)")
+    qz.add_argument("--eval-text", type=Path, help="text to suggest for routealign eval (default: --data)")
+    qz.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+
     demo = sub.add_parser("demo", help="end-to-end demo on a tiny built-in MoE and bundled text")
     demo.add_argument("--out", type=Path, default=Path("routealign-out"), help="working folder")
     demo.add_argument("--seed", type=int, default=0,

@@ -1,4 +1,4 @@
-"""The commands behind ``routealign eval``, ``routealign check`` and ``routealign demo`` (the argument parser is
+"""The commands behind ``routealign eval``, ``routealign check``, ``routealign quantize`` and ``routealign demo`` (the argument parser is
 :mod:`routealign_cli`, which imports nothing heavy).
 
 Errors on bad input print one line, ``routealign: error: ...``, and exit with status 2.
@@ -86,7 +86,51 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
 
-_COMMANDS = {"eval": _cmd_eval, "check": _cmd_check, "demo": _cmd_demo}
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import read_config, save_compressed
+    from .preflight import check_checkpoint
+    from .textdata import calibration_windows, encode_text, find_tokenizer
+
+    # every cheap check before the model loads: folders, files, tokenizer, calibration text, output folder
+    read_config(args.model)
+    if not args.recipe.is_file():
+        raise InputError(f"recipe file does not exist: {args.recipe}")
+    out = args.out.resolve()
+    if out.exists() and not args.overwrite:
+        raise InputError(f"output folder {out} already exists; pass --overwrite to replace it")
+    model_dir = args.model.resolve()
+    if out == model_dir or model_dir in out.parents:
+        raise InputError(f"output folder {out} would write into the input model folder {model_dir}")
+    if args.samples < 1 or args.seq_len < 2:
+        raise InputError(f"--samples must be >= 1 and --seq-len >= 2 (got {args.samples}, {args.seq_len})")
+    tokenizer_file = find_tokenizer(args.model, args.tokenizer)
+    windows = calibration_windows(encode_text(args.data, tokenizer_file), args.samples, args.seq_len, args.seed)
+
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(args.seed)
+    model = AutoModelForCausalLM.from_pretrained(str(args.model), dtype=getattr(torch, args.dtype))
+    data = Dataset.from_dict({"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()})
+    oneshot(model=model, dataset=data, recipe=str(args.recipe), num_calibration_samples=windows.shape[0],
+            max_seq_length=args.seq_len)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_file.parent))
+    except Exception as exc:  # a tokenizer.json transformers cannot wrap: the checkpoint is still complete
+        sys.stderr.write(f"routealign: tokenizer not saved with the checkpoint ({exc})\n")
+        tokenizer = None
+    save_compressed(model, out, tokenizer=tokenizer, overwrite=args.overwrite, input_dir=args.model)
+    report = check_checkpoint(out)
+    sys.stdout.write(report.table())
+    sys.stdout.write(f"\ncheckpoint written to {out}\nnext: routealign eval --reference {args.model} --quantized {out} "
+                     f"--text {args.eval_text or args.data}\n")
+    return 0 if report.ok else 1
+
+
+_COMMANDS = {"eval": _cmd_eval, "check": _cmd_check, "demo": _cmd_demo, "quantize": _cmd_quantize}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,57 @@
+"""``routealign quantize``: a recipe and a text file in, a checked vLLM checkpoint out; bad input refused before any
+work, nothing written."""
+
+import json
+
+import pytest
+
+from routealign.cli import main
+from routealign.tiny import save_tiny
+
+RECIPE = """quant_stage:
+  quant_modifiers:
+    RouterAlignedRoundingModifier:
+      objective: vsraq
+      iters: 2
+      batch_size: 4
+      scheme: W4A16
+      targets: [Linear]
+      ignore: [lm_head]
+"""
+
+
+@pytest.fixture
+def setup(tmp_path, sample_text):
+    save_tiny("qwen3_moe", tmp_path / "m", seed=3)
+    (tmp_path / "r.yaml").write_text(RECIPE)
+    return tmp_path, sample_text
+
+
+def test_quantize_writes_a_checked_checkpoint(setup, capsys):
+    tmp_path, text = setup
+    before = sorted(p.name for p in (tmp_path / "m").iterdir())
+    code = main(["quantize", str(tmp_path / "m"), "--recipe", str(tmp_path / "r.yaml"), "--data", str(text),
+                 "--out", str(tmp_path / "q"), "--samples", "8", "--seq-len", "32", "--dtype", "float32"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "PASS" in out and f"routealign eval --reference {tmp_path / 'm'} --quantized" in out
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "pack-quantized"
+    assert (tmp_path / "q" / "tokenizer.json").is_file() and (tmp_path / "q" / "recipe.yaml").is_file()
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == before  # the input folder is never written
+
+
+def test_quantize_refuses_bad_input_before_loading(setup, capsys):
+    tmp_path, text = setup
+    base = ["quantize", str(tmp_path / "m"), "--recipe", str(tmp_path / "r.yaml"), "--data", str(text), "--out"]
+    (tmp_path / "exists").mkdir()
+    assert main(base + [str(tmp_path / "exists")]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert main(base + [str(tmp_path / "m" / "q")]) == 2
+    assert "would write into the input model folder" in capsys.readouterr().err
+    assert main(["quantize", str(tmp_path / "m"), "--recipe", str(tmp_path / "none.yaml"), "--data", str(text),
+                 "--out", str(tmp_path / "q")]) == 2
+    assert "recipe file does not exist" in capsys.readouterr().err
+    assert main(base[:-3] + ["--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "q")]) == 2
+    assert "text file does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
