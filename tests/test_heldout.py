@@ -119,6 +119,9 @@ def test_router_arm_runs_only_where_forcing_the_right_experts_helps(seed):
     assert room["keep"] == (room["forced"] < room["own"])  # z = 0
     assert set(gated.arms) == ({"plain", "router"} if room["keep"] else {"plain"})
     assert gated.gate["headroom"] == room
+    # measured with the plain arm's kept parameters (the tuning loop ends on its last iteration's)
+    _, held = plain.split(q.hidden.shape[0])
+    assert room["own"] == pytest.approx(plain._downstream_error(q, held), rel=1e-9)
     if not room["keep"]:
         assert gated.router_kept is False
         assert all(torch.equal(a, b) for a, b in zip(_state(gated), _state(plain)))

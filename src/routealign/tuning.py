@@ -638,8 +638,10 @@ class BlockTuner:
                 self.history = []
                 results[arm], self.arms[arm] = self._tune_loop(q, params, train, held, use_router=arm == "router")
                 histories[arm] = self.history
-                if arm == "plain" and len(arms) == 2 and self._router_has_no_headroom(q, held):
-                    break  # the router arm cannot gain what forcing the right experts does not
+                if arm == "plain" and len(arms) == 2:
+                    self._set(params, results["plain"])  # the loop leaves the last iteration's, not the kept ones
+                    if self._router_has_no_headroom(q, held):
+                        break  # the router arm cannot gain what forcing the right experts does not
             if "router" in results and "plain" in results:
                 errors = {}
                 for arm in arms:
