@@ -632,33 +632,33 @@ class BlockTuner:
         start = [p.detach().clone() for p in params]
         results: dict[str, list[torch.Tensor]] = {}
         histories: dict[str, list[float]] = {}
+
+        def tune_arm(arm: str) -> None:
+            self._set(params, start)
+            self.history = []
+            results[arm], self.arms[arm] = self._tune_loop(q, params, train, held, use_router=arm == "router")
+            histories[arm] = self.history
+
         with self._simulating(self.activation_quantizers(q) if simulate else {}):
-            for arm in arms:
-                self._set(params, start)
-                self.history = []
-                results[arm], self.arms[arm] = self._tune_loop(q, params, train, held, use_router=arm == "router")
-                histories[arm] = self.history
-                if arm == "plain" and len(arms) == 2:
-                    self._set(params, results["plain"])  # the loop leaves the last iteration's, not the kept ones
-                    if self._router_has_no_headroom(q, held):
-                        break  # the router arm cannot gain what forcing the right experts does not
-            if "router" in results and "plain" in results:
-                errors = {}
-                for arm in arms:
-                    self._set(params, results[arm])
-                    errors[arm] = self._downstream_errors(q, held)
-                    self.arms[arm]["downstream_heldout"] = _global_mean_of(errors[arm])
-                self.gate = {**paired_gate(errors["router"] - errors["plain"], cfg.router_gate_z),
-                             "headroom": self.headroom}
+            tune_arm(arms[0])
+            chosen = arms[0]
+            self.router_kept = True if chosen == "router" else None
+            if len(arms) == 2:
+                # the plain arm's held-out downstream errors, with its kept parameters (the loop ends on the last
+                # iteration's): used by the headroom rule and by the gate
+                self._set(params, results["plain"])
+                plain = self._downstream_errors(q, held)
+                self.arms["plain"]["downstream_heldout"] = _global_mean_of(plain)
+                self.gate = {"keep": False, "headroom": None}
+                if not self._router_has_no_headroom(q, held, plain):
+                    tune_arm("router")
+                    self._set(params, results["router"])
+                    router = self._downstream_errors(q, held)
+                    self.arms["router"]["downstream_heldout"] = _global_mean_of(router)
+                    self.gate = paired_gate(router - plain, cfg.router_gate_z)
+                self.gate["headroom"] = self.headroom
                 self.router_kept = self.gate["keep"]
                 chosen = "router" if self.router_kept else "plain"
-            elif "plain" in results and len(arms) == 2:
-                self.gate = {"keep": False, "headroom": self.headroom}
-                self.router_kept = False
-                chosen = "plain"
-            else:
-                chosen = arms[0]
-                self.router_kept = True if chosen == "router" else None
         self._set(params, results[chosen])
         self.history = histories[chosen]
         return y_fp
@@ -739,14 +739,14 @@ class BlockTuner:
                 "heldout_best": best_loss if heldout else None, "heldout_curve": heldout}
         return best, info
 
-    def _router_has_no_headroom(self, q: BlockInputs, held: torch.Tensor) -> bool:
-        """With the plain arm's parameters set: whether forcing the unquantized expert choices at the next routers
-        fails to lower the held-out downstream error significantly (``router_headroom``; records ``headroom``)."""
+    def _router_has_no_headroom(self, q: BlockInputs, held: torch.Tensor, own: torch.Tensor) -> bool:
+        """With the plain arm's kept parameters set and ``own`` its held-out downstream errors: whether forcing the
+        unquantized expert choices at the next routers fails to lower them significantly (``router_headroom``;
+        records ``headroom``)."""
         cfg = self.config
         if not (cfg.router_headroom and self.next_chain and self.next_layers
                 and any(where == "next" for where, _ in self.scoped)):
             return False
-        own = self._downstream_errors(q, held)
         forced = self._downstream_errors(q, held, forced=True)
         self.headroom = {**paired_gate(forced - own, cfg.router_gate_z), "own": _global_mean_of(own),
                          "forced": _global_mean_of(forced)}
