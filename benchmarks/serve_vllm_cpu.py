@@ -199,21 +199,20 @@ def _token_id(token: str) -> int:
     return int(token.split(":", 1)[1])
 
 
-def prompt_ids(checkpoint: Path, reference: Path, n: int, length: int, text: Path | None, vocab: int):
+def prompt_ids(tokenizer_dir: Path | None, n: int, length: int, text: Path | None, vocab: int):
     """``n`` prompts of ``length`` ids: consecutive windows of the text, tokenized with the model's tokenizer; seeded
     random ids where no tokenizer exists (tiny test models)."""
     import torch
 
     from routealign.textdata import encode_text
 
-    tok = next((d / "tokenizer.json" for d in (checkpoint, reference) if (d / "tokenizer.json").is_file()), None)
-    if tok is None:
+    if tokenizer_dir is None:
         g = torch.Generator().manual_seed(0)
         return torch.randint(0, vocab, (n, length), generator=g).tolist(), "random ids (no tokenizer.json)"
     import routealign
 
     source = text or Path(routealign.__file__).parent / "data" / "shakespeare_eval.txt"
-    ids = encode_text(source, tok)
+    ids = encode_text(source, tokenizer_dir / "tokenizer.json")
     if ids.numel() < n * length:
         raise SystemExit(f"{source}: {ids.numel()} tokens, fewer than {n} x {length}")
     return ids[: n * length].view(n, length).tolist(), str(source)
@@ -302,14 +301,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     vocab = int(config.get("vocab_size") or config.get("text_config", {}).get("vocab_size"))
-    prompts, source = prompt_ids(args.checkpoint, args.reference, args.prompts, args.prompt_len, args.text, vocab)
+    # the checkpoint's tokenizer, else the reference's: for the prompts and for vLLM
+    tokenizer = next((d.resolve() for d in (args.checkpoint, args.reference) if (d / "tokenizer.json").is_file()),
+                     None)
+    prompts, source = prompt_ids(tokenizer, args.prompts, args.prompt_len, args.text, vocab)
     prefix = args.prompt_len // 3
     log = (args.out.parent if args.out else cache_dir()) / "vllm_server.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     try:
-        tokenizer = next((d.resolve() for d in (args.checkpoint, args.reference) if (d / "tokenizer.json").is_file()),
-                         None)
         with Server(python, args.checkpoint.resolve(), free_port(), log,
                     max_model_len=max(args.prompt_len, prefix + args.greedy_tokens) + 16,
                     tokenizer=tokenizer) as server:

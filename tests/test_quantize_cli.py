@@ -46,7 +46,7 @@ def test_quantize_refuses_bad_input_before_loading(setup, capsys):
     base = ["quantize", str(tmp_path / "m"), "--recipe", str(tmp_path / "r.yaml"), "--data", str(text), "--out"]
     (tmp_path / "exists").mkdir()
     assert main(base + [str(tmp_path / "exists")]) == 2
-    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert "already exists; pass overwrite=True (--overwrite)" in capsys.readouterr().err
     assert main(base + [str(tmp_path / "m" / "q")]) == 2
     assert "would write into the input model folder" in capsys.readouterr().err
     assert main(["quantize", str(tmp_path / "m"), "--recipe", str(tmp_path / "none.yaml"), "--data", str(text),

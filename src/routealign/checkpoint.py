@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from loguru import logger
@@ -71,7 +72,7 @@ def _write_lm_head(model, folder: Path) -> bool:
     llm-compressor's save re-ties value-identical embeddings, so this is done on the written files."""
     config_file = folder / "config.json"
     config = json.loads(config_file.read_text())
-    if not (config.get("tie_word_embeddings") and VLLM_IGNORES_TIED_EMBEDDINGS & set(config.get("architectures") or [])):
+    if not vllm_needs_untied(SimpleNamespace(**config)):
         return False
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     names = {id(m): n for n, m in model.named_modules()}
@@ -81,8 +82,9 @@ def _write_lm_head(model, folder: Path) -> bool:
     from safetensors.torch import load_file, save_file
 
     index_file = folder / "model.safetensors.index.json"
-    if index_file.is_file():
-        stored = list(json.loads(index_file.read_text())["weight_map"])
+    index = json.loads(index_file.read_text()) if index_file.is_file() else None
+    if index is not None:
+        stored = list(index["weight_map"])
     else:
         with read_safetensors(folder / "model.safetensors") as handle:
             stored = list(handle.keys())
@@ -92,8 +94,7 @@ def _write_lm_head(model, folder: Path) -> bool:
         if len(candidates) != 1:
             raise CheckpointError(f"{folder}: cannot find the input embedding ({embed_key}) to store lm_head.weight")
         embed_key = candidates[0]
-    if index_file.is_file():
-        index = json.loads(index_file.read_text())
+    if index is not None:
         with read_safetensors(folder / index["weight_map"][embed_key]) as handle:
             weight = handle.get_tensor(embed_key)
         save_file({head_key: weight.clone()}, str(folder / "model-lm_head.safetensors"), metadata={"format": "pt"})
@@ -338,6 +339,23 @@ def _input_folder(model) -> Path | None:
     return None
 
 
+def check_output_folder(out: str | Path, overwrite: bool, *inputs: str | Path | None) -> Path:
+    """``out`` resolved, if :func:`save_compressed` may write there: not an existing folder unless ``overwrite``,
+    not a file, not one of the model folders ``inputs`` or inside one. Callers that load a model first check this
+    before loading it."""
+    out = Path(out).resolve()
+    for source in (Path(p).resolve() for p in inputs if p):
+        if out == source or source in out.parents:
+            raise OutputExistsError(f"output folder {out} would write into the input model folder {source}; "
+                                    "choose another output folder")
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"output folder {out} already exists; pass overwrite=True (--overwrite) to replace "
+                                "it, or choose another folder")
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"output path {out} exists and is a file")
+    return out
+
+
 def save_compressed(model, out: str | Path, tokenizer=None, overwrite: bool = False,
                     input_dir: str | Path | None = None, **save_kwargs) -> Path:
     """``model.save_pretrained(out, save_compressed=True)`` made safe for long runs.
@@ -350,17 +368,7 @@ def save_compressed(model, out: str | Path, tokenizer=None, overwrite: bool = Fa
     - ``out`` may not be, or lie inside, the folder the model was loaded from (``input_dir`` or the model's
       ``name_or_path``): the input model is never written to.
     """
-    out = Path(out).resolve()
-    sources = [p for p in (Path(input_dir).resolve() if input_dir else None, _input_folder(model)) if p]
-    for source in sources:
-        if out == source or source in out.parents:
-            raise OutputExistsError(f"output folder {out} would write into the input model folder {source}; "
-                                    "choose another output folder")
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"output folder {out} already exists; pass overwrite=True (--overwrite) to replace "
-                                "it, or choose another folder")
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"output path {out} exists and is a file")
+    out = check_output_folder(out, overwrite, input_dir, _input_folder(model))
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging(out)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}{_INCOMPLETE}{os.getpid()}-", dir=out.parent))

@@ -1,5 +1,5 @@
-"""The commands behind ``routealign eval``, ``routealign check``, ``routealign quantize`` and ``routealign demo`` (the argument parser is
-:mod:`routealign_cli`, which imports nothing heavy).
+"""The commands behind ``routealign eval``, ``routealign check``, ``routealign quantize`` and ``routealign demo``
+(the argument parser is :mod:`routealign_cli`, which imports nothing heavy).
 
 Errors on bad input print one line, ``routealign: error: ...``, and exit with status 2.
 """
@@ -12,6 +12,7 @@ import sys
 from .errors import InputError, RouteAlignError
 
 __all__ = ["main", "run"]
+
 
 def _device(name: str) -> str:
     import torch
@@ -89,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
 def _cmd_quantize(args: argparse.Namespace) -> int:
     import torch
 
-    from .checkpoint import read_config, save_compressed
+    from .checkpoint import check_output_folder, read_config, save_compressed
     from .preflight import check_checkpoint
     from .textdata import calibration_windows, encode_text, find_tokenizer
 
@@ -97,12 +98,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     read_config(args.model)
     if not args.recipe.is_file():
         raise InputError(f"recipe file does not exist: {args.recipe}")
-    out = args.out.resolve()
-    if out.exists() and not args.overwrite:
-        raise InputError(f"output folder {out} already exists; pass --overwrite to replace it")
-    model_dir = args.model.resolve()
-    if out == model_dir or model_dir in out.parents:
-        raise InputError(f"output folder {out} would write into the input model folder {model_dir}")
+    out = check_output_folder(args.out, args.overwrite, args.model)  # what save_compressed checks, before loading
     if args.samples < 1 or args.seq_len < 2:
         raise InputError(f"--samples must be >= 1 and --seq-len >= 2 (got {args.samples}, {args.seq_len})")
     tokenizer_file = find_tokenizer(args.model, args.tokenizer)
