@@ -2,6 +2,8 @@
 
     python benchmarks/cost_model.py --model ../shared/models/tiny-qwen3_moe            # + measured matmul rate
     python benchmarks/cost_model.py --preset qwen3-30b-a3b --preset glm-4.5-air         # on paper
+    python benchmarks/cost_model.py --preset qwen3-30b-a3b --preset glm-4.5-air --gpu h100 --gpu h200 --rate 1
+                                                                                 # whole-run predictions per config
 
 One iteration of RouterAlignedRoundingModifier on one decoder block, ``batch`` sequences of ``seq_len`` tokens
 (N = batch * seq_len tokens), router_scope ``next``:
@@ -16,6 +18,12 @@ One iteration of RouterAlignedRoundingModifier on one decoder block, ``batch`` s
 
 The floor is FLOPs / peak rate. Measured: this machine's float32 matmul rate (square matmuls of the block's sizes,
 ``--measure``), and a run's oneshot seconds divided by layers x iterations if given.
+
+``--gpu`` predicts a whole run on one GPU for each configuration in :data:`CONFIGS` (the default recipe, the fast
+one): per layer the tuning iterations, the held-out evaluations, and the one-off passes over all calibration
+tokens (unquantized targets, routed-token counts, the propagated quantized stream), each at
+``max(FLOPs / float32 peak, bytes / memory bandwidth)``, times an overhead factor (measured wall time over the
+floor; ``--overhead``, default the CPU's measured 2.4x: no GPU run has measured it).
 """
 
 from __future__ import annotations
@@ -82,6 +90,44 @@ def iteration_cost(s: Shape, batch: int, seq_len: int, scope: str = "next") -> d
             "expert_share": 3 * 2 * n * s.top_k * p_expert / flops}
 
 
+# datasheet peaks (dense): float32 on CUDA cores (the tuning runs in float32; TF32 is off for matmuls by default in
+# torch), HBM bandwidth. On paper, not measured here.
+GPUS = {
+    "h100": {"name": "H100 SXM", "fp32": 67e12, "hbm": 3.35e12},
+    "h200": {"name": "H200 SXM", "fp32": 67e12, "hbm": 4.8e12},
+}
+
+
+@dataclass
+class Config:
+    name: str
+    iters: int
+    arms: float  # tuning loops per block: 2 when a router objective is gated against plain rounding everywhere
+    scope: str  # next: the router objective runs the next block to its router
+    holdout: float = 0.125
+    holdout_every: int = 10
+
+
+CONFIGS = {
+    "default (vsraq_w4a16.yaml: 200 iters, gated router arm)": Config("default", 200, 2.0, "next"),
+    "plain (autoround_w4a16.yaml: objective none, 200 iters)": Config("plain", 200, 1.0, "block"),
+    "fast (vsraq_w4a16_fast.yaml: objective none, 50 iters, mse init)": Config("fast", 50, 1.0, "block"),
+}
+
+
+def run_cost(s: Shape, c: Config, samples: int, seq_len: int, batch: int) -> dict:
+    """FLOPs and bytes of a whole run: per layer, ``arms`` tuning loops of ``iters`` iterations on ``batch``
+    sequences, held-out evaluations (forward of the held-out sequences every ``holdout_every`` iterations), and three
+    one-off forwards over every calibration token (targets, counts, propagation)."""
+    step = iteration_cost(s, batch, seq_len, c.scope)
+    fwd_seq = iteration_cost(s, 1, seq_len, "block")["flops"] / 3  # one sequence, forward of the block only
+    held = max(int(samples * c.holdout), 0)
+    evals = c.iters // c.holdout_every + 1
+    flops = s.layers * (c.arms * (c.iters * step["flops"] + evals * held * fwd_seq) + 3 * samples * fwd_seq)
+    bytes_ = s.layers * c.arms * c.iters * step["bytes"]
+    return {"flops": flops, "bytes": bytes_}
+
+
 def measure_matmul(size: int, dtype=torch.float32, device: str = "cpu", repeats: int = 5) -> float:
     """GFLOP/s of ``size``-square matmuls on this machine (best of ``repeats``)."""
     a = torch.randn(size, size, dtype=dtype, device=device)
@@ -107,6 +153,11 @@ def main() -> None:
     parser.add_argument("--rate", type=float, help="peak GFLOP/s to use instead of measuring")
     parser.add_argument("--measured-s", type=float, help="a measured oneshot wall time to compare with the floor")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--gpu", choices=sorted(GPUS), action="append", default=[],
+                        help="predict whole runs on this GPU (datasheet peaks) for each configuration")
+    parser.add_argument("--samples", type=int, default=128, help="calibration sequences (for --gpu)")
+    parser.add_argument("--overhead", type=float, default=2.4,
+                        help="measured wall time / arithmetic floor applied to the GPU floor (default: the CPU's)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -125,7 +176,23 @@ def main() -> None:
               f"{args.iters} iters x {shape.layers} layers: {total:.0f} s |")
         if args.measured_s:
             print(f"  measured {args.measured_s:.0f} s = {args.measured_s / total:.1f}x the floor")
-    print(json.dumps(rows, indent=1))
+    predictions = []
+    for gpu in args.gpu:
+        spec = GPUS[gpu]
+        for shape in [from_config(p) for p in args.model] + [PRESETS[p] for p in args.preset]:
+            for label, config in CONFIGS.items():
+                cost = run_cost(shape, config, args.samples, args.seq_len, args.batch)
+                floor = max(cost["flops"] / spec["fp32"], cost["bytes"] / spec["hbm"])
+                predictions.append({"gpu": spec["name"], "model": shape.name, "config": label,
+                                    "PFLOP": cost["flops"] / 1e15, "floor_h": floor / 3600,
+                                    "predicted_h": floor * args.overhead / 3600})
+    if predictions:
+        print(f"\n| GPU | model | configuration | PFLOP | float32 floor | predicted (x{args.overhead} overhead) |")
+        print("|---|---|---|---|---|---|")
+        for p in predictions:
+            print(f"| {p['gpu']} | {p['model']} | {p['config']} | {p['PFLOP']:.1f} | {p['floor_h']:.2f} h | "
+                  f"{p['predicted_h']:.2f} h |")
+    print(json.dumps({"per_iteration": rows, "predictions": predictions}, indent=1))
 
 
 if __name__ == "__main__":

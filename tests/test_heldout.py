@@ -227,3 +227,31 @@ def test_tuning_forwards_use_the_batched_experts(monkeypatch, batched):
     block, nxt, targets, q, nkw = _setup()
     _tune(block, nxt, targets, q, nkw, "none", iters=2, holdout=0.0, batched_experts=batched)
     assert (len(calls) > 0) == batched
+
+
+def test_mse_init_starts_every_tuned_weight_at_its_reconstruction_optimal_clip(monkeypatch):
+    """``init: mse``: the tuning loop starts from, per group, the clip factor minimising the weight reconstruction
+    error (what the RTN fallback uses), offsets zero; ``minmax`` starts at clip 1 (AutoRound's start)."""
+    from routealign.tuning import CLIP_GRID, TunedWeight
+
+    block, nxt, targets, q, nkw = _setup()
+    starts = []
+    loop = BlockTuner._tune_loop
+
+    def spy(self, q_, params, *args, **kwargs):
+        starts.append([p.detach().clone() for p in params])
+        return loop(self, q_, params, *args, **kwargs)
+
+    monkeypatch.setattr(BlockTuner, "_tune_loop", spy)
+    mse = _tune(block, nxt, targets, q, nkw, "none", iters=2, init="mse")
+    _tune(block, nxt, targets, q, nkw, "none", iters=2, init="minmax")
+    expected = []
+    for w in mse.weights:
+        fresh = TunedWeight(w.name, w.module, w.quantizer, w.global_scale, w.expert)
+        fresh.mse_clip(CLIP_GRID)
+        expected += [p.detach() for p in fresh.parameters()]
+    assert len(starts[0]) == len(expected)
+    assert all(torch.equal(a, b) for a, b in zip(starts[0], expected))
+    clips = torch.cat([t.flatten() for t in starts[0][1::3]])
+    assert float(clips.min()) < 1.0 and bool((clips <= 1).all())  # not a no-op
+    assert all(bool((t == 1).all()) for t in starts[1][1::3]) and all(not t.any() for t in starts[1][0::3])

@@ -62,7 +62,7 @@ def test_token_ids_outside_the_vocabulary_fail_before_calibration(tmp_path):
     counter = _ForwardCounter(model)
     ids = calibration_ids(rows=2, seq_len=16)
     ids[1, 5] = 400  # vocabulary is 320
-    with pytest.raises(InputError, match=r"batch 1 has token id 400 outside the model's vocabulary \[0, 320\)"):
+    with pytest.raises(InputError, match=r"dataset row 1 has token id 400 outside the model's vocabulary \[0, 320\)"):
         _oneshot(model, _modifier(), ids)
     assert counter.calls == 0
 
@@ -89,17 +89,24 @@ def test_calibration_set_rules():
         check_calibration([], vocab_size=10)
     with pytest.raises(InputError, match="no calibration data was given"):
         check_calibration(None, vocab_size=10)
-    with pytest.raises(InputError, match="batch 0 has sequences of 1 token"):
+    with pytest.raises(InputError, match=r"batch 0 \(in calibration order\) has a sequence of 1 real token"):
         check_calibration([{"input_ids": torch.ones(1, 1, dtype=torch.long)}], vocab_size=10)
-    with pytest.raises(InputError, match=r"batch 1 \(in calibration order\) has sequences of 6 tokens, the first "
-                                         r"batch 8.*concatenate_data=True.*The model has not been modified"):
-        check_calibration([{"input_ids": torch.ones(1, 8, dtype=torch.long)},
-                           {"input_ids": torch.ones(1, 6, dtype=torch.long)}], vocab_size=10)
-    with pytest.raises(InputError, match=r"batch 0 \(in calibration order\) is padded \(attention_mask has zeros\)"
-                                         r".*concatenate_data=True"):
+    # variable lengths and padding are calibrated on (real tokens only); a hole in a mask is refused
+    mixed = check_calibration([{"input_ids": torch.ones(1, 8, dtype=torch.long)},
+                               {"input_ids": torch.ones(2, 6, dtype=torch.long),
+                                "attention_mask": torch.tensor([[1, 1, 1, 0, 0, 0], [0, 1, 1, 1, 1, 1]])}],
+                              vocab_size=10)
+    assert (mixed.samples, mixed.seq_len, mixed.padded, mixed.variable) == (3, 8, True, True)
+    with pytest.raises(InputError, match=r"batch 0 \(in calibration order\) row 0 has padding between real tokens"):
         check_calibration([{"input_ids": torch.ones(1, 4, dtype=torch.long),
-                            "attention_mask": torch.tensor([[1, 1, 1, 0]])}], vocab_size=10)
-    with pytest.raises(InputError, match="batch 0 has token id -1 outside"):
+                            "attention_mask": torch.tensor([[1, 0, 1, 1]])}], vocab_size=10)
+    with pytest.raises(InputError, match=r"batch 0 \(in calibration order\) has a sequence of 1 real token"):
+        check_calibration([{"input_ids": torch.ones(1, 4, dtype=torch.long),
+                            "attention_mask": torch.tensor([[0, 0, 0, 1]])}], vocab_size=10)
+    # token ids under padding are not checked (pad ids may lie outside the vocabulary)
+    check_calibration([{"input_ids": torch.tensor([[1, 2, -1]]), "attention_mask": torch.tensor([[1, 1, 0]])}],
+                      vocab_size=10)
+    with pytest.raises(InputError, match=r"batch 0 \(in calibration order\) has token id -1 outside"):
         check_calibration([{"input_ids": torch.tensor([[1, -1, 2]])}], vocab_size=10)
     with pytest.raises(InputError, match="batch 0 has no 'input_ids'"):
         check_calibration([{"text": ["hello"]}], vocab_size=10)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from compressed_tensors.utils import patch_attr
@@ -36,31 +37,56 @@ __all__ = ["BlockInputs", "StreamEngine", "plain_forwards", "attention_implement
 
 @dataclass
 class BlockInputs:
-    """The calibration inputs of one block: hidden states ``[N, T, H]`` and the keyword arguments shared by all
-    sequences (position embeddings, the causal mask)."""
+    """The calibration inputs of one block: hidden states ``[N, T, H]`` and the keyword arguments the model's
+    forward gives the block for an unpadded batch of length ``T``.
+
+    Sequences of different lengths are stored right-padded to the longest (zeros after the last token) with their
+    ``lengths``. A decoder layer is causal: run on a right-padded sequence with the unpadded keyword arguments it
+    computes every real token as it computes it on the sequence alone (a token attends to, and a mamba scan carries,
+    only earlier positions); the padded positions compute values that nothing real depends on. Losses and errors
+    leave them out with :meth:`mask`; statistics taken by hooks inside a layer (activation maxima, smoothing
+    statistics) run the sequences cut to their length instead (:meth:`by_length`), with ``kwargs_for(length)``.
+    """
 
     hidden: torch.Tensor
     kwargs: dict
+    lengths: torch.Tensor | None = None  # [N] real tokens per sequence; None: all T
+    kwargs_for: Callable[[int], dict] | None = None  # the block's keyword arguments for a shorter unpadded length
 
-    @staticmethod
-    def from_captured(captured: list[tuple[tuple, dict]], where: str) -> "BlockInputs":
-        """Stack what a forward-pre hook captured per calibration batch (the keyword arguments of the first batch;
-        callers that run the layer take them from :class:`StreamEngine` instead)."""
-        if not captured:
-            raise RuntimeError(f"no calibration inputs were captured for {where}")
-        hidden = torch.cat([args[0] if args else kw["hidden_states"] for args, kw in captured])
-        first = {k: v for k, v in captured[0][1].items() if k != "hidden_states"}
-        for args, kw in captured[1:]:
-            for key, value in first.items():
-                if not _same(value, kw.get(key)):
-                    raise ValueError(
-                        f"{where}: calibration batches differ in '{key}' (variable-length or padded batches); "
-                        "use equal-length calibration sequences (e.g. max_seq_length with packing/truncation)"
-                    )
-        for key, value in first.items():
-            if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] not in (1,):
-                raise ValueError(f"{where}: keyword '{key}' has batch dimension {value.shape[0]}; use batch_size=1")
-        return BlockInputs(hidden=hidden, kwargs=first)
+    @property
+    def padded(self) -> bool:
+        """Whether any sequence is shorter than ``T``."""
+        return self.lengths is not None and bool((self.lengths < self.hidden.shape[1]).any())
+
+    def mask(self, idx: torch.Tensor | slice | None = None) -> torch.Tensor | None:
+        """``[n, T]`` bool, True at real tokens, for the sequences ``idx`` (all by default); ``None`` when no
+        sequence is padded (callers then take every position, the unpadded code path)."""
+        if not self.padded:
+            return None
+        lengths = self.lengths if idx is None else self.lengths[idx]
+        return torch.arange(self.hidden.shape[1]).view(1, -1) < lengths.view(-1, 1)
+
+    def with_hidden(self, hidden: torch.Tensor) -> "BlockInputs":
+        """The same sequences (lengths, keyword arguments) with other hidden states (the other stream)."""
+        return BlockInputs(hidden, self.kwargs, self.lengths, self.kwargs_for)
+
+    def by_length(self, chunk: int = 8):
+        """``(indices, hidden [n, L, H], kwargs for L)`` over the sequences, in chunks of at most ``chunk`` sequences
+        of one real length ``L``, cut to it (no padded position); in order when nothing is padded."""
+        n, seq = self.hidden.shape[:2]
+        if not self.padded:
+            for start in range(0, n, chunk):
+                idx = torch.arange(start, min(start + chunk, n))
+                yield idx, self.hidden[start : start + chunk], self.kwargs
+            return
+        if self.kwargs_for is None:
+            raise RuntimeError("padded calibration inputs need kwargs_for (keyword arguments per length)")
+        for length in sorted(set(self.lengths.tolist())):
+            same = torch.nonzero(self.lengths == length).flatten()
+            kwargs = self.kwargs if length == seq else self.kwargs_for(length)
+            for start in range(0, same.numel(), chunk):
+                idx = same[start : start + chunk]
+                yield idx, self.hidden[idx, :length], kwargs
 
 
 @torch.no_grad()
@@ -71,14 +97,6 @@ def canonical_order(hidden: torch.Tensor) -> torch.Tensor:
     weights = torch.randn(hidden.shape[1], hidden.shape[2], generator=generator, dtype=torch.float64)
     keys = (hidden.detach().to("cpu", torch.float64) * weights).sum(dim=(1, 2))
     return torch.argsort(keys, stable=True)
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
-    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return a is b or a == b
 
 
 def to_device(value, dtype=None, device=None):
@@ -186,6 +204,8 @@ class StreamEngine:
     batches.
     """
 
+    cached_shapes = 4
+
     def __init__(self, model: torch.nn.Module, layer_names: list[str]):
         self.model = model
         self.layer_names = list(layer_names)
@@ -238,9 +258,13 @@ class StreamEngine:
     def layer_kwargs(self, seq_len: int, batch: int = 1) -> dict[str, dict]:
         """Per decoder layer, the keyword arguments for an unpadded batch of ``batch`` sequences of ``seq_len``."""
         key = (seq_len, batch)
-        if key not in self._cache:
+        if key in self._cache:
+            self._cache[key] = self._cache.pop(key)  # most recently used last
+        else:
             ids = torch.zeros(batch, seq_len, dtype=torch.long)
             _, found = self.capture(ids)
             self._cache[key] = {n: {k: (v.detach() if isinstance(v, torch.Tensor) else v)
                                     for k, v in kw.items()} for n, kw in found.items()}
+            while len(self._cache) > self.cached_shapes:  # variable-length data: masks of many lengths
+                self._cache.pop(next(iter(self._cache)))
         return self._cache[key]

@@ -236,6 +236,9 @@ class TuningConfig(BaseModel):
     # gradient's norm (signed steps ignore magnitudes, so an unbalanced router gradient decides the sign of every
     # coordinate where it outweighs the MSE gradient, whatever lambda is)
     router_balance: Literal["none", "grad_norm"] = "grad_norm"
+    # where the clip ranges start: ``minmax`` (the group's full range, RTN, as AutoRound) or ``mse`` (per group the
+    # clip factor on CLIP_GRID that minimises the weight reconstruction error: a better start for few iterations)
+    init: Literal["minmax", "mse"] = "minmax"
 
     @property
     def learning_rate(self) -> float:
@@ -317,7 +320,16 @@ class TunedWeight:
 
     @torch.no_grad()
     def mse_clip_fallback(self, grid: tuple[float, ...]) -> None:
-        """Per group, the clip factor on ``grid`` that minimises the weight reconstruction error (symmetric clip)."""
+        """RTN with, per group, the clip factor on ``grid`` that minimises the weight reconstruction error; the
+        weight is no longer tuned."""
+        self.mse_clip(grid)
+        self.trainable = False
+        self._frozen = None
+
+    @torch.no_grad()
+    def mse_clip(self, grid: tuple[float, ...]) -> None:
+        """Per group, the clip factor on ``grid`` that minimises the weight reconstruction error (symmetric clip),
+        as the clip ranges; rounding offsets zero."""
         best_err, best_c = None, None
         for c in grid:
             lo = torch.full_like(self.clip_lo, c)
@@ -333,8 +345,6 @@ class TunedWeight:
         self.clip_lo.copy_(best_c)
         self.clip_hi.copy_(best_c)
         self.offset.zero_()
-        self.trainable = False
-        self._frozen = None
 
     @torch.no_grad()
     def final(self) -> tuple[torch.Tensor, QParams]:
@@ -465,6 +475,7 @@ class BlockTuner:
         self.gate: dict | None = None  # the gate's statistics (paired_gate) when both arms ran
         self.headroom: dict | None = None  # forced-routing statistics (router_headroom)
         self.router_scale: dict | None = None  # the router term against the MSE at the first router iteration
+        self._mask: torch.Tensor | None = None  # real tokens of the calibration sequences (None: none padded)
 
     @staticmethod
     def _float_params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -527,10 +538,18 @@ class BlockTuner:
         return h, logits
 
     def _chunks(self, inputs: BlockInputs, chunk: int = 8):
-        """``(float32 hidden chunk, float32 kwargs)`` over the calibration sequences in order, on the block's device."""
+        """``(float32 hidden chunk, float32 kwargs, real-token mask or None)`` over the calibration sequences in
+        order, on the block's device (padded sequences stay padded: for values, not for statistics taken by hooks,
+        see :meth:`BlockInputs.by_length`)."""
         kwargs = to_device(inputs.kwargs, torch.float32, self.device)
+        mask = inputs.mask()
         for start in range(0, inputs.hidden.shape[0], chunk):
-            yield inputs.hidden[start : start + chunk].to(self.device, torch.float32), kwargs
+            yield (inputs.hidden[start : start + chunk].to(self.device, torch.float32), kwargs,
+                   None if mask is None else mask[start : start + chunk].to(self.device))
+
+    def _valid(self, idx: torch.Tensor) -> torch.Tensor | None:
+        """Real-token mask ``[len(idx), T]`` of calibration sequences ``idx`` (None: nothing is padded)."""
+        return None if self._mask is None else self._mask[idx.to(self._mask.device)]
 
     def _block_params(self) -> dict[str, torch.Tensor]:
         params = dict(self._params32)
@@ -543,9 +562,11 @@ class BlockTuner:
         """Unquantized outputs and router targets on the unquantized stream; returns the outputs (the next block's
         unquantized inputs) in the input dtype."""
         outs, own, nxt = [], {l.name: [] for l in self.own_layers}, {l.name: [] for l in self.next_layers}
-        for h, kwargs in self._chunks(fp, chunk):
+        mask = fp.mask()
+        self._mask = None if mask is None else mask.to(self.device)
+        for h, kwargs, valid in self._chunks(fp, chunk):
             y, logits = self._run(self.block, self._params32, h, kwargs, self.own_layers)
-            outs.append(y)
+            outs.append(y if valid is None else y.masked_fill(~valid.unsqueeze(-1), 0))  # padded: zeros
             for n in own:
                 own[n].append(logits[n].float())
             if self.next_layers:
@@ -562,8 +583,22 @@ class BlockTuner:
 
     def _slice_target(self, tgt: RouterTarget, idx: torch.Tensor) -> RouterTarget:
         seq = self._seq
-        rows = (idx.view(-1, 1) * seq + torch.arange(seq, device=idx.device).view(1, -1)).reshape(-1)
+        rows = idx.view(-1, 1) * seq + torch.arange(seq, device=idx.device).view(1, -1)
+        valid = self._valid(idx)
+        rows = rows.reshape(-1) if valid is None else rows[valid.to(rows.device)]
         return tgt[rows.to(tgt.logits.device)]
+
+    @staticmethod
+    def _real_rows(z: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """Router logits ``[B*T, E]`` of the real tokens only."""
+        return z if valid is None else z[valid.reshape(-1).to(z.device)]
+
+    @staticmethod
+    def _mse(y: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """Mean squared error over the real tokens (``valid`` ``[B, T]``; None: every position)."""
+        if valid is None:
+            return torch.nn.functional.mse_loss(y, target)
+        return torch.nn.functional.mse_loss(y[valid], target[valid])
 
     @torch.no_grad()
     def expert_token_counts(self, q: BlockInputs, chunk: int = 8) -> dict[str, torch.Tensor]:
@@ -571,10 +606,10 @@ class BlockTuner:
         counts = {l.name: torch.zeros(l.num_experts, dtype=torch.long) for l in self.own_layers}
         if not self.own_layers:
             return counts
-        for h, kwargs in self._chunks(q, chunk):
+        for h, kwargs, valid in self._chunks(q, chunk):
             _, logits = self._run(self.block, self._params32, h, kwargs, self.own_layers, stop_after=True)
             for l in self.own_layers:
-                idx = l.family.route(l.router, logits[l.name]).indices
+                idx = l.family.route(l.router, self._real_rows(logits[l.name], valid)).indices
                 counts[l.name] += torch.bincount(idx.reshape(-1).cpu(), minlength=l.num_experts)
         return counts
 
@@ -623,6 +658,10 @@ class BlockTuner:
         cfg = self.config
         if cfg.iters <= 0 or not self.weights:
             return y_fp
+        if cfg.init == "mse":
+            for w in self.weights:
+                if w.trainable:
+                    w.mse_clip(CLIP_GRID)
         params = [p for w in self.weights if w.trainable for p in w.parameters()]
         train, held = self.split(q.hidden.shape[0])
         arms = ["router"] if self.scoped else ["plain"]
@@ -696,7 +735,7 @@ class BlockTuner:
                 h = q.hidden[idx].to(self.device, torch.float32)
                 y, logits = self._run(self.block, self._block_params(), h, kwargs, self.own_layers)
                 target = self._y_fp[idx.to(self._y_fp.device)].to(y.device)
-                loss = torch.nn.functional.mse_loss(self._normed(y), self._normed(target))
+                loss = self._mse(self._normed(y), self._normed(target), self._valid(idx))
                 router = self._router_loss(y, logits, kwargs, idx) if use_router else None
                 total = loss + cfg.router_weight * router if router is not None else loss
                 value = _global_mean(total.detach())
@@ -796,6 +835,8 @@ class BlockTuner:
         sq, elems, router, chunks = 0.0, 0, 0.0, 0
         for idx, y, logits, target, kwargs in self._held_out(q, held, self.own_layers):
             err = self._normed(y) - self._normed(target)
+            valid = self._valid(idx)
+            err = err if valid is None else err[valid]
             sq += float(err.pow(2).sum())
             elems += err.numel()
             if use_router and self.scoped:
@@ -812,7 +853,7 @@ class BlockTuner:
         next layers unquantized, their experts chosen by their own routers, or with ``forced`` by the unquantized
         stream's choices), or of this block (through the final norm) when none follows."""
         errors = []
-        for i, (_, y, _, target, kwargs) in enumerate(self._held_out(q, held, [])):
+        for i, (idx, y, _, target, kwargs) in enumerate(self._held_out(q, held, [])):
             if self.next_chain:
                 if i == len(self._down_fp):  # the unquantized side is the same for every arm: computed once
                     out, logits = self._run_next(target, kwargs, stop_after=False)
@@ -824,7 +865,10 @@ class BlockTuner:
                 target = self._down_fp[i]
             else:
                 y, target = self._normed(y), self._normed(target)
-            errors.append((y - target).pow(2).flatten(1).mean(1).double().cpu())
+            err = (y - target).pow(2).mean(-1)  # [B, T]
+            valid = self._valid(idx)
+            err = err.mean(1) if valid is None else err.masked_fill(~valid, 0).sum(1) / valid.sum(1)
+            errors.append(err.double().cpu())
         return torch.cat(errors) if errors else torch.zeros(0, dtype=torch.float64)
 
     def _downstream_error(self, q: BlockInputs, held: torch.Tensor) -> float:
@@ -845,7 +889,7 @@ class BlockTuner:
             _, next_logits = self._run_next(y, kwargs, stop_after=True)
         total = None
         for (where, name), loss in self.losses.items():
-            z = logits[name] if where == "block" else next_logits[name]
+            z = self._real_rows(logits[name] if where == "block" else next_logits[name], self._valid(idx))
             value = loss(z, self._slice_target(self._targets[(where, name)], idx))
             total = value if total is None else total + value
         return total / len(self.losses)
@@ -920,7 +964,10 @@ class BlockTuner:
 
         handles = [modules[n].register_forward_pre_hook(lambda mod, args, n=n: hook(mod, args, n)) for n in names]
         try:
-            for h, kwargs in self._chunks(q, chunk):
+            # every sequence cut to its real length: a hook inside the block cannot tell a padded token from a real one
+            for _, h, kwargs in q.by_length(chunk):
+                kwargs = to_device(kwargs, torch.float32, self.device)
+                h = h.to(self.device, torch.float32)
                 self._run(self.block, params, h, kwargs, [], all_experts=all_tokens, batched=False)  # hooks
         finally:
             for h in handles:
@@ -938,8 +985,9 @@ class BlockTuner:
         simulate = input_scales is not None and self.config.quantize_activations and bool(self.activations)
         outs = []
         with self._simulating(self.activation_quantizers(q, input_scales) if simulate else {}):
-            for h, kwargs in self._chunks(q, chunk):
+            for h, kwargs, valid in self._chunks(q, chunk):
                 y, _ = self._run(self.block, params, h, kwargs, [])
+                y = y if valid is None else y.masked_fill(~valid.unsqueeze(-1), 0)  # padded positions: zeros
                 outs.append(y.to(q.hidden.dtype).to(q.hidden.device))
         out = torch.cat(outs)
         check_finite(out, f"{self.name}: the quantized layer's output")

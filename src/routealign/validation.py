@@ -3,7 +3,7 @@
 - :func:`check_group_sizes`: every quantized module's input dimension is a multiple of its scheme's group size
   (llm-compressor only warns, then fails in the middle of the run); names every offending module.
 - :func:`check_calibration`: the calibration set is non-empty, its token ids lie inside the vocabulary, its
-  sequences are long enough, unpadded and of one length (the tuner stacks them).
+  sequences are long enough, padded only before or after their real tokens (lengths may differ).
 - :func:`check_router_settings`: options that depend on the model's routers (e.g. VSRAQ's boundary width must
   leave enough experts outside the top-k).
 - :func:`check_finite`: NaN/Inf guard used during calibration.
@@ -30,6 +30,8 @@ __all__ = [
     "check_router_settings",
     "check_finite",
 ]
+
+ROW_KEY = "dataset_row"  # key of a drawn calibration batch naming the dataset row it holds
 
 _GROUPED = (QuantizationStrategy.GROUP, QuantizationStrategy.TENSOR_GROUP)
 _SHOWN = 8  # offending names listed in one message
@@ -66,8 +68,10 @@ def check_group_sizes(model: torch.nn.Module, where: str) -> None:
 @dataclass
 class CalibrationSummary:
     samples: int
-    seq_len: int
+    seq_len: int  # the longest sequence (real tokens)
     batches: int
+    padded: bool = False  # some batch has attention-mask zeros
+    variable: bool = False  # sequences of more than one real length
 
 
 def _input_ids(batch: Any, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -87,51 +91,54 @@ def _input_ids(batch: Any, index: int) -> tuple[torch.Tensor, torch.Tensor | Non
     return ids, mask
 
 
-_WAY_ROUND = ("For a text dataset pass concatenate_data=True to oneshot (the text is joined and cut into "
-              "max_seq_length windows); for pre-tokenized data, join the token ids and cut them into windows of one "
-              "length yourself (routealign.textdata.calibration_windows does this for a text file). The model has not "
-              "been modified")
-
-
 def check_calibration(batches: Iterable, vocab_size: int, min_seq_len: int = 2,
                       where: str = "calibration dataset") -> CalibrationSummary:
     """Read the calibration batches once (token ids only, no forward pass) and check them.
 
-    Requirements: at least one sequence; every id in ``[0, vocab_size)``; every sequence at least ``min_seq_len``
-    tokens; no padding (an attention mask with zeros); one sequence length throughout (the tuner stacks sequences,
-    see README's known limits). The first offending batch is named.
+    Requirements: at least one sequence; every real token id in ``[0, vocab_size)``; every sequence at least
+    ``min_seq_len`` real tokens; padding (attention-mask zeros) only before or after a sequence's real tokens, not
+    between them. Sequences may differ in length and batches may be padded (the modifiers keep each sequence's real
+    tokens). The first offending batch is named, in calibration order.
     """
     if batches is None:
         raise InputError(f"{where}: no calibration data was given (pass dataset= to oneshot)")
-    samples, seq_len, count = 0, None, 0
+    samples, longest, count, padded, lengths = 0, 0, 0, False, set()
     for index, batch in enumerate(batches):
         count += 1
         ids, mask = _input_ids(batch, index)
+        # routealign.calibration draws one dataset row per batch and says which: name the row
+        row_of = batch.get(ROW_KEY) if hasattr(batch, "get") else None
+        name = f"dataset row {row_of}" if row_of is not None else f"batch {index} (in calibration order)"
         if ids.numel() == 0 or ids.shape[-1] == 0:
-            raise InputError(f"{where}: batch {index} holds an empty sequence")
+            raise InputError(f"{where}: {name} holds an empty sequence")
         if ids.is_floating_point():
-            raise InputError(f"{where}: batch {index} input_ids are {ids.dtype}, expected integer token ids")
-        low, high = int(ids.min()), int(ids.max())
+            raise InputError(f"{where}: {name} input_ids are {ids.dtype}, expected integer token ids")
+        real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+        if not bool(real.all()):
+            padded = True
+        for row in range(ids.shape[0]):
+            positions = torch.nonzero(real[row]).flatten()
+            if positions.numel() and positions.numel() != int(positions[-1] - positions[0]) + 1:
+                inner = f" row {row}" if row_of is None else ""
+                raise InputError(f"{where}: {name}{inner} has padding between real tokens (attention_mask with a "
+                                 "hole); only left or right padding is supported")
+            length = int(positions.numel())
+            if length < min_seq_len:
+                raise InputError(f"{where}: {name} has a sequence of {length} real token(s); at least {min_seq_len} "
+                                 "are needed")
+            lengths.add(length)
+            longest = max(longest, length)
+        kept = ids[real]
+        low, high = int(kept.min()), int(kept.max())
         if low < 0 or high >= vocab_size:
             bad = high if high >= vocab_size else low
-            raise InputError(f"{where}: batch {index} has token id {bad} outside the model's vocabulary "
+            raise InputError(f"{where}: {name} has token id {bad} outside the model's vocabulary "
                              f"[0, {vocab_size}); wrong tokenizer for this model?")
-        length = int(ids.shape[-1])
-        if length < min_seq_len:
-            raise InputError(f"{where}: batch {index} has sequences of {length} token(s); at least {min_seq_len} "
-                             "are needed")
-        if mask is not None and not bool(mask.bool().all()):
-            raise InputError(f"{where}: batch {index} (in calibration order) is padded (attention_mask has zeros); "
-                             f"this modifier calibrates on equal-length unpadded sequences. {_WAY_ROUND}")
-        if seq_len is None:
-            seq_len = length
-        elif length != seq_len:
-            raise InputError(f"{where}: batch {index} (in calibration order) has sequences of {length} tokens, the "
-                             f"first batch {seq_len}; this modifier calibrates on one sequence length. {_WAY_ROUND}")
         samples += int(ids.shape[0])
     if samples == 0:
         raise InputError(f"{where}: the calibration set is empty")
-    return CalibrationSummary(samples=samples, seq_len=int(seq_len), batches=count)
+    return CalibrationSummary(samples=samples, seq_len=longest, batches=count, padded=padded,
+                              variable=len(lengths) > 1)
 
 
 def check_router_settings(layers: list[MoELayer], boundary: int, where: str) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any
 
 import torch
 from compressed_tensors.quantization import QuantizationStrategy
@@ -12,7 +11,6 @@ from compressed_tensors.quantization.utils import is_module_quantized
 from compressed_tensors.utils import align_modules, match_named_modules
 from loguru import logger
 from pydantic import PrivateAttr
-from torch.utils._pytree import tree_map
 
 from llmcompressor.core import Event, State
 from llmcompressor.modifiers import Modifier
@@ -24,6 +22,7 @@ from llmcompressor.utils.pytorch import infer_sequential_targets
 from ..errors import InputError, NotMoEError
 from ..losses import RouterLossConfig
 from ..routing import find_moe_layers
+from ..calibration import CalibrationTokens, draw_calibration
 from ..streams import BlockInputs, StreamEngine, canonical_order
 from ..validation import check_calibration, check_finite, check_group_sizes, check_router_settings
 from ..tuning import BlockTuner, TuningConfig, suspended_offloading, world_size, write_parameters
@@ -60,10 +59,13 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
     - on_initialize
         - add every router and shared_expert_gate to ``ignore``; apply the quantization config to the model
         - find the decoder layers (llm-compressor's sequential targets)
+        - draw the calibration sequences from the calibration dataloader (:mod:`routealign.calibration`: whole
+          rows, any length, padding removed) and check them
     - on_calibration_start
-        - mark targets as calibrating; capture each decoder layer's inputs with forward-pre hooks
+        - mark targets as calibrating
     - on_sequential_epoch_end (once per decoder layer, in order)
-        - inputs: the first layer's captured inputs; after that the quantized and unquantized streams that the
+        - inputs: the model's own forward up to the first layer on the calibration sequences (right-padded, padded
+          positions left out of every loss and statistic); after that the quantized and unquantized streams that the
           previous layer's tuning computed with :mod:`routealign.streams` (each layer run as the model's forward
           runs it: its own causal mask and attention; llm-compressor's propagated activations are not used)
         - :class:`~routealign.tuning.BlockTuner`: unquantized targets, starving-expert fallback, tuning loop
@@ -102,6 +104,8 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
         by (default 1.645, one-sided 95%; 0 keeps any mean improvement)
     :param structure_space: ``logits`` (the papers') or ``scores``: where VSRAQ's rank/margin and ExpertQuant's
         gap-hinge terms measure gaps (differs only for sigmoid routers)
+    :param init: where the clip ranges start: ``minmax`` (RTN, AutoRound's start) or ``mse`` (per group the clip
+        factor minimising the weight reconstruction error)
     :param batched_experts: run the experts stacked (batched matmuls over routed tokens) in the tuning loop
         instead of llm-compressor's per-expert Python loop (same values up to float summation order)
     """
@@ -112,11 +116,9 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
 
     _layer_names: dict[int, str] = PrivateAttr(default_factory=dict)
     _layer_order: list[str] = PrivateAttr(default_factory=list)
-    _captured: dict[str, list] = PrivateAttr(default_factory=dict)
-    _capture_hooks: dict[str, Any] = PrivateAttr(default_factory=dict)
+    _tokens: CalibrationTokens | None = PrivateAttr(default=None)
     _fp_hidden: torch.Tensor | None = PrivateAttr(default=None)
     _q_hidden: torch.Tensor | None = PrivateAttr(default=None)
-    _samples: int | None = PrivateAttr(default=None)
     _report: list[dict] = PrivateAttr(default_factory=list)
     _engine: StreamEngine | None = PrivateAttr(default=None)
     _targets: set[str] = PrivateAttr(default_factory=set)
@@ -166,7 +168,9 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
             check_router_settings(moe_layers, self.boundary, where)
         if state.data.calib is not None:
             vocab = model.get_input_embeddings().num_embeddings
-            summary = check_calibration(state.data.calib, vocab, where=f"{where}: calibration dataset")
+            batches = draw_calibration(state.data.calib)
+            summary = check_calibration(batches, vocab, where=f"{where}: calibration dataset")
+            self._tokens = CalibrationTokens.from_batches(batches, f"{where}: calibration dataset")
             if summary.samples < self.batch_size:
                 logger.warning(f"{where}: {summary.samples} calibration sequences, fewer than batch_size "
                                f"{self.batch_size}; every iteration uses all of them")
@@ -209,14 +213,6 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
             untie_word_embeddings(state.model)  # quantizing the LM head must not change the input embeddings
         for _, module in match_named_modules(state.model, self.resolved_targets, self.ignore):
             apply_calibration_status(module)
-        for name in self._layer_order:
-            module = state.model.get_submodule(name)
-            self._capture_hooks[name] = self.register_hook(module, self._capture, "forward_pre", with_kwargs=True)
-
-    def _capture(self, module, args, kwargs):
-        name = self._layer_names[id(module)]
-        detach = lambda x: x.detach() if isinstance(x, torch.Tensor) else x  # noqa: E731
-        self._captured.setdefault(name, []).append((tree_map(detach, args), tree_map(detach, kwargs)))
 
     def on_sequential_epoch_end(self, state: State, event: Event, modules: list[torch.nn.Module], **kwargs):
         layers = [m for m in modules if id(m) in self._layer_names]
@@ -228,35 +224,36 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
 
     def _tune_layer(self, model: torch.nn.Module, block: torch.nn.Module) -> None:
         name = self._layer_names[id(block)]
-        if name in self._capture_hooks:
-            self.remove_hooks({self._capture_hooks.pop(name)})
-        captured = BlockInputs.from_captured(self._captured.pop(name, []), name)
         # Both streams are ours: llm-compressor 0.14.0.1's sequential pipeline runs decoder layers with eager
         # attention and attention_mask=None (bidirectional attention), so the activations it propagates to the
-        # second layer onwards are not the causal model's. Only the first layer's captured inputs (embeddings) are
-        # taken from it; every layer's keyword arguments (causal mask, position embeddings) come from the model's
-        # own forward (routealign.streams.StreamEngine).
+        # second layer onwards are not the causal model's, and it gives layers no padding mask. Nothing is taken from
+        # it: the first layer's inputs and every layer's keyword arguments (causal mask, position embeddings) come
+        # from the model's own forward (routealign.streams.StreamEngine) on routealign's calibration sequences.
         if self._engine is None:
             self._engine = StreamEngine(model, self._layer_order)
         if self._q_hidden is None:
+            if self._tokens is None:
+                raise InputError(f"{type(self).__name__}: no calibration data was given (pass dataset= to oneshot)")
+            first = self._tokens.first_inputs(self._engine)
             # llm-compressor's dataloader shuffles the calibration set with the global RNG; in a canonical order of
             # the sequences the held-out split and the minibatches depend only on the set of sequences and the seed
-            captured = BlockInputs(captured.hidden[canonical_order(captured.hidden)], captured.kwargs)
-        layer_kwargs = self._engine.layer_kwargs(captured.hidden.shape[1])
+            order = canonical_order(first)
+            self._q_hidden = self._fp_hidden = first[order]
+            lengths = self._tokens.lengths
+            self._tokens = CalibrationTokens(self._tokens.ids[order], None if lengths is None else lengths[order])
+            logger.info(f"{type(self).__name__}: {self._tokens.describe()}")
+        seq_len = self._q_hidden.shape[1]
+        layer_kwargs = self._engine.layer_kwargs(seq_len)
         kwargs = layer_kwargs[name]
-        q = BlockInputs(captured.hidden if self._q_hidden is None else self._q_hidden, kwargs)
-        fp = BlockInputs(captured.hidden if self._fp_hidden is None else self._fp_hidden, kwargs)
+        engine = self._engine
+        q = BlockInputs(self._q_hidden, kwargs, self._tokens.lengths, lambda length: engine.layer_kwargs(length)[name])
+        fp = q.with_hidden(self._fp_hidden)
         # only this modifier's own targets: another modifier in the recipe (e.g. GPTQ on attention) quantizes its
         targets = {n: m.quantization_scheme.weights for n, m in block.named_modules()
                    if f"{name}.{n}" in self._targets}
         activations = {n: m.quantization_scheme.input_activations for n, m in block.named_modules()
                        if n in targets and _needs_input_scale(m)}
         chain = self._downstream(model, name)
-        if self._samples is None:
-            self._samples = captured.hidden.shape[0]
-        elif captured.hidden.shape[0] != self._samples:
-            raise RuntimeError(f"{name}: captured {captured.hidden.shape[0]} calibration sequences, the first layer "
-                               f"saw {self._samples}")
         start = time.perf_counter()
         downstream = [model.get_submodule(n) for n in chain]
         # our own forwards must not trigger hooks (ours would capture them as the next layer's inputs)
@@ -364,11 +361,9 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
         self._quantize_outside(state.model)
         QuantizationMixin.end_calibration(self, state.model)
         self.remove_hooks()
-        self._captured.clear()
-        self._capture_hooks.clear()
+        self._tokens = None
         self._fp_hidden = None
         self._q_hidden = None
-        self._samples = None
         self._engine = None
 
 

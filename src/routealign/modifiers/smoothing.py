@@ -39,7 +39,8 @@ from ..smoothing import (
     search_alpha,
     smooth_scales,
 )
-from ..streams import StreamEngine, run_block
+from ..calibration import CalibrationTokens, draw_calibration
+from ..streams import BlockInputs, StreamEngine, run_block
 from ..tuning import world_size
 from ..validation import check_calibration
 
@@ -130,13 +131,14 @@ class ExpertAwareSmoothingModifier(Modifier):
     - on_initialize
         - find the MoE blocks, their input norms, attention v/o pairs and dense/shared MLPs of every decoder layer;
           say which folds are not exact for this model (logged and in ``report``)
-        - check the calibration set; refuse a later llm-compressor modifier that calibrates activation
+        - draw the calibration sequences (:mod:`routealign.calibration`, shared with the rounding modifier: whole
+          rows, any length, padding removed) and check them; refuse a later llm-compressor modifier that calibrates activation
           quantization (its statistics would predate the smoothing)
     - on_calibration_start
         - hooks: MoE block input (routed per expert with the model's own router; expert intermediates computed on
           routed tokens only), input norm output (checked equal to the block input), ``o_proj`` and dense/shared
-          ``down_proj`` inputs; they record only while the modifier runs a layer on its own causal stream
-        - capture the first decoder layer's inputs (the embeddings)
+          ``down_proj`` inputs; they record only while the modifier runs a layer on its own causal stream, each
+          sequence cut to its real length (no padded position reaches a statistic)
     - on_sequential_epoch_end (per decoder layer, before the quantizing modifier's)
         - run the layer on the modifier's causal stream (:mod:`routealign.streams`: the model's own masks and
           attention; llm-compressor's propagated activations are bidirectional and are not used) to collect the
@@ -182,8 +184,8 @@ class ExpertAwareSmoothingModifier(Modifier):
     _powers: dict[str, list[int | None]] = PrivateAttr(default_factory=dict)
     _decoder_ids: dict[int, str] = PrivateAttr(default_factory=dict)
     _stat_hooks: set = PrivateAttr(default_factory=set)
-    _captured: list[torch.Tensor] = PrivateAttr(default_factory=list)
     _hidden: torch.Tensor | None = PrivateAttr(default=None)
+    _tokens: CalibrationTokens | None = PrivateAttr(default=None)
     _engine: StreamEngine | None = PrivateAttr(default=None)
     _recording: bool = PrivateAttr(default=False)
 
@@ -239,8 +241,10 @@ class ExpertAwareSmoothingModifier(Modifier):
             if "attention_input" in self.mappings:
                 self._attn_in += attention_inputs(model, name)
         if state.data.calib is not None:
-            check_calibration(state.data.calib, model.get_input_embeddings().num_embeddings,
+            batches = draw_calibration(state.data.calib)  # the same draw as routealign's rounding modifier
+            check_calibration(batches, model.get_input_embeddings().num_embeddings,
                               where=f"{where}: calibration dataset")
+            self._tokens = CalibrationTokens.from_batches(batches, f"{where}: calibration dataset")
         self._check_later_modifiers()
         return True
 
@@ -268,8 +272,7 @@ class ExpertAwareSmoothingModifier(Modifier):
 
     def on_calibration_start(self, state: State, event: Event, **kwargs):
         """Statistics hooks, which record only while the modifier runs a layer on its own causal stream (never
-        during llm-compressor's propagation: bidirectional from the second layer on), and a hook that captures the
-        first decoder layer's inputs (the embeddings, the one thing taken from the pipeline)."""
+        during llm-compressor's propagation: bidirectional from the second layer on)."""
         model = state.model
 
         def add(module, hook, kind, **kw):
@@ -294,37 +297,34 @@ class ExpertAwareSmoothingModifier(Modifier):
             self._norms[attn] = norm
             add(model.get_submodule(attn), self._site_hook(attn), "forward_pre", with_kwargs=True)
             add(model.get_submodule(norm), self._norm_hook(attn), "forward")
-        first = model.get_submodule(self._decoder[0])
-        self.register_hook(first, self._capture_first, "forward_pre", with_kwargs=True)
 
-    def _capture_first(self, module, args, kwargs):
-        if self._hidden is None:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            self._captured.append(hidden.detach())
 
     @torch.no_grad()
     def _run_causal(self, model, name: str, record: bool, chunk: int = 8) -> torch.Tensor:
         """Layer ``name`` on the modifier's own causal stream (routealign.streams: the model's own masks and
         attention); with ``record`` only the statistics hooks fire, otherwise no hook does. Returns its output."""
-        if self._hidden is None:
-            if not self._captured:
-                raise RuntimeError(f"ExpertAwareSmoothingModifier: no calibration inputs reached {name}")
-            self._hidden = torch.cat(self._captured)
-            self._captured.clear()
         if self._engine is None:
             self._engine = StreamEngine(model, self._decoder)
-        kwargs = self._engine.layer_kwargs(self._hidden.shape[1])[name]
+        engine = self._engine
+        if self._hidden is None:
+            if self._tokens is None:
+                raise InputError("ExpertAwareSmoothingModifier: no calibration data was given (pass dataset= to "
+                                 "oneshot)")
+            self._hidden = self._tokens.first_inputs(engine)
+        inputs = BlockInputs(self._hidden, engine.layer_kwargs(self._hidden.shape[1])[name], self._tokens.lengths,
+                             lambda length: engine.layer_kwargs(length)[name])
         block = model.get_submodule(name)
-        outs = []
+        out = torch.zeros_like(self._hidden)
         self._recording = record
         try:
             with HooksMixin.disable_hooks(keep=self._stat_hooks if record else set()):
-                for start in range(0, self._hidden.shape[0], chunk):
-                    y, _ = run_block(block, None, self._hidden[start : start + chunk], kwargs)
-                    outs.append(y)
+                # every sequence cut to its real length: the statistics hooks see no padded position
+                for idx, hidden, kwargs in inputs.by_length(chunk):
+                    y, _ = run_block(block, None, hidden, kwargs)
+                    out[idx, : hidden.shape[1]] = y.to(out.dtype)
         finally:
             self._recording = False
-        return torch.cat(outs)
+        return out
 
     # -- statistics -------------------------------------------------------------------------------------------------
     def _norm_hook(self, name: str):
@@ -630,8 +630,7 @@ class ExpertAwareSmoothingModifier(Modifier):
         self._stats.clear()
         self._pending_norm.clear()
         self._stat_hooks.clear()
-        self._captured.clear()
-        self._hidden = None
+        self._hidden = self._tokens = None
         self._engine = None
 
     def on_finalize(self, state: State, **kwargs) -> bool:

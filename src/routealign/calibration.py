@@ -1,0 +1,149 @@
+"""The calibration sequences routealign's modifiers calibrate on: drawn once from llm-compressor's calibration
+dataloader, each sequence's real tokens only, any length, padding (left or right) removed.
+
+Why the modifiers read the data themselves instead of taking it from llm-compressor's sequential pipeline:
+
+- the pipeline calls decoder layers with ``attention_mask=None`` (and eager attention), so nothing a layer hook
+  sees says which positions are padding, and the activations it propagates are bidirectional from the second
+  layer on (:mod:`routealign.streams` computes both streams itself);
+- llm-compressor's default collator cuts every sample of a batch to the batch's shortest (``batch_size > 1``),
+  silently dropping calibration tokens.
+
+So :func:`draw_calibration` takes the rows the dataloader's sampler picks, whole (cut only at ``max_seq_length``
+where llm-compressor's collator would cut them), once per ``oneshot`` (every routealign modifier of a recipe shares
+the draw; the global RNG is left as it was, so the other modifiers of the recipe see the batches they would see
+without routealign), and :class:`CalibrationTokens` keeps them right-padded with their lengths. The first decoder layer's
+inputs come from the model's own forward on them (:meth:`CalibrationTokens.first_inputs`); a decoder layer is
+causal, so on right-padded sequences it computes every real token as on the sequence alone (see
+:class:`routealign.streams.BlockInputs` for how padded positions are kept out of losses and statistics).
+
+A custom ``data_collator`` is run as given (its batches are read once, attention masks honoured).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import InputError
+from .validation import ROW_KEY
+
+__all__ = ["draw_calibration", "CalibrationTokens"]
+
+_DRAWN = "_routealign_calibration"  # attribute of the dataloader holding the draw
+
+
+def _known_collator(collate) -> tuple[bool, int | None]:
+    """Whether ``collate`` is one of llm-compressor's collators (rows can be read whole) and the length it cuts at."""
+    from transformers.data import DataCollatorWithPadding
+
+    try:
+        from llmcompressor.datasets.utils import DataCollatorWithTruncation
+    except ImportError:  # pragma: no cover - llm-compressor without the class
+        DataCollatorWithTruncation = ()
+    if isinstance(collate, DataCollatorWithPadding):
+        return True, None  # llm-compressor ignores max_seq_length with padding
+    if DataCollatorWithTruncation and isinstance(collate, DataCollatorWithTruncation):
+        return True, collate.max_seq_length
+    return False, None
+
+
+def draw_calibration(loader: Any) -> list[dict]:
+    """The calibration batches, as ``{"input_ids": [b, T], "attention_mask": [b, T] or absent}``, drawn once from
+    ``loader`` (llm-compressor's calibration dataloader: the rows its sampler picks, one per batch, whole; any other
+    iterable: its batches) and cached on it, so that every routealign modifier of a recipe calibrates on the same
+    sequences."""
+    cached = getattr(loader, _DRAWN, None)
+    if cached is not None:
+        return cached
+    # under a forked RNG: a shuffling sampler draws its order from torch's global RNG, and the draw must not change
+    # the order llm-compressor's pipeline then draws for the other modifiers of the recipe
+    with torch.random.fork_rng(devices=[]):
+        batches = _draw(loader)
+    try:
+        setattr(loader, _DRAWN, batches)
+    except (AttributeError, TypeError):  # a list or another container without attributes: drawn per call
+        pass
+    return batches
+
+
+def _draw(loader: Any) -> list[dict]:
+    dataset, sampler = getattr(loader, "dataset", None), getattr(loader, "sampler", None)
+    known, limit = _known_collator(getattr(loader, "collate_fn", None))
+    if known and dataset is not None and sampler is not None:
+        batches = []
+        for index in sampler:
+            row = dataset[index]
+            if not hasattr(row, "get") or row.get("input_ids") is None:
+                raise InputError(f"calibration dataset row {index} has no 'input_ids' "
+                                 f"(keys: {sorted(row.keys()) if hasattr(row, 'keys') else type(row).__name__})")
+            ids = torch.as_tensor(row["input_ids"]).reshape(-1)[:limit]
+            batch = {"input_ids": ids.unsqueeze(0), ROW_KEY: int(index)}
+            if row.get("attention_mask") is not None:
+                batch["attention_mask"] = torch.as_tensor(row["attention_mask"]).reshape(-1)[:limit].unsqueeze(0)
+            batches.append(batch)
+    else:
+        batches = list(loader)
+    return batches
+
+
+@dataclass
+class CalibrationTokens:
+    """Calibration sequences right-padded to the longest (``ids`` ``[N, T]``, pad id 0) and their real
+    ``lengths`` (``None`` when all have ``T`` tokens)."""
+
+    ids: torch.Tensor
+    lengths: torch.Tensor | None
+
+    @classmethod
+    def from_batches(cls, batches: list, where: str) -> "CalibrationTokens":
+        """Each row's real tokens (positions where its attention mask is 1; left padding moved to the end)."""
+        from .validation import _input_ids
+
+        rows: list[torch.Tensor] = []
+        for i, batch in enumerate(batches):
+            ids, mask = _input_ids(batch, i)
+            for r in range(ids.shape[0]):
+                if mask is None or bool(mask[r].bool().all()):
+                    rows.append(ids[r])
+                    continue
+                real = torch.nonzero(mask[r]).flatten()
+                if real.numel() == 0 or real.numel() != int(real[-1] - real[0]) + 1:
+                    raise InputError(f"{where}: calibration batch {i} row {r} has no real token or padding between "
+                                     "real tokens; only left or right padding is supported. The model has not been "
+                                     "modified")
+                rows.append(ids[r, int(real[0]) : int(real[-1]) + 1])
+        if not rows:
+            raise InputError(f"{where}: the calibration set is empty")
+        lengths = torch.tensor([row.numel() for row in rows])
+        longest = int(lengths.max())
+        ids = torch.zeros(len(rows), longest, dtype=torch.long)
+        for r, row in enumerate(rows):
+            ids[r, : row.numel()] = row.long()
+        return cls(ids, None if bool((lengths == longest).all()) else lengths)
+
+    @property
+    def tokens(self) -> int:
+        return int(self.ids.numel() if self.lengths is None else self.lengths.sum())
+
+    @torch.no_grad()
+    def first_inputs(self, engine, chunk: int = 8) -> torch.Tensor:
+        """The hidden states entering the first decoder layer (``[N, T, H]`` on the CPU, zeros at padded positions),
+        from the model's own forward (:meth:`routealign.streams.StreamEngine.capture`)."""
+        outs = []
+        for start in range(0, self.ids.shape[0], chunk):
+            hidden, _ = engine.capture(self.ids[start : start + chunk])
+            outs.append(hidden.detach().cpu())
+        hidden = torch.cat(outs)
+        if self.lengths is not None:
+            real = torch.arange(hidden.shape[1]).view(1, -1) < self.lengths.view(-1, 1)
+            hidden = hidden.masked_fill(~real.unsqueeze(-1), 0)
+        return hidden
+
+    def describe(self) -> str:
+        if self.lengths is None:
+            return f"{self.ids.shape[0]} calibration sequences of {self.ids.shape[1]} tokens"
+        return (f"{self.ids.shape[0]} calibration sequences of {int(self.lengths.min())}-{int(self.lengths.max())} "
+                f"tokens ({self.tokens} in all; padded positions take part in no loss or statistic)")
