@@ -93,8 +93,8 @@ def iteration_cost(s: Shape, batch: int, seq_len: int, scope: str = "next") -> d
 # datasheet peaks (dense): float32 on CUDA cores (the tuning runs in float32; TF32 is off for matmuls by default in
 # torch), HBM bandwidth. On paper, not measured here.
 GPUS = {
-    "h100": {"name": "H100 SXM", "fp32": 67e12, "hbm": 3.35e12},
-    "h200": {"name": "H200 SXM", "fp32": 67e12, "hbm": 4.8e12},
+    "h100": {"name": "H100 SXM", "fp32": 67e12, "bf16": 989e12, "hbm": 3.35e12},
+    "h200": {"name": "H200 SXM", "fp32": 67e12, "bf16": 989e12, "hbm": 4.8e12},
 }
 
 
@@ -106,24 +106,32 @@ class Config:
     scope: str  # next: the router objective runs the next block to its router
     holdout: float = 0.125
     holdout_every: int = 10
+    dtype: str = "fp32"  # bf16: ``amp`` (tuning matmuls on bf16 tensor cores)
 
 
 CONFIGS = {
     "default (vsraq_w4a16.yaml: 200 iters, gated router arm)": Config("default", 200, 2.0, "next"),
     "plain (autoround_w4a16.yaml: objective none, 200 iters)": Config("plain", 200, 1.0, "block"),
     "fast (vsraq_w4a16_fast.yaml: objective none, 50 iters, mse init)": Config("fast", 50, 1.0, "block"),
+    "fast + amp (bf16 autocast; not measured on a GPU)": Config("fast-amp", 50, 1.0, "block", dtype="bf16"),
 }
 
 
-def run_cost(s: Shape, c: Config, samples: int, seq_len: int, batch: int) -> dict:
+def run_cost(s: Shape, c: Config, samples: int, seq_len: int, batch: int, all_experts: bool = False) -> dict:
     """FLOPs and bytes of a whole run: per layer, ``arms`` tuning loops of ``iters`` iterations on ``batch``
-    sequences, held-out evaluations (forward of the held-out sequences every ``holdout_every`` iterations), and three
-    one-off forwards over every calibration token (targets, counts, propagation)."""
+    sequences, held-out evaluations (forward of the held-out sequences every ``holdout_every`` iterations), three
+    one-off forwards over every calibration token (targets, counts, propagation), and llm-compressor's sequential
+    pipeline's own two passes over every token (calibration and propagation; with ``moe_calibrate_all_experts``
+    every expert runs on every token)."""
     step = iteration_cost(s, batch, seq_len, c.scope)
     fwd_seq = iteration_cost(s, 1, seq_len, "block")["flops"] / 3  # one sequence, forward of the block only
     held = max(int(samples * c.holdout), 0)
     evals = c.iters // c.holdout_every + 1
-    flops = s.layers * (c.arms * (c.iters * step["flops"] + evals * held * fwd_seq) + 3 * samples * fwd_seq)
+    mult = 3 if s.gated else 2
+    inflation = 2 * seq_len * (s.experts - s.top_k) * mult * s.hidden * s.expert_inter if all_experts else 0
+    pipeline = 2 * samples * (fwd_seq + inflation)
+    flops = s.layers * (c.arms * (c.iters * step["flops"] + evals * held * fwd_seq) + 3 * samples * fwd_seq
+                        + pipeline)
     bytes_ = s.layers * c.arms * c.iters * step["bytes"]
     return {"flops": flops, "bytes": bytes_}
 
@@ -156,6 +164,8 @@ def main() -> None:
     parser.add_argument("--gpu", choices=sorted(GPUS), action="append", default=[],
                         help="predict whole runs on this GPU (datasheet peaks) for each configuration")
     parser.add_argument("--samples", type=int, default=128, help="calibration sequences (for --gpu)")
+    parser.add_argument("--all-experts", action="store_true",
+                        help="llm-compressor's moe_calibrate_all_experts=True in the pipeline's passes (for --gpu)")
     parser.add_argument("--overhead", type=float, default=2.4,
                         help="measured wall time / arithmetic floor applied to the GPU floor (default: the CPU's)")
     args = parser.parse_args()
@@ -181,17 +191,17 @@ def main() -> None:
         spec = GPUS[gpu]
         for shape in [from_config(p) for p in args.model] + [PRESETS[p] for p in args.preset]:
             for label, config in CONFIGS.items():
-                cost = run_cost(shape, config, args.samples, args.seq_len, args.batch)
-                floor = max(cost["flops"] / spec["fp32"], cost["bytes"] / spec["hbm"])
+                cost = run_cost(shape, config, args.samples, args.seq_len, args.batch, args.all_experts)
+                floor = max(cost["flops"] / spec[config.dtype], cost["bytes"] / spec["hbm"])
                 predictions.append({"gpu": spec["name"], "model": shape.name, "config": label,
-                                    "PFLOP": cost["flops"] / 1e15, "floor_h": floor / 3600,
-                                    "predicted_h": floor * args.overhead / 3600})
+                                    "PFLOP": cost["flops"] / 1e15, "floor_min": floor / 60,
+                                    "predicted_min": floor * args.overhead / 60})
     if predictions:
-        print(f"\n| GPU | model | configuration | PFLOP | float32 floor | predicted (x{args.overhead} overhead) |")
+        print(f"\n| GPU | model | configuration | PFLOP | arithmetic floor | predicted (x{args.overhead} overhead) |")
         print("|---|---|---|---|---|---|")
         for p in predictions:
-            print(f"| {p['gpu']} | {p['model']} | {p['config']} | {p['PFLOP']:.1f} | {p['floor_h']:.2f} h | "
-                  f"{p['predicted_h']:.2f} h |")
+            print(f"| {p['gpu']} | {p['model']} | {p['config']} | {p['PFLOP']:.1f} | {p['floor_min']:.1f} min | "
+                  f"{p['predicted_min']:.1f} min |")
     print(json.dumps({"per_iteration": rows, "predictions": predictions}, indent=1))
 
 

@@ -255,3 +255,29 @@ def test_mse_init_starts_every_tuned_weight_at_its_reconstruction_optimal_clip(m
     clips = torch.cat([t.flatten() for t in starts[0][1::3]])
     assert float(clips.min()) < 1.0 and bool((clips <= 1).all())  # not a no-op
     assert all(bool((t == 1).all()) for t in starts[1][1::3]) and all(not t.any() for t in starts[1][0::3])
+
+
+def test_amp_runs_the_tuning_matmuls_in_bfloat16_and_keeps_losses_and_targets_float32():
+    """``amp``: the tuning forward's matmuls see bfloat16 inputs (autocast); the unquantized targets, the losses and
+    the rounding parameters stay float32; without it everything is float32."""
+    block, nxt, targets, q, nkw = _setup()
+    seen = {}
+
+    def hook(module, args, output):
+        seen.setdefault(torch.is_autocast_enabled(output.device.type), set()).add(output.dtype)
+
+    handle = block.self_attn.q_proj.register_forward_hook(hook)
+    try:
+        amp = _tune(block, nxt, targets, q, nkw, "none", iters=3, amp=True)
+        with_amp = dict(seen)
+        seen.clear()
+        plain = _tune(block, nxt, targets, q, nkw, "none", iters=3, amp=False)
+    finally:
+        handle.remove()
+    assert with_amp[True] == {torch.bfloat16}  # the tuning steps (and held-out losses)
+    assert with_amp[False] == {torch.float32}  # targets, counts: not under autocast
+    assert set(seen) == {False} and seen[False] == {torch.float32}
+    assert amp._y_fp.dtype == torch.float32 and all(isinstance(v, float) for v in amp.history)
+    assert all(p.dtype == torch.float32 for w in amp.weights for p in w.parameters())
+    assert amp.history[0] != plain.history[0]  # bf16 matmuls change the loss values
+    assert abs(amp.history[0] - plain.history[0]) < 0.05 * plain.history[0]

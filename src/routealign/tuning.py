@@ -239,6 +239,10 @@ class TuningConfig(BaseModel):
     # where the clip ranges start: ``minmax`` (the group's full range, RTN, as AutoRound) or ``mse`` (per group the
     # clip factor on CLIP_GRID that minimises the weight reconstruction error: a better start for few iterations)
     init: Literal["minmax", "mse"] = "minmax"
+    # bfloat16 autocast for the tuning iterations' forward and backward and the held-out loss that picks the
+    # iteration (AutoRound's ``amp``, its default on bf16-capable devices): matmuls in bf16 (tensor cores, AMX),
+    # rounding parameters, fake quantization, targets and losses in float32
+    amp: bool = False
 
     @property
     def learning_rate(self) -> float:
@@ -733,10 +737,13 @@ class BlockTuner:
                     consider(it, heldout[-1][1])
                 idx = batches.next()
                 h = q.hidden[idx].to(self.device, torch.float32)
-                y, logits = self._run(self.block, self._block_params(), h, kwargs, self.own_layers)
+                with self._autocast():
+                    y, logits = self._run(self.block, self._block_params(), h, kwargs, self.own_layers)
+                y = y.float()
                 target = self._y_fp[idx.to(self._y_fp.device)].to(y.device)
                 loss = self._mse(self._normed(y), self._normed(target), self._valid(idx))
-                router = self._router_loss(y, logits, kwargs, idx) if use_router else None
+                with self._autocast():
+                    router = self._router_loss(y, logits, kwargs, idx) if use_router else None
                 total = loss + cfg.router_weight * router if router is not None else loss
                 value = _global_mean(total.detach())
                 if not math.isfinite(value):
@@ -828,20 +835,28 @@ class BlockTuner:
             y, logits = self._run(self.block, params, q.hidden[idx].to(self.device, torch.float32), kwargs, layers)
             yield idx, y, logits, self._y_fp[idx.to(self._y_fp.device)].to(y.device), kwargs
 
+    def _autocast(self):
+        """bfloat16 autocast on the block's device when ``amp`` (else nothing)."""
+        if not self.config.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
     @torch.no_grad()
     def _heldout_loss(self, q: BlockInputs, held: torch.Tensor, use_router: bool) -> float:
         """The tuning objective (block-output MSE, plus the weighted router term when ``use_router``) on the
-        held-out sequences, with the current rounding parameters."""
+        held-out sequences, with the current rounding parameters (under ``amp`` as the steps are)."""
         sq, elems, router, chunks = 0.0, 0, 0.0, 0
-        for idx, y, logits, target, kwargs in self._held_out(q, held, self.own_layers):
-            err = self._normed(y) - self._normed(target)
-            valid = self._valid(idx)
-            err = err if valid is None else err[valid]
-            sq += float(err.pow(2).sum())
-            elems += err.numel()
-            if use_router and self.scoped:
-                router += float(self._router_loss(y, logits, kwargs, idx)) * idx.numel()
-                chunks += idx.numel()
+        with self._autocast():
+            for idx, y, logits, target, kwargs in self._held_out(q, held, self.own_layers):
+                y = y.float()
+                err = self._normed(y) - self._normed(target)
+                valid = self._valid(idx)
+                err = err if valid is None else err[valid]
+                sq += float(err.pow(2).sum())
+                elems += err.numel()
+                if use_router and self.scoped:
+                    router += float(self._router_loss(y, logits, kwargs, idx)) * idx.numel()
+                    chunks += idx.numel()
         value = sq / max(elems, 1)
         if chunks:
             value += self.config.router_weight * router / chunks
@@ -889,7 +904,7 @@ class BlockTuner:
             _, next_logits = self._run_next(y, kwargs, stop_after=True)
         total = None
         for (where, name), loss in self.losses.items():
-            z = self._real_rows(logits[name] if where == "block" else next_logits[name], self._valid(idx))
+            z = self._real_rows(logits[name] if where == "block" else next_logits[name], self._valid(idx)).float()
             value = loss(z, self._slice_target(self._targets[(where, name)], idx))
             total = value if total is None else total + value
         return total / len(self.losses)

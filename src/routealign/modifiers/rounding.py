@@ -104,6 +104,8 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
         by (default 1.645, one-sided 95%; 0 keeps any mean improvement)
     :param structure_space: ``logits`` (the papers') or ``scores``: where VSRAQ's rank/margin and ExpertQuant's
         gap-hinge terms measure gaps (differs only for sigmoid routers)
+    :param amp: bfloat16 autocast for the tuning iterations and the held-out loss (AutoRound's default on bf16
+        devices; faster on tensor cores and AMX); rounding parameters, targets and losses stay float32
     :param init: where the clip ranges start: ``minmax`` (RTN, AutoRound's start) or ``mse`` (per group the clip
         factor minimising the weight reconstruction error)
     :param batched_experts: run the experts stacked (batched matmuls over routed tokens) in the tuning loop
