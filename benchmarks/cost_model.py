@@ -2,7 +2,7 @@
 
     python benchmarks/cost_model.py --model ../shared/models/tiny-qwen3_moe            # + measured matmul rate
     python benchmarks/cost_model.py --preset qwen3-30b-a3b --preset glm-4.5-air         # on paper
-    python benchmarks/cost_model.py --preset qwen3-30b-a3b --preset glm-4.5-air --gpu h100 --gpu h200 --rate 1
+    python benchmarks/cost_model.py --preset qwen3-30b-a3b --preset glm-4.5-air --gpu h100 --gpu h200
                                                                                  # whole-run predictions per config
 
 One iteration of RouterAlignedRoundingModifier on one decoder block, ``batch`` sequences of ``seq_len`` tokens
@@ -171,10 +171,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    rate = args.rate or measure_matmul(1024, device=device)
-    print(f"float32 matmul rate on this {device}: {rate:.1f} GFLOP/s ({args.threads} threads)")
     rows = []
-    for shape in [from_config(p) for p in args.model] + [PRESETS[p] for p in args.preset]:
+    shapes = [from_config(p) for p in args.model] + [PRESETS[p] for p in args.preset]
+    if args.gpu and not args.rate:
+        shapes_here = []  # predictions only: no measurement of this machine
+    else:
+        shapes_here = shapes
+        rate = args.rate or measure_matmul(1024, device=device)
+        print(f"float32 matmul rate on this {device}: {rate:.1f} GFLOP/s ({args.threads} threads)")
+    for shape in shapes_here:
         cost = iteration_cost(shape, args.batch, args.seq_len, args.scope)
         per_iter = cost["flops"] / (rate * 1e9)
         total = per_iter * args.iters * shape.layers
@@ -189,7 +194,7 @@ def main() -> None:
     predictions = []
     for gpu in args.gpu:
         spec = GPUS[gpu]
-        for shape in [from_config(p) for p in args.model] + [PRESETS[p] for p in args.preset]:
+        for shape in shapes:
             for label, config in CONFIGS.items():
                 cost = run_cost(shape, config, args.samples, args.seq_len, args.batch, args.all_experts)
                 floor = max(cost["flops"] / spec[config.dtype], cost["bytes"] / spec["hbm"])
