@@ -112,8 +112,8 @@ class CalibrationTokens:
                 real = torch.nonzero(mask[r]).flatten()
                 if real.numel() == 0 or real.numel() != int(real[-1] - real[0]) + 1:
                     raise InputError(f"{where}: calibration batch {i} row {r} has no real token or padding between "
-                                     "real tokens; only left or right padding is supported. The model has not been "
-                                     "modified")
+                                     "real tokens; only left or right padding is supported (split such a row into one "
+                                     "row per run of real tokens). The model has not been modified")
                 rows.append(ids[r, int(real[0]) : int(real[-1]) + 1])
         if not rows:
             raise InputError(f"{where}: the calibration set is empty")

@@ -121,7 +121,8 @@ def check_calibration(batches: Iterable, vocab_size: int, min_seq_len: int = 2,
             if positions.numel() and positions.numel() != int(positions[-1] - positions[0]) + 1:
                 inner = f" row {row}" if row_of is None else ""
                 raise InputError(f"{where}: {name}{inner} has padding between real tokens (attention_mask with a "
-                                 "hole); only left or right padding is supported")
+                                 "hole); only left or right padding is supported: split such a row into one row per "
+                                 "run of real tokens")
             length = int(positions.numel())
             if length < min_seq_len:
                 raise InputError(f"{where}: {name} has a sequence of {length} real token(s); at least {min_seq_len} "
