@@ -28,9 +28,10 @@ from typing import Any
 import torch
 
 from .errors import InputError
-from .validation import ROW_KEY
+from .streams import real_tokens
+from .validation import ROW_KEY, CalibrationSummary, _input_ids, check_calibration, real_span
 
-__all__ = ["draw_calibration", "CalibrationTokens"]
+__all__ = ["draw_calibration", "calibration_tokens", "CalibrationTokens"]
 
 _DRAWN = "_routealign_calibration"  # attribute of the dataloader holding the draw
 
@@ -89,6 +90,13 @@ def _draw(loader: Any) -> list[dict]:
     return batches
 
 
+def calibration_tokens(loader: Any, vocab_size: int, where: str) -> tuple[CalibrationSummary, "CalibrationTokens"]:
+    """What both modifiers do with the calibration data in ``on_initialize``: draw it (:func:`draw_calibration`),
+    check it (:func:`routealign.validation.check_calibration`) and keep each row's real tokens."""
+    batches = draw_calibration(loader)
+    return check_calibration(batches, vocab_size, where=where), CalibrationTokens.from_batches(batches, where)
+
+
 @dataclass
 class CalibrationTokens:
     """Calibration sequences right-padded to the longest (``ids`` ``[N, T]``, pad id 0) and their real
@@ -100,8 +108,6 @@ class CalibrationTokens:
     @classmethod
     def from_batches(cls, batches: list, where: str) -> "CalibrationTokens":
         """Each row's real tokens (positions where its attention mask is 1; left padding moved to the end)."""
-        from .validation import _input_ids
-
         rows: list[torch.Tensor] = []
         for i, batch in enumerate(batches):
             ids, mask = _input_ids(batch, i)
@@ -109,12 +115,12 @@ class CalibrationTokens:
                 if mask is None or bool(mask[r].bool().all()):
                     rows.append(ids[r])
                     continue
-                real = torch.nonzero(mask[r]).flatten()
-                if real.numel() == 0 or real.numel() != int(real[-1] - real[0]) + 1:
+                span = real_span(mask[r])
+                if span is None or span[0] == span[1]:
                     raise InputError(f"{where}: calibration batch {i} row {r} has no real token or padding between "
                                      "real tokens; only left or right padding is supported (split such a row into one "
                                      "row per run of real tokens). The model has not been modified")
-                rows.append(ids[r, int(real[0]) : int(real[-1]) + 1])
+                rows.append(ids[r, span[0] : span[1]])
         if not rows:
             raise InputError(f"{where}: the calibration set is empty")
         lengths = torch.tensor([row.numel() for row in rows])
@@ -138,8 +144,7 @@ class CalibrationTokens:
             outs.append(hidden.detach().cpu())
         hidden = torch.cat(outs)
         if self.lengths is not None:
-            real = torch.arange(hidden.shape[1]).view(1, -1) < self.lengths.view(-1, 1)
-            hidden = hidden.masked_fill(~real.unsqueeze(-1), 0)
+            hidden = hidden.masked_fill(~real_tokens(self.lengths, hidden.shape[1]).unsqueeze(-1), 0)
         return hidden
 
     def describe(self) -> str:

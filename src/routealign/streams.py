@@ -32,7 +32,7 @@ from torch.func import functional_call
 from .routing import MoELayer, RouterTap, StopForward
 
 __all__ = ["BlockInputs", "StreamEngine", "plain_forwards", "attention_implementation", "run_block", "to_device",
-           "canonical_order"]
+           "canonical_order", "real_tokens"]
 
 
 @dataclass
@@ -63,8 +63,7 @@ class BlockInputs:
         sequence is padded (callers then take every position, the unpadded code path)."""
         if not self.padded:
             return None
-        lengths = self.lengths if idx is None else self.lengths[idx]
-        return torch.arange(self.hidden.shape[1]).view(1, -1) < lengths.view(-1, 1)
+        return real_tokens(self.lengths if idx is None else self.lengths[idx], self.hidden.shape[1])
 
     def with_hidden(self, hidden: torch.Tensor) -> "BlockInputs":
         """The same sequences (lengths, keyword arguments) with other hidden states (the other stream)."""
@@ -87,6 +86,11 @@ class BlockInputs:
             for start in range(0, same.numel(), chunk):
                 idx = same[start : start + chunk]
                 yield idx, self.hidden[idx, :length], kwargs
+
+
+def real_tokens(lengths: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """``[n, seq_len]`` bool, True at the first ``lengths[i]`` positions of each right-padded sequence."""
+    return torch.arange(seq_len).view(1, -1) < lengths.view(-1, 1)
 
 
 @torch.no_grad()
@@ -254,6 +258,12 @@ class StreamEngine:
         if missing:
             raise RuntimeError(f"the model's forward did not call decoder layers {missing}")
         return first[0], found
+
+    def block_inputs(self, name: str, hidden: torch.Tensor, lengths: torch.Tensor | None = None) -> BlockInputs:
+        """Calibration inputs of decoder layer ``name``: ``hidden`` (right-padded to ``T``, real ``lengths``) with the
+        layer's keyword arguments for ``T`` and, for sequences cut to a shorter length, for that length."""
+        return BlockInputs(hidden, self.layer_kwargs(hidden.shape[1])[name], lengths,
+                           lambda length: self.layer_kwargs(length)[name])
 
     def layer_kwargs(self, seq_len: int, batch: int = 1) -> dict[str, dict]:
         """Per decoder layer, the keyword arguments for an unpadded batch of ``batch`` sequences of ``seq_len``."""

@@ -91,6 +91,16 @@ def _input_ids(batch: Any, index: int) -> tuple[torch.Tensor, torch.Tensor | Non
     return ids, mask
 
 
+def real_span(row_mask: torch.Tensor) -> tuple[int, int] | None:
+    """``(first, stop)`` of a row's real tokens (attention-mask ones; ``(0, 0)`` when there is none), or ``None``
+    when padding lies between real tokens."""
+    positions = torch.nonzero(row_mask).flatten()
+    if positions.numel() == 0:
+        return 0, 0
+    first, stop = int(positions[0]), int(positions[-1]) + 1
+    return (first, stop) if positions.numel() == stop - first else None
+
+
 def check_calibration(batches: Iterable, vocab_size: int, min_seq_len: int = 2,
                       where: str = "calibration dataset") -> CalibrationSummary:
     """Read the calibration batches once (token ids only, no forward pass) and check them.
@@ -117,13 +127,13 @@ def check_calibration(batches: Iterable, vocab_size: int, min_seq_len: int = 2,
         if not bool(real.all()):
             padded = True
         for row in range(ids.shape[0]):
-            positions = torch.nonzero(real[row]).flatten()
-            if positions.numel() and positions.numel() != int(positions[-1] - positions[0]) + 1:
+            span = real_span(real[row])
+            if span is None:
                 inner = f" row {row}" if row_of is None else ""
                 raise InputError(f"{where}: {name}{inner} has padding between real tokens (attention_mask with a "
                                  "hole); only left or right padding is supported: split such a row into one row per "
                                  "run of real tokens")
-            length = int(positions.numel())
+            length = span[1] - span[0]
             if length < min_seq_len:
                 raise InputError(f"{where}: {name} has a sequence of {length} real token(s); at least {min_seq_len} "
                                  "are needed")

@@ -22,9 +22,9 @@ from llmcompressor.utils.pytorch import infer_sequential_targets
 from ..errors import InputError, NotMoEError
 from ..losses import RouterLossConfig
 from ..routing import find_moe_layers
-from ..calibration import CalibrationTokens, draw_calibration
-from ..streams import BlockInputs, StreamEngine, canonical_order
-from ..validation import check_calibration, check_finite, check_group_sizes, check_router_settings
+from ..calibration import CalibrationTokens, calibration_tokens
+from ..streams import StreamEngine, canonical_order
+from ..validation import check_finite, check_group_sizes, check_router_settings
 from ..tuning import BlockTuner, TuningConfig, suspended_offloading, world_size, write_parameters
 
 __all__ = ["RouterAlignedRoundingModifier"]
@@ -170,9 +170,7 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
             check_router_settings(moe_layers, self.boundary, where)
         if state.data.calib is not None:
             vocab = model.get_input_embeddings().num_embeddings
-            batches = draw_calibration(state.data.calib)
-            summary = check_calibration(batches, vocab, where=f"{where}: calibration dataset")
-            self._tokens = CalibrationTokens.from_batches(batches, f"{where}: calibration dataset")
+            summary, self._tokens = calibration_tokens(state.data.calib, vocab, f"{where}: calibration dataset")
             if summary.samples < self.batch_size:
                 logger.warning(f"{where}: {summary.samples} calibration sequences, fewer than batch_size "
                                f"{self.batch_size}; every iteration uses all of them")
@@ -244,11 +242,8 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
             lengths = self._tokens.lengths
             self._tokens = CalibrationTokens(self._tokens.ids[order], None if lengths is None else lengths[order])
             logger.info(f"{type(self).__name__}: {self._tokens.describe()}")
-        seq_len = self._q_hidden.shape[1]
-        layer_kwargs = self._engine.layer_kwargs(seq_len)
-        kwargs = layer_kwargs[name]
-        engine = self._engine
-        q = BlockInputs(self._q_hidden, kwargs, self._tokens.lengths, lambda length: engine.layer_kwargs(length)[name])
+        layer_kwargs = self._engine.layer_kwargs(self._q_hidden.shape[1])
+        q = self._engine.block_inputs(name, self._q_hidden, self._tokens.lengths)
         fp = q.with_hidden(self._fp_hidden)
         # only this modifier's own targets: another modifier in the recipe (e.g. GPTQ on attention) quantizes its
         targets = {n: m.quantization_scheme.weights for n, m in block.named_modules()
@@ -258,7 +253,7 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
         chain = self._downstream(model, name)
         start = time.perf_counter()
         downstream = [model.get_submodule(n) for n in chain]
-        # our own forwards must not trigger hooks (ours would capture them as the next layer's inputs)
+        # our own forwards must not trigger hooks (another modifier's, e.g. GPTQ's, would record them)
         with HooksMixin.disable_hooks(), align_modules([block] + downstream):
             output_norm = self._final_norm(model) if not chain else None
             with suspended_offloading(block, *downstream, output_norm):

@@ -39,10 +39,9 @@ from ..smoothing import (
     search_alpha,
     smooth_scales,
 )
-from ..calibration import CalibrationTokens, draw_calibration
-from ..streams import BlockInputs, StreamEngine, run_block
+from ..calibration import CalibrationTokens, calibration_tokens
+from ..streams import StreamEngine, run_block
 from ..tuning import world_size
-from ..validation import check_calibration
 
 __all__ = ["ExpertAwareSmoothingModifier"]
 
@@ -241,10 +240,9 @@ class ExpertAwareSmoothingModifier(Modifier):
             if "attention_input" in self.mappings:
                 self._attn_in += attention_inputs(model, name)
         if state.data.calib is not None:
-            batches = draw_calibration(state.data.calib)  # the same draw as routealign's rounding modifier
-            check_calibration(batches, model.get_input_embeddings().num_embeddings,
-                              where=f"{where}: calibration dataset")
-            self._tokens = CalibrationTokens.from_batches(batches, f"{where}: calibration dataset")
+            # the same draw as routealign's rounding modifier
+            _, self._tokens = calibration_tokens(state.data.calib, model.get_input_embeddings().num_embeddings,
+                                                 f"{where}: calibration dataset")
         self._check_later_modifiers()
         return True
 
@@ -305,14 +303,12 @@ class ExpertAwareSmoothingModifier(Modifier):
         attention); with ``record`` only the statistics hooks fire, otherwise no hook does. Returns its output."""
         if self._engine is None:
             self._engine = StreamEngine(model, self._decoder)
-        engine = self._engine
         if self._hidden is None:
             if self._tokens is None:
                 raise InputError("ExpertAwareSmoothingModifier: no calibration data was given (pass dataset= to "
                                  "oneshot)")
-            self._hidden = self._tokens.first_inputs(engine)
-        inputs = BlockInputs(self._hidden, engine.layer_kwargs(self._hidden.shape[1])[name], self._tokens.lengths,
-                             lambda length: engine.layer_kwargs(length)[name])
+            self._hidden = self._tokens.first_inputs(self._engine)
+        inputs = self._engine.block_inputs(name, self._hidden, self._tokens.lengths)
         block = model.get_submodule(name)
         out = torch.zeros_like(self._hidden)
         self._recording = record
