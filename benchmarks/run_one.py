@@ -78,6 +78,11 @@ def main() -> None:
                         help="also evaluate on this text (e.g. DATA/wiki.valid.tokens) and store it as row['valid']: "
                              "choose hyperparameters on it, never on the test text")
     parser.add_argument("--eval-seq-len", type=int, default=512)
+    parser.add_argument("--generate", type=int, default=0, metavar="N",
+                        help="also decode N tokens greedily with both models from --prompts prompts of the test text "
+                             "(routealign.generation) and store the agreement as row['generation']")
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--extra", default="{}", help="JSON of extra RouterAlignedRoundingModifier fields")
     parser.add_argument("--smooth", choices=("expertquant", "search"), help="ExpertAwareSmoothingModifier first")
     parser.add_argument("--smooth-extra", default="{}", help="JSON of extra ExpertAwareSmoothingModifier fields")
@@ -146,6 +151,13 @@ def main() -> None:
         valid = {"text": args.valid_text.name, "ppl_reference": vres.report["perplexity"]["reference"],
                  "ppl": vres.report["perplexity"]["quantized"], "overlap_at_k": vmean["overlap_at_k"],
                  "flip_rate": 1 - vmean["overlap_at_k"], "match_score": vmean["match_score"]}
+    generation = None
+    if args.generate:
+        from routealign.generation import generation_agreement
+
+        prompts = eval_rows(encode_text(test_text, tokenizer), args.prompts, args.prompt_len)
+        generation = generation_agreement(reference, quantized, prompts, args.generate, progress=False).summary()
+        generation["prompt_len"] = args.prompt_len
     row = {"model": args.model.name, "method": args.method, "scheme": args.scheme, "seed": args.seed,
            "iters": args.iters if args.method not in ("rtn", "gptq", "awq") else None,
            "smooth": args.smooth, "smooth_extra": json.loads(args.smooth_extra), "ignore": args.ignore,
@@ -156,7 +168,7 @@ def main() -> None:
            "ppl_reference": result.report["perplexity"]["reference"], "ppl": result.report["perplexity"]["quantized"],
            **{k: mean[k] for k in ("overlap_at_k", "jaccard", "exact_set", "top1", "match_score",
                                    "rank_weighted_jaccard", "routing_kl")},
-           "flip_rate": 1 - mean["overlap_at_k"], "valid": valid,
+           "flip_rate": 1 - mean["overlap_at_k"], "valid": valid, "generation": generation,
            "layers": getattr(mod, "report", None), "device": device, "torch": torch.__version__}
     (args.out / "row.json").write_text(json.dumps(row, indent=2))
     print(json.dumps({k: v for k, v in row.items() if k != "layers"}))

@@ -46,6 +46,11 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     ev.add_argument("--perfect-routing", action="store_true",
                     help="also run the quantized model with the reference model's expert choices forced")
+    ev.add_argument("--generate", type=int, default=0, metavar="N",
+                    help="also decode N tokens greedily with both models from --prompts prompts and report how long "
+                         "the continuations agree (matched tokens, first divergence per prompt)")
+    ev.add_argument("--prompts", type=int, default=16, help="prompts for --generate (default 16)")
+    ev.add_argument("--prompt-len", type=int, default=64, help="tokens per --generate prompt (default 64)")
     ev.add_argument("--out", type=Path, default=Path("routealign-eval"), help="report folder")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
 

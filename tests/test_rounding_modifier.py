@@ -337,3 +337,26 @@ def test_nvfp4_tuning_sees_activation_quantization():
     assert first[True, True] > 1.5 * first[False, True]
     # the batched experts apply the experts' input quantization themselves, as the loop's hooks do
     assert first[True, True] == pytest.approx(first[True, False], rel=1e-5)
+
+
+@pytest.mark.parametrize("scheme", ["W4A16", "W3A16"])
+def test_full_range_checkpoint_reloads_exactly_and_passes_check(tmp_path, tiny, scheme):
+    """full_range writes signed scales (AutoRound's grid, as llm-compressor's AutoRoundModifier saves them): the
+    checkpoint reloads to the in-memory model bit for bit, and a W4A16 one passes routealign check."""
+    from routealign.checkpoint import save_compressed
+    from routealign.preflight import check_checkpoint
+
+    ids = calibration_ids(rows=6, seq_len=32, seed=2)
+    mod = RouterAlignedRoundingModifier(objective="none", iters=4, batch_size=3, full_range=True, scheme=scheme,
+                                        targets="Linear", ignore=["lm_head"])
+    model, logits = _run(tiny / "glm4_moe", mod, ids)
+    save_compressed(model, tmp_path / "q")
+    reloaded = load_model(tmp_path / "q", dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, logits)
+    state = load_file(tmp_path / "q" / "model.safetensors")
+    scales = torch.cat([v.float().reshape(-1) for k, v in state.items() if k.endswith("weight_scale")])
+    assert bool((scales < 0).any()) and bool((scales > 0).any())
+    if scheme == "W4A16":
+        report = check_checkpoint(tmp_path / "q")
+        assert report.ok, report.table()

@@ -144,3 +144,61 @@ def test_activation_quantizer_is_compressed_tensors_dynamic_nvfp4_with_identity_
     assert torch.equal(got.detach(), expected) and not torch.equal(expected, x)
     got.sum().backward()
     assert torch.equal(xg.grad, torch.ones_like(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["W4A16", "W3A16", "W2A16"])
+def test_full_range_grid(name, dtype):
+    """AutoRound's full-range symmetric grid: |scale| = group max magnitude / 2^(b-1), signed so that the dominant
+    extreme lands on -2^(b-1) exactly; compressed-tensors dequantizes the saved (scale, zero-point) to the same
+    values, and the weight error is below compressed-tensors' own grid's."""
+    args = _args(name)
+    quant = WeightQuantizer(args, full_range=True)
+    w = _weight((64, 256), dtype)
+    w[:32, 0] = -1.3  # groups whose negative side dominates, beside the positive outlier column 3
+    qp = quant.rtn_qparams(w)
+    levels = 2 ** (args.num_bits - 1)
+    groups = w.float().unflatten(-1, (2, 128))
+    lo, hi = groups.amin(-1).clamp(max=0), groups.amax(-1).clamp(min=0)
+    magnitude = torch.maximum(lo.abs(), hi)
+    expected = torch.where(lo.abs() >= hi, magnitude, -magnitude) / levels
+    expected = torch.where(expected == 0, torch.finfo(dtype).eps, expected)
+    assert torch.equal(qp.scale.float(), expected.to(dtype).float())
+    assert bool((qp.scale < 0).any()) and bool((qp.scale > 0).any())
+    assert qp.zero_point.dtype == torch.int8 and not bool(qp.zero_point.any())
+    ours = quant.fake_quant(w, qp)
+    theirs = fake_quantize(w, qp.scale, qp.zero_point, args)
+    assert torch.equal(ours, theirs)
+    assert torch.equal(quant.fake_quant(ours, qp), ours)
+    # the dominant extreme of every group is reconstructed exactly
+    dq = ours.float().unflatten(-1, (2, 128))
+    extreme = torch.where(lo.abs() >= hi, lo, hi)
+    hit = (dq == extreme.unsqueeze(-1)).any(-1)
+    assert bool(hit[magnitude > 0].all())
+    restricted = WeightQuantizer(args)
+    err_full = (ours.float() - w.float()).pow(2).mean()
+    err_ct = (restricted.fake_quant(w, restricted.rtn_qparams(w)).float() - w.float()).pow(2).mean()
+    assert err_full < err_ct
+
+
+@pytest.mark.parametrize("name", ["W4A16_ASYM", "NVFP4", "NVFP4A16"])
+def test_full_range_leaves_other_schemes_alone(name):
+    w = _weight((64, 256), torch.float32)
+    plain, full = WeightQuantizer(_args(name)), WeightQuantizer(_args(name), full_range=True)
+    assert not full.full_range
+    a, b = plain.rtn_qparams(w), full.rtn_qparams(w)
+    assert torch.equal(a.scale, b.scale) and torch.equal(plain.fake_quant(w, a), full.fake_quant(w, b))
+
+
+def test_full_range_clip_gradients_reach_the_clip_factors():
+    quant = WeightQuantizer(_args("W3A16"), full_range=True)
+    w = _weight((16, 256), torch.float32)
+    wmin, wmax = quant.group_minmax(w)
+    c_lo = torch.ones_like(wmin, requires_grad=True)
+    c_hi = torch.ones_like(wmax, requires_grad=True)
+    qp = quant.qparams(wmin * c_lo, wmax * c_hi)
+    (quant.fake_quant(w, qp) - w).pow(2).sum().backward()
+    # each group's scale depends on the dominant side only: that side's factor gets the gradient
+    dominant_hi = wmax > wmin.abs()
+    assert bool((c_hi.grad[dominant_hi] != 0).any()) and bool((c_lo.grad[~dominant_hi & (wmin < 0)] != 0).any())
+    assert bool((c_hi.grad[~dominant_hi] == 0).all())

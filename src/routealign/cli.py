@@ -49,6 +49,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                     vocab_size=reference.get_input_embeddings().num_embeddings, source=str(args.text))
     result = evaluate(reference, quantized, ids, batch_size=args.batch_size,
                       perfect_routing=args.perfect_routing, progress=not args.no_progress)
+    if args.generate:
+        from .generation import generation_agreement
+
+        if args.prompts < 1 or args.prompt_len < 2:
+            raise InputError(f"--prompts must be >= 1 and --prompt-len >= 2 (got {args.prompts}, {args.prompt_len})")
+        prompts = eval_rows(all_ids, args.prompts, args.prompt_len,
+                            vocab_size=reference.get_input_embeddings().num_embeddings, source=str(args.text))
+        generation = generation_agreement(reference, quantized, prompts, args.generate, batch_size=args.batch_size,
+                                          progress=not args.no_progress)
+        result.report["generation"] = {"prompt_len": args.prompt_len, **generation.summary()}
     result.report["paths"] = {"reference": str(args.reference), "quantized": str(args.quantized),
                               "text": str(args.text), "tokenizer": str(tokenizer)}
     result.report["settings"] = {"dtype": args.dtype, "device": device, "batch_size": args.batch_size}

@@ -56,7 +56,34 @@ def markdown_table(report: dict, title: str = "routealign eval") -> str:
             f"| {row['layer']} | " + " | ".join(_fmt(row[key]) for key, _ in SUMMARY_COLUMNS)
             + f" | {_fmt(margin['flip_rate'])} | {_fmt(margin['median'])} ({margin['units']}) |"
         )
+    gen = report.get("generation")
+    if gen is not None:
+        lines += ["", "## Greedy generation agreement", "",
+                  f"{gen['prompts']} prompts of {gen.get('prompt_len', '?')} tokens, {gen['new_tokens']} generated "
+                  "tokens each, both models greedy from the same prompt", "",
+                  "| mean matched tokens (before the first divergence) | fully matched prompts | positional agreement "
+                  "| teacher-forced top-1 |", "|---|---|---|---|",
+                  f"| {gen['mean_matched']:.2f} / {gen['new_tokens']} | {gen['fully_matched']:.4f} "
+                  f"| {gen['positional_agreement']:.4f} | {gen['teacher_forced_top1']:.4f} |", "",
+                  "first divergence per prompt (index of the first differing generated token; - for none): "
+                  + ", ".join("-" if row["first_divergence"] is None else str(row["first_divergence"])
+                              for row in gen["per_prompt"])]
     return "\n".join(lines) + "\n"
+
+
+def _plot_generation(generation: dict, out: Path, plt) -> list[str]:
+    survival = generation["survival"]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.step(range(len(survival)), survival, where="post")
+    ax.set_xlabel("generated tokens t")
+    ax.set_ylabel("prompts still identical after t tokens")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"Greedy continuations: quantized vs reference ({generation['prompts']} prompts)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "generation_agreement.png", dpi=120)
+    plt.close(fig)
+    return ["generation_agreement.png"]
 
 
 def _plot(result: EvalResult, out: Path) -> list[str]:
@@ -131,6 +158,8 @@ def _plot(result: EvalResult, out: Path) -> list[str]:
     fig.savefig(out / "boundary_margin.png", dpi=120)
     plt.close(fig)
     written.append("boundary_margin.png")
+    if result.report.get("generation") is not None:
+        written += _plot_generation(result.report["generation"], out, plt)
     return written
 
 

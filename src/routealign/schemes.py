@@ -83,7 +83,7 @@ class WeightQuantizer:
     FP4 tensor-group (NVFP4, NVFP4A16).
     """
 
-    def __init__(self, args: QuantizationArgs):
+    def __init__(self, args: QuantizationArgs, full_range: bool = False):
         strategy = args.strategy
         if strategy not in (QuantizationStrategy.GROUP, QuantizationStrategy.TENSOR_GROUP,
                             QuantizationStrategy.CHANNEL):
@@ -92,6 +92,8 @@ class WeightQuantizer:
         if args.type == QuantizationType.FLOAT and args.num_bits != 4:
             raise ValueError(f"float weights of {args.num_bits} bits are not supported (FP4 only)")
         self.args = args
+        # full-range symmetric int grid (AutoRound's default, NNCF's signed scale): only symmetric int applies
+        self.full_range = bool(full_range and args.symmetric and args.type == QuantizationType.INT)
 
     @property
     def is_fp4(self) -> bool:
@@ -130,7 +132,10 @@ class WeightQuantizer:
 
     def qparams(self, wmin: torch.Tensor, wmax: torch.Tensor, global_scale: torch.Tensor | None = None) -> QParams:
         """Scale and zero-point from (possibly clipped) group minima and maxima. Values are compressed-tensors'
-        ``calculate_qparams``; gradients flow to ``wmin``/``wmax`` through the continuous formula."""
+        ``calculate_qparams`` (or, with ``full_range``, :meth:`full_range_qparams`); gradients flow to
+        ``wmin``/``wmax`` through the continuous formula."""
+        if self.full_range:
+            return self.full_range_qparams(wmin, wmax)
         with torch.no_grad():
             # a per-expert global scale [E, 1, 1] broadcasts against [E, out, groups]
             scale, zero_point = calculate_qparams(wmin.detach(), wmax.detach(), self.args, global_scale)
@@ -152,6 +157,26 @@ class WeightQuantizer:
             zero_point = _value_with_grad(zero_point, cont_zp.to(zero_point.dtype)) if zero_point.is_floating_point() \
                 else zero_point
         return QParams(scale, zero_point, global_scale)
+
+    def full_range_qparams(self, wmin: torch.Tensor, wmax: torch.Tensor) -> QParams:
+        """Full-range symmetric int parameters: the scale is ``m / 2^(b-1)`` with ``m`` the group's largest
+        magnitude, signed so that the extreme of that magnitude lands on the grid's end ``-2^(b-1)`` exactly
+        (negative when the positive side dominates). compressed-tensors' symmetric grid divides ``m`` by
+        ``(2^b - 1) / 2`` and leaves its ``-2^(b-1)`` level to the negative side alone; the full-range grid uses all
+        ``2^b`` levels on the dominant side: a step 1/8 finer at 3 bits, 1/16 at 4 (AutoRound's ``int_sym``). The
+        zero-point stays 0, so the checkpoint is an ordinary symmetric pack-quantized one: ``(q - 0) * scale``."""
+        lo = torch.minimum(wmin, torch.zeros_like(wmin))
+        hi = torch.maximum(wmax, torch.zeros_like(wmax))
+        levels = float(2 ** (int(self.args.num_bits) - 1))
+        with torch.no_grad():
+            sign = torch.where(lo.abs() >= hi, 1.0, -1.0).to(hi.dtype)
+        cont = sign * torch.maximum(lo.abs(), hi.abs()) / levels
+        with torch.no_grad():
+            # a zero group (all weights 0) gets the dtype's eps, as compressed-tensors replaces zero scales
+            exact = torch.where(cont == 0, torch.finfo(cont.dtype).eps, cont.detach())
+        scale = _value_with_grad(exact, cont) if cont.requires_grad else exact
+        zero_point = torch.zeros(scale.shape, device=scale.device, dtype=torch.int8)
+        return QParams(scale, zero_point, None)
 
     def rtn_qparams(self, w: torch.Tensor, global_scale: torch.Tensor | None = None) -> QParams:
         """Round-to-nearest parameters (llm-compressor's memoryless min/max observer)."""

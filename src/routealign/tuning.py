@@ -243,6 +243,10 @@ class TuningConfig(BaseModel):
     # iteration (AutoRound's ``amp``, its default on bf16-capable devices): matmuls in bf16 (tensor cores, AMX),
     # rounding parameters, fake quantization, targets and losses in float32
     amp: bool = False
+    # symmetric int schemes (W4A16, W3A16, W2A16): the full-range grid (scale = signed group maximum / 2^(b-1), the
+    # largest magnitude exactly on the grid's end, all 2^b levels used; AutoRound's default) instead of
+    # compressed-tensors' observer grid (maximum / ((2^b - 1) / 2)); the checkpoint format is the same
+    full_range: bool = False
 
     @property
     def learning_rate(self) -> float:
@@ -452,7 +456,7 @@ class BlockTuner:
         self._down_fp_idx: list[dict[str, torch.Tensor]] = []  # the next routers' choices on them
         modules = dict(block.named_modules())
         self.weights: list[TunedWeight] = []
-        quantizers = {n: WeightQuantizer(args) for n, args in targets.items()}
+        quantizers = {n: WeightQuantizer(args, full_range=config.full_range) for n, args in targets.items()}
         global_scales = self._global_scales(modules, quantizers)
         for n, quantizer in quantizers.items():
             match = _EXPERT_RE.search(n)
