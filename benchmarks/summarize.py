@@ -12,7 +12,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-COLUMNS = ("oneshot_s", "peak_rss_mib", "ppl", "flip_rate", "overlap_at_k", "jaccard", "exact_set", "match_score")
+COLUMNS = ("oneshot_s", "peak_rss_mib", "ppl", "flip_rate", "overlap_at_k", "jaccard", "exact_set", "match_score",
+           "valid_ppl", "gen_matched")
 
 
 def label(row: dict) -> str:
@@ -27,6 +28,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     rows = [json.loads(p.read_text()) for p in sorted(args.runs.glob("*/row.json"))]
+    for row in rows:  # optional parts of a row, flattened into columns
+        row["valid_ppl"] = (row.get("valid") or {}).get("ppl")
+        row["gen_matched"] = (row.get("generation") or {}).get("mean_matched")
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
         groups[(row["model"], row["scheme"], label(row))].append(row)
@@ -45,7 +49,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     lines = ["| model | scheme | method | seeds | oneshot s | peak RSS MiB | ppl | flip rate | overlap@k | Jaccard "
-             "| exact set | Match Score |", "|---" * 12 + "|"]
+             "| exact set | Match Score | valid ppl | generated tokens matched |", "|---" * 14 + "|"]
     for e in summary:
         def cell(col, fmt):
             if col not in e:
@@ -55,7 +59,8 @@ def main() -> None:
         lines.append(f"| {e['model']} | {e['scheme']} | {e['method']} | {','.join(map(str, e['seeds']))} | "
                      f"{cell('oneshot_s', '.1f')} | {cell('peak_rss_mib', '.0f')} | {cell('ppl', '.3f')} | "
                      f"{cell('flip_rate', '.4f')} | {cell('overlap_at_k', '.4f')} | {cell('jaccard', '.4f')} | "
-                     f"{cell('exact_set', '.4f')} | {cell('match_score', '.4f')} |")
+                     f"{cell('exact_set', '.4f')} | {cell('match_score', '.4f')} | {cell('valid_ppl', '.3f')} | "
+                     f"{cell('gen_matched', '.2f')} |")
     table = "\n".join(lines) + "\n"
     (args.out / "summary.md").write_text(table)
     print(table)

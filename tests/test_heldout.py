@@ -281,3 +281,47 @@ def test_amp_runs_the_tuning_matmuls_in_bfloat16_and_keeps_losses_and_targets_fl
     assert all(p.dtype == torch.float32 for w in amp.weights for p in w.parameters())
     assert amp.history[0] != plain.history[0]  # bf16 matmuls change the loss values
     assert abs(amp.history[0] - plain.history[0]) < 0.05 * plain.history[0]
+
+
+def test_lm_head_criterion_is_the_whole_model_kl_with_this_block_quantized():
+    """decide_on lm_head: per held-out sequence, KL(p_fp || p_q) of the next-token distributions of the whole
+    model with only this block quantized, against the unquantized model (computed here by running the model)."""
+    from routealign.tuning import LMTail
+
+    model = tiny_model("qwen3_moe", seed=4)
+    linearize_moe(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = [f"model.layers.{i}" for i in range(len(model.model.layers))]
+    ids = calibration_ids(rows=8, seq_len=24, seed=4)
+    with torch.no_grad():
+        fp_logits = model(input_ids=ids).logits.float()
+    engine = StreamEngine(model, names)
+    h, kwargs = engine.capture(ids)
+    block, rest = model.model.layers[0], list(model.model.layers[1:])
+    args = preset_name_to_scheme("W3A16", ["Linear"]).weights
+    targets = {n: args for n, m in block.named_modules() if isinstance(m, torch.nn.Linear) and n != "mlp.gate"}
+    q = BlockInputs(h, kwargs[names[0]])
+    tail = LMTail(rest, [kwargs[n] for n in names[1:]], model.model.norm, model.lm_head)
+    with suspended_offloading(block, *rest):
+        tuner = BlockTuner(block, targets, RouterLossConfig(objective="vsraq"),
+                           TuningConfig(iters=6, batch_size=2, min_expert_tokens=0, holdout=0.25, holdout_every=3,
+                                        decide_on="lm_head", router_headroom=False, router_gate_z=0.0),
+                           [rest[0]], next_kwargs=[kwargs[names[1]]], lm_tail=tail)
+        tuner.tune(q, q)
+        _, held = tuner.split(8)
+        errors = tuner.lm_head_errors(q, held)
+        tuner.apply()
+    with torch.no_grad():
+        q_logits = model(input_ids=ids).logits.float()
+    ref = torch.log_softmax(fp_logits[held], -1)
+    kl = (ref.exp() * (ref - torch.log_softmax(q_logits[held], -1))).sum(-1).mean(1)
+    assert errors.shape == (held.numel(),) and bool((errors > 0).all())
+    assert torch.allclose(errors.float(), kl, rtol=1e-3, atol=1e-7)
+    # both arms were compared on it, and the iteration kept has the lowest held-out KL of its arm
+    assert set(tuner.arms) == {"plain", "router"}
+    kept = "router" if tuner.router_kept else "plain"
+    curve = tuner.arms[kept]["heldout_curve"]
+    assert min(v for _, v in curve) == pytest.approx(float(errors.mean()), rel=1e-6)
+    assert tuner.gate["mean_diff"] == pytest.approx(tuner.arms["router"]["downstream_heldout"]
+                                                    - tuner.arms["plain"]["downstream_heldout"], rel=1e-6, abs=1e-12)

@@ -60,7 +60,7 @@ from .schemes import ActivationQuantizer, QParams, WeightQuantizer
 from .streams import BlockInputs, run_block, to_device
 from .validation import check_finite
 
-__all__ = ["TuningConfig", "TunedWeight", "BlockTuner", "RouterScope", "FUSED_GROUPS", "CLIP_GRID", "world_size",
+__all__ = ["TuningConfig", "TunedWeight", "BlockTuner", "LMTail", "RouterScope", "FUSED_GROUPS", "CLIP_GRID", "world_size",
            "write_parameters", "suspended_offloading", "quantized_writes"]
 
 RouterScope = Literal["block", "next", "both"]
@@ -247,6 +247,11 @@ class TuningConfig(BaseModel):
     # largest magnitude exactly on the grid's end, all 2^b levels used; AutoRound's default) instead of
     # compressed-tensors' observer grid (maximum / ((2^b - 1) / 2)); the checkpoint format is the same
     full_range: bool = False
+    # what the held-out decisions (the iteration kept, the router gate, the headroom rule) measure: ``next_router``,
+    # the error at the output of the first routing layer downstream (and the tuning loss for the iteration); or
+    # ``lm_head``, the KL divergence of the model's next-token distribution on the held-out sequences with every
+    # later layer unquantized, against the unquantized model's (what held-out perplexity sees)
+    decide_on: Literal["next_router", "lm_head"] = "next_router"
 
     @property
     def learning_rate(self) -> float:
@@ -415,6 +420,17 @@ class _CyclicBatches:
         return batch
 
 
+@dataclass
+class LMTail:
+    """The rest of the model after a block, run unquantized for decisions at the LM head (``decide_on:
+    lm_head``): the later decoder layers with their keyword arguments, the final norm and the LM head."""
+
+    layers: list[torch.nn.Module]
+    kwargs: list[dict]
+    norm: torch.nn.Module | None
+    head: torch.nn.Module
+
+
 class BlockTuner:
     """Learned rounding of every targeted Linear in ``block``.
 
@@ -429,7 +445,7 @@ class BlockTuner:
     def __init__(self, block: torch.nn.Module, targets: dict, loss_config, config: TuningConfig,
                  next_block: torch.nn.Module | list | None = None, name: str = "block",
                  output_norm: torch.nn.Module | None = None, activations: dict | None = None,
-                 next_kwargs: list[dict] | None = None):
+                 next_kwargs: list[dict] | None = None, lm_tail: LMTail | None = None):
         self.block = block
         # input-activation quantization args of targets whose inputs are fake-quantized while tuning (NVFP4)
         self.activations = dict(activations or {})
@@ -484,6 +500,16 @@ class BlockTuner:
         self.headroom: dict | None = None  # forced-routing statistics (router_headroom)
         self.router_scale: dict | None = None  # the router term against the MSE at the first router iteration
         self._mask: torch.Tensor | None = None  # real tokens of the calibration sequences (None: none padded)
+        if config.decide_on == "lm_head" and lm_tail is None:
+            raise ValueError(f"{name}: decide_on 'lm_head' needs the rest of the model (lm_tail)")
+        self.lm_tail = lm_tail if config.decide_on == "lm_head" else None
+        if self.lm_tail is not None:
+            self._tail_params = [self._float_params(m) for m in self.lm_tail.layers]
+            self._tail_kw32 = [to_device(kw, torch.float32, self.device) for kw in self.lm_tail.kwargs]
+            self._tail_norm32 = self._float_params(self.lm_tail.norm) if self.lm_tail.norm is not None else {}
+            self._head32 = self._float_params(self.lm_tail.head)
+        self._tail_fp: list[torch.Tensor] = []  # unquantized log-probabilities of the held-out chunks
+        self._tail_fp_idx: list[dict[str, torch.Tensor]] = []  # the next routers' choices on them
 
     @staticmethod
     def _float_params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -694,13 +720,13 @@ class BlockTuner:
                 # the plain arm's held-out downstream errors, with its kept parameters (the loop ends on the last
                 # iteration's): used by the headroom rule and by the gate
                 self._set(params, results["plain"])
-                plain = self._downstream_errors(q, held)
+                plain = self._decision_errors(q, held)
                 self.arms["plain"]["downstream_heldout"] = _global_mean_of(plain)
                 self.gate = {"keep": False, "headroom": None}
                 if not self._router_has_no_headroom(q, held, plain):
                     tune_arm("router")
                     self._set(params, results["router"])
-                    router = self._downstream_errors(q, held)
+                    router = self._decision_errors(q, held)
                     self.arms["router"]["downstream_heldout"] = _global_mean_of(router)
                     self.gate = paired_gate(router - plain, cfg.router_gate_z)
                 self.gate["headroom"] = self.headroom
@@ -797,7 +823,7 @@ class BlockTuner:
         if not (cfg.router_headroom and self.next_chain and self.next_layers
                 and any(where == "next" for where, _ in self.scoped)):
             return False
-        forced = self._downstream_errors(q, held, forced=True)
+        forced = self._decision_errors(q, held, forced=True)
         self.headroom = {**paired_gate(forced - own, cfg.router_gate_z), "own": _global_mean_of(own),
                          "forced": _global_mean_of(forced)}
         return not self.headroom["keep"]
@@ -848,7 +874,10 @@ class BlockTuner:
     @torch.no_grad()
     def _heldout_loss(self, q: BlockInputs, held: torch.Tensor, use_router: bool) -> float:
         """The tuning objective (block-output MSE, plus the weighted router term when ``use_router``) on the
-        held-out sequences, with the current rounding parameters (under ``amp`` as the steps are)."""
+        held-out sequences, with the current rounding parameters (under ``amp`` as the steps are); with
+        ``decide_on: lm_head`` the mean next-token KL at the LM head instead (:meth:`lm_head_errors`)."""
+        if self.lm_tail is not None:
+            return _global_mean_of(self.lm_head_errors(q, held))
         sq, elems, router, chunks = 0.0, 0, 0.0, 0
         with self._autocast():
             for idx, y, logits, target, kwargs in self._held_out(q, held, self.own_layers):
@@ -888,6 +917,51 @@ class BlockTuner:
             valid = self._valid(idx)
             err = err.mean(1) if valid is None else err.masked_fill(~valid, 0).sum(1) / valid.sum(1)
             errors.append(err.double().cpu())
+        return torch.cat(errors) if errors else torch.zeros(0, dtype=torch.float64)
+
+    def _decision_errors(self, q: BlockInputs, held: torch.Tensor, forced: bool = False) -> torch.Tensor:
+        """Per held-out sequence, what the gate and the headroom rule compare (``decide_on``)."""
+        if self.lm_tail is not None:
+            return self.lm_head_errors(q, held, forced=forced)
+        return self._downstream_errors(q, held, forced=forced)
+
+    def _tail_logprobs(self, y: torch.Tensor, force: dict[str, torch.Tensor] | None = None,
+                       route: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Log-probabilities of the next token after ``y`` (this block's output) through the rest of the model,
+        unquantized; ``force``: expert indices the next routers return instead of their own; with ``route`` also
+        the next routers' own choices."""
+        tail = self.lm_tail
+        h, chosen = y, {}
+        for module, params, kw in zip(tail.layers, self._tail_params, self._tail_kw32):
+            routing = module is self.next_block
+            layers = self.next_layers if routing else []
+            h, logits = self._run(module, params, h, kw, layers, force=force if routing else None)
+            if routing and route:
+                chosen = {l.name: l.family.route(l.router, logits[l.name]).indices
+                          for l in self.next_layers if l.name in logits}
+        if tail.norm is not None:
+            h = functional_call(tail.norm, self._tail_norm32, (h,))
+        logits = functional_call(tail.head, self._head32, (h,))
+        return torch.log_softmax(logits.float(), dim=-1), chosen
+
+    @torch.no_grad()
+    def lm_head_errors(self, q: BlockInputs, held: torch.Tensor, forced: bool = False) -> torch.Tensor:
+        """Per held-out sequence, the mean over its real tokens of ``KL(p_fp || p_q)`` of the next-token
+        distributions: ``p_q`` from this block's quantized output (current rounding parameters, quantized-stream
+        input), ``p_fp`` from its unquantized output, each through the rest of the model unquantized (``forced``:
+        the next routers take the unquantized side's expert choices)."""
+        errors = []
+        for i, (idx, y, _, target, _) in enumerate(self._held_out(q, held, [])):
+            if i == len(self._tail_fp):  # the unquantized side is the same for every arm: computed once
+                logp, chosen = self._tail_logprobs(target, route=True)
+                self._tail_fp.append(logp)
+                self._tail_fp_idx.append(chosen)
+            ref = self._tail_fp[i]
+            logq, _ = self._tail_logprobs(y, force=self._tail_fp_idx[i] if forced else None)
+            kl = (ref.exp() * (ref - logq)).sum(-1)  # [B, T]
+            valid = self._valid(idx)
+            kl = kl.mean(1) if valid is None else kl.masked_fill(~valid, 0).sum(1) / valid.sum(1)
+            errors.append(kl.double().cpu())
         return torch.cat(errors) if errors else torch.zeros(0, dtype=torch.float64)
 
     def _downstream_error(self, q: BlockInputs, held: torch.Tensor) -> float:

@@ -25,7 +25,7 @@ from ..routing import find_moe_layers
 from ..calibration import CalibrationTokens, calibration_tokens
 from ..streams import StreamEngine, canonical_order
 from ..validation import check_finite, check_group_sizes, check_router_settings
-from ..tuning import BlockTuner, TuningConfig, suspended_offloading, world_size, write_parameters
+from ..tuning import BlockTuner, LMTail, TuningConfig, suspended_offloading, world_size, write_parameters
 
 __all__ = ["RouterAlignedRoundingModifier"]
 
@@ -253,13 +253,21 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
         chain = self._downstream(model, name)
         start = time.perf_counter()
         downstream = [model.get_submodule(n) for n in chain]
+        lm_tail, tail_modules = None, []
+        if self.decide_on == "lm_head":
+            rest = self._layer_order[self._layer_order.index(name) + 1:]
+            lm_tail = LMTail([model.get_submodule(n) for n in rest], [layer_kwargs[n] for n in rest],
+                             self._final_norm(model), model.get_output_embeddings())
+            tail_modules = [m for m in (*lm_tail.layers, lm_tail.norm, lm_tail.head)
+                            if m is not None and all(m is not d for d in downstream)]
         # our own forwards must not trigger hooks (another modifier's, e.g. GPTQ's, would record them)
-        with HooksMixin.disable_hooks(), align_modules([block] + downstream):
+        with HooksMixin.disable_hooks(), align_modules([block] + downstream + tail_modules):
             output_norm = self._final_norm(model) if not chain else None
-            with suspended_offloading(block, *downstream, output_norm):
+            with suspended_offloading(block, *downstream, *tail_modules,
+                                      output_norm if all(output_norm is not m for m in tail_modules) else None):
                 tuner = BlockTuner(block, targets, self.loss_config(), self.tuning_config(), downstream, name,
                                    output_norm=output_norm, activations=activations,
-                                   next_kwargs=[layer_kwargs[n] for n in chain])
+                                   next_kwargs=[layer_kwargs[n] for n in chain], lm_tail=lm_tail)
                 unreachable = self._unreachable(tuner, name)
                 y_fp = tuner.tune(q, fp)
             tuner.apply()
