@@ -51,12 +51,14 @@ class Shape:
     expert_inter: int
     shared_inter: int = 0
     gated: bool = True
+    vocab: int = 151_936
 
 
 # published config.json values of two public MoEs (on paper; check against the real config before relying)
 PRESETS = {
     "qwen3-30b-a3b": Shape("Qwen3-30B-A3B", 48, 48, 2048, 32, 4, 128, 128, 8, 768),
-    "glm-4.5-air": Shape("GLM-4.5-Air (106B)", 46, 45, 4096, 96, 8, 128, 128, 8, 1408, shared_inter=1408),
+    "glm-4.5-air": Shape("GLM-4.5-Air (106B)", 46, 45, 4096, 96, 8, 128, 128, 8, 1408, shared_inter=1408,
+                         vocab=151_552),
 }
 
 
@@ -69,7 +71,8 @@ def from_config(path: Path) -> Shape:
                  c.get("head_dim") or c["hidden_size"] // heads,
                  c.get("num_experts") or c.get("n_routed_experts") or c.get("num_local_experts"),
                  c["num_experts_per_tok"], c.get("moe_intermediate_size") or c["intermediate_size"],
-                 shared_inter=(c.get("n_shared_experts") or 0) * (c.get("moe_intermediate_size") or 0))
+                 shared_inter=(c.get("n_shared_experts") or 0) * (c.get("moe_intermediate_size") or 0),
+                 vocab=c["vocab_size"])
 
 
 def iteration_cost(s: Shape, batch: int, seq_len: int, scope: str = "next") -> dict:
@@ -107,6 +110,7 @@ class Config:
     holdout: float = 0.125
     holdout_every: int = 10
     dtype: str = "fp32"  # bf16: ``amp`` (tuning matmuls on bf16 tensor cores)
+    lm_head: bool = False  # decide_on lm_head: each held-out evaluation runs the rest of the model and the LM head
 
 
 CONFIGS = {
@@ -114,6 +118,8 @@ CONFIGS = {
     "plain (autoround_w4a16.yaml: objective none, 200 iters)": Config("plain", 200, 1.0, "block"),
     "fast (vsraq_w4a16_fast.yaml: objective none, 50 iters, mse init)": Config("fast", 50, 1.0, "block"),
     "fast + amp (bf16 autocast; not measured on a GPU)": Config("fast-amp", 50, 1.0, "block", dtype="bf16"),
+    "decide_on lm_head (200 iters, both arms, decisions at the LM head)": Config("lm-head", 200, 2.0, "next",
+                                                                                  lm_head=True),
 }
 
 
@@ -130,7 +136,10 @@ def run_cost(s: Shape, c: Config, samples: int, seq_len: int, batch: int, all_ex
     mult = 3 if s.gated else 2
     inflation = 2 * seq_len * (s.experts - s.top_k) * mult * s.hidden * s.expert_inter if all_experts else 0
     pipeline = 2 * samples * (fwd_seq + inflation)
-    flops = s.layers * (c.arms * (c.iters * step["flops"] + evals * held * fwd_seq) + 3 * samples * fwd_seq
+    # decide_on lm_head: every held-out evaluation also runs the remaining layers (L/2 on average, a sequence's
+    # forward each) and the LM head (2 T h V) on each held-out sequence
+    tail = (s.layers / 2 * fwd_seq + 2 * seq_len * s.hidden * s.vocab) if c.lm_head else 0
+    flops = s.layers * (c.arms * (c.iters * step["flops"] + evals * held * (fwd_seq + tail)) + 3 * samples * fwd_seq
                         + pipeline)
     bytes_ = s.layers * c.arms * c.iters * step["bytes"]
     return {"flops": flops, "bytes": bytes_}

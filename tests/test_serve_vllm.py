@@ -53,8 +53,15 @@ def test_vllm_cpu_serves_our_w4a16_checkpoint(tmp_path):
     ids = calibration_ids(rows=16, seq_len=64)
     oneshot(model=model, dataset=Dataset.from_dict({"input_ids": ids.tolist()}), num_calibration_samples=16,
             max_seq_length=64, recipe=RouterAlignedRoundingModifier(objective="vsraq", iters=8, scheme="W4A16",
-                                                                    targets="Linear", ignore=["lm_head"]))
+                                                                    full_range=True, targets="Linear",
+                                                                    ignore=["lm_head"]))
     save_compressed(model, tmp_path / "w4a16", tokenizer=byte_tokenizer())
+    # the full-range grid's signed scales (as llm-compressor's AutoRoundModifier writes them): vLLM must serve
+    # them as they are (a kernel that took |scale| would flip half the groups and fail closer_to_quantized below)
+    from safetensors.torch import load_file
+
+    state = load_file(tmp_path / "w4a16" / "model.safetensors")
+    assert any(bool((v < 0).any()) for k, v in state.items() if k.endswith("experts.0.down_proj.weight_scale"))
 
     run = subprocess.run([sys.executable, str(SCRIPT), "--checkpoint", str(tmp_path / "w4a16"), "--reference",
                           str(tmp_path / "ref"), "--out", str(tmp_path / "serve.json")],
