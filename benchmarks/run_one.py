@@ -27,37 +27,52 @@ IGNORE = ["lm_head", "re:.*mlp.gate$", "re:.*shared_expert_gate$"]
 
 
 def recipe(method: str, scheme: str, iters: int, seed: int, extra: dict, smooth: str | None = None,
-           smooth_extra: dict | None = None, ignore: list[str] | None = None):
+           smooth_extra: dict | None = None, ignore: list[str] | None = None, group_size: int | None = None):
     steps = []
     if smooth:
         from routealign import ExpertAwareSmoothingModifier
 
         steps.append(ExpertAwareSmoothingModifier(mode=smooth, **(smooth_extra or {})))
-    steps.append(quantizer(method, scheme, iters, seed, extra, ignore or []))
+    steps.append(quantizer(method, scheme, iters, seed, extra, ignore or [], group_size))
     return steps
 
 
-def quantizer(method: str, scheme: str, iters: int, seed: int, extra: dict, ignore: list[str] = ()):
+def scheme_fields(scheme: str, group_size: int | None = None) -> dict:
+    """The modifier fields that select ``scheme`` for every Linear: the preset by name, or with ``group_size`` the
+    preset's weight arguments at that group size (``config_groups``)."""
+    if group_size is None:
+        return {"scheme": scheme, "targets": "Linear"}
+    from compressed_tensors.quantization import preset_name_to_scheme
+
+    preset = preset_name_to_scheme(scheme, ["Linear"])
+    preset.weights = preset.weights.model_copy(update={"group_size": group_size})
+    return {"config_groups": {"group_0": preset.model_dump(exclude_none=True)}}
+
+
+def quantizer(method: str, scheme: str, iters: int, seed: int, extra: dict, ignore: list[str] = (),
+              group_size: int | None = None):
     """The quantizing modifier(s) of ``method``; ``ignore``: extra modules every method leaves unquantized."""
     IGNORE = [*globals()["IGNORE"], *ignore]
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
+    fields = scheme_fields(scheme, group_size)
+
     if method == "awq":
         from llmcompressor.modifiers.transform.awq import AWQModifier
 
-        return [AWQModifier(), QuantizationModifier(targets="Linear", scheme=scheme, ignore=IGNORE)]
+        return [AWQModifier(), QuantizationModifier(**fields, ignore=IGNORE)]
     if method == "rtn":
-        return QuantizationModifier(targets="Linear", scheme=scheme, ignore=IGNORE)
+        return QuantizationModifier(**fields, ignore=IGNORE)
     if method == "gptq":
-        return GPTQModifier(targets="Linear", scheme=scheme, ignore=IGNORE)
+        return GPTQModifier(**fields, ignore=IGNORE)
     if method == "autoround":
         from llmcompressor.modifiers.autoround import AutoRoundModifier
 
-        return AutoRoundModifier(targets="Linear", scheme=scheme, ignore=IGNORE, iters=iters,
+        return AutoRoundModifier(**fields, ignore=IGNORE, iters=iters,
                                  enable_torch_compile=False)
     from routealign import RouterAlignedRoundingModifier
 
-    return RouterAlignedRoundingModifier(objective=method, scheme=scheme, targets="Linear", ignore=["lm_head", *ignore],
+    return RouterAlignedRoundingModifier(objective=method, **fields, ignore=["lm_head", *ignore],
                                          iters=iters, seed=seed, **extra)
 
 
@@ -66,6 +81,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--method", required=True, choices=("rtn", "gptq", "autoround", "awq") + OURS)
     parser.add_argument("--scheme", default="W4A16")
+    parser.add_argument("--group-size", type=int, help="the scheme's weights at this group size (e.g. W2A16 at 64)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--iters", type=int, default=200)
     parser.add_argument("--samples", type=int, default=128)
@@ -81,6 +97,9 @@ def main() -> None:
     parser.add_argument("--generate", type=int, default=0, metavar="N",
                         help="also decode N tokens greedily with both models from --prompts prompts of the test text "
                              "(routealign.generation) and store the agreement as row['generation']")
+    parser.add_argument("--perfect-routing", action="store_true",
+                        help="also evaluate the quantized model with the reference's expert choices forced "
+                             "(row['ppl_perfect_routing']: what routing alone costs)")
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--extra", default="{}", help="JSON of extra RouterAlignedRoundingModifier fields")
@@ -123,7 +142,7 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(str(args.model), dtype=getattr(torch, args.dtype))
     data = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
     steps = recipe(args.method, args.scheme, args.iters, args.seed, json.loads(args.extra), args.smooth,
-                   json.loads(args.smooth_extra), ignore=args.ignore)
+                   json.loads(args.smooth_extra), ignore=args.ignore, group_size=args.group_size)
     flat = [m for step in steps for m in (step if isinstance(step, list) else [step])]
     mod = flat[-1]
     if device == "cuda":
@@ -141,7 +160,7 @@ def main() -> None:
     ids = eval_rows(encode_text(test_text, tokenizer), args.eval_rows, args.eval_seq_len)
     reference = load_model(args.model, dtype=torch.bfloat16, device=device)
     quantized = load_model(qdir, dtype=torch.bfloat16, device=device)
-    result = evaluate(reference, quantized, ids, batch_size=4, progress=False)
+    result = evaluate(reference, quantized, ids, batch_size=4, progress=False, perfect_routing=args.perfect_routing)
     mean = result.report["routing"]["mean"]
     valid = None
     if args.valid_text is not None:
@@ -158,7 +177,8 @@ def main() -> None:
         prompts = eval_rows(encode_text(test_text, tokenizer), args.prompts, args.prompt_len)
         generation = generation_agreement(reference, quantized, prompts, args.generate, progress=False).summary()
         generation["prompt_len"] = args.prompt_len
-    row = {"model": args.model.name, "method": args.method, "scheme": args.scheme, "seed": args.seed,
+    row = {"model": args.model.name, "method": args.method, "scheme": args.scheme, "group_size": args.group_size,
+           "seed": args.seed,
            "iters": args.iters if args.method not in ("rtn", "gptq", "awq") else None,
            "smooth": args.smooth, "smooth_extra": json.loads(args.smooth_extra), "ignore": args.ignore,
            "smoothing": getattr(flat[0], "report", None) if args.smooth else None,
@@ -166,6 +186,7 @@ def main() -> None:
            "eval_text": Path(test_text).name, "eval_rows": args.eval_rows, "oneshot_s": round(seconds, 2),
            "peak_rss_mib": round(peak_rss), "peak_gpu_mib": None if peak_gpu is None else round(peak_gpu),
            "ppl_reference": result.report["perplexity"]["reference"], "ppl": result.report["perplexity"]["quantized"],
+           "ppl_perfect_routing": result.report["perplexity"].get("quantized_perfect_routing"),
            **{k: mean[k] for k in ("overlap_at_k", "jaccard", "exact_set", "top1", "match_score",
                                    "rank_weighted_jaccard", "routing_kl")},
            "flip_rate": 1 - mean["overlap_at_k"], "valid": valid, "generation": generation,

@@ -55,7 +55,7 @@ def test_none_with_zero_iters_equals_rtn_checkpoint(tmp_path, tiny, model_type, 
     model_dir = tiny / f"{model_type}-bf16"
     quantize_with_llmcompressor(model_dir, tmp_path / "rtn", scheme, ids, dtype=torch.bfloat16)
     ours = RouterAlignedRoundingModifier(objective="none", iters=0, min_expert_tokens=0, scheme=scheme,
-                                         targets="Linear", ignore=["lm_head"])
+                                         full_range=False, targets="Linear", ignore=["lm_head"])
     _run(model_dir, ours, ids, dtype=torch.bfloat16, out=tmp_path / "ours")
     a = load_file(tmp_path / "rtn" / "model.safetensors")
     b = load_file(tmp_path / "ours" / "model.safetensors")

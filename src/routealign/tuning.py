@@ -7,7 +7,7 @@ rate decaying linearly from ``lr`` (default ``1/iters``) to 0; each iteration ta
 calibration sequences of a shuffled pass over the tuning part of the calibration set (AutoRound's sampler). A fraction ``holdout`` of the calibration sequences is held
 out of the steps: the parameters kept are those of the iteration with the lowest loss *on the held-out sequences*
 (evaluated every ``holdout_every`` iterations; with nothing held out, the lowest minibatch loss, as AutoRound).
-With ``iters=0`` the result is plain RTN, identical to llm-compressor's QuantizationModifier.
+With ``iters=0`` the result is plain RTN (with ``full_range=False`` identical to llm-compressor's QuantizationModifier).
 
 Loss: mean-squared error between the tuned block's output on the *quantized model's* input activations and the
 unquantized block's output on the *unquantized model's* input activations (for the last decoder block, after the
@@ -245,8 +245,9 @@ class TuningConfig(BaseModel):
     amp: bool = False
     # symmetric int schemes (W4A16, W3A16, W2A16): the full-range grid (scale = signed group maximum / 2^(b-1), the
     # largest magnitude exactly on the grid's end, all 2^b levels used; AutoRound's default) instead of
-    # compressed-tensors' observer grid (maximum / ((2^b - 1) / 2)); the checkpoint format is the same
-    full_range: bool = False
+    # compressed-tensors' observer grid (maximum / ((2^b - 1) / 2)); the checkpoint format is the same (signed
+    # scales). False reproduces llm-compressor's QuantizationModifier (RTN) exactly at ``iters: 0``
+    full_range: bool = True
     # what the held-out decisions (the iteration kept, the router gate, the headroom rule) measure: ``next_router``,
     # the error at the output of the first routing layer downstream (and the tuning loss for the iteration); or
     # ``lm_head``, the KL divergence of the model's next-token distribution on the held-out sequences with every
