@@ -174,7 +174,7 @@ class WeightQuantizer:
         with torch.no_grad():
             # a zero group (all weights 0) gets the dtype's eps, as compressed-tensors replaces zero scales
             exact = torch.where(cont == 0, torch.finfo(cont.dtype).eps, cont.detach())
-        scale = _value_with_grad(exact, cont) if cont.requires_grad else exact
+        scale = _value_with_grad(exact, cont)
         zero_point = torch.zeros(scale.shape, device=scale.device, dtype=torch.int8)
         return QParams(scale, zero_point, None)
 

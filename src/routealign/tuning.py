@@ -914,11 +914,15 @@ class BlockTuner:
                 target = self._down_fp[i]
             else:
                 y, target = self._normed(y), self._normed(target)
-            err = (y - target).pow(2).mean(-1)  # [B, T]
-            valid = self._valid(idx)
-            err = err.mean(1) if valid is None else err.masked_fill(~valid, 0).sum(1) / valid.sum(1)
-            errors.append(err.double().cpu())
+            errors.append(self._per_sequence(idx, (y - target).pow(2).mean(-1)))
         return torch.cat(errors) if errors else torch.zeros(0, dtype=torch.float64)
+
+    def _per_sequence(self, idx: torch.Tensor, err: torch.Tensor) -> torch.Tensor:
+        """Per-token errors ``[B, T]`` of calibration sequences ``idx`` averaged over each one's real tokens
+        (float64, on the CPU)."""
+        valid = self._valid(idx)
+        err = err.mean(1) if valid is None else err.masked_fill(~valid, 0).sum(1) / valid.sum(1)
+        return err.double().cpu()
 
     def _decision_errors(self, q: BlockInputs, held: torch.Tensor, forced: bool = False) -> torch.Tensor:
         """Per held-out sequence, what the gate and the headroom rule compare (``decide_on``)."""
@@ -959,10 +963,7 @@ class BlockTuner:
                 self._tail_fp_idx.append(chosen)
             ref = self._tail_fp[i]
             logq, _ = self._tail_logprobs(y, force=self._tail_fp_idx[i] if forced else None)
-            kl = (ref.exp() * (ref - logq)).sum(-1)  # [B, T]
-            valid = self._valid(idx)
-            kl = kl.mean(1) if valid is None else kl.masked_fill(~valid, 0).sum(1) / valid.sum(1)
-            errors.append(kl.double().cpu())
+            errors.append(self._per_sequence(idx, (ref.exp() * (ref - logq)).sum(-1)))
         return torch.cat(errors) if errors else torch.zeros(0, dtype=torch.float64)
 
     def _downstream_error(self, q: BlockInputs, held: torch.Tensor) -> float:

@@ -253,18 +253,17 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
         chain = self._downstream(model, name)
         start = time.perf_counter()
         downstream = [model.get_submodule(n) for n in chain]
-        lm_tail, tail_modules = None, []
+        lm_tail = None
         if self.decide_on == "lm_head":
             rest = self._layer_order[self._layer_order.index(name) + 1:]
             lm_tail = LMTail([model.get_submodule(n) for n in rest], [layer_kwargs[n] for n in rest],
                              self._final_norm(model), model.get_output_embeddings())
-            tail_modules = [m for m in (*lm_tail.layers, lm_tail.norm, lm_tail.head)
-                            if m is not None and all(m is not d for d in downstream)]
+        # the tail repeats the downstream layers (and, for the last layer, the output norm): each module once
+        tail = [] if lm_tail is None else _distinct(*lm_tail.layers, lm_tail.norm, lm_tail.head, exclude=downstream)
         # our own forwards must not trigger hooks (another modifier's, e.g. GPTQ's, would record them)
-        with HooksMixin.disable_hooks(), align_modules([block] + downstream + tail_modules):
+        with HooksMixin.disable_hooks(), align_modules([block] + downstream + tail):
             output_norm = self._final_norm(model) if not chain else None
-            with suspended_offloading(block, *downstream, *tail_modules,
-                                      output_norm if all(output_norm is not m for m in tail_modules) else None):
+            with suspended_offloading(*_distinct(block, *downstream, *tail, output_norm)):
                 tuner = BlockTuner(block, targets, self.loss_config(), self.tuning_config(), downstream, name,
                                    output_norm=output_norm, activations=activations,
                                    next_kwargs=[layer_kwargs[n] for n in chain], lm_tail=lm_tail)
@@ -370,6 +369,15 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
         self._fp_hidden = None
         self._q_hidden = None
         self._engine = None
+
+
+def _distinct(*modules: torch.nn.Module | None, exclude=()) -> list[torch.nn.Module]:
+    """``modules`` without ``None``, repeats (by identity) and those in ``exclude``, in order."""
+    out: list[torch.nn.Module] = []
+    for m in modules:
+        if m is not None and all(m is not o for o in (*out, *exclude)):
+            out.append(m)
+    return out
 
 
 def _needs_input_scale(module: torch.nn.Module) -> bool:
