@@ -37,7 +37,8 @@ def main() -> None:
 
     from routealign.losses import RouterLossConfig
     from routealign.streams import BlockInputs
-    from routealign.tuning import BlockTuner, TuningConfig, suspended_offloading
+    from routealign.distributed import suspended_offloading
+    from routealign.modifiers.rounding import BlockTuner, TuningConfig
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(str(args.model), dtype=torch.float32).to(device)
@@ -59,7 +60,7 @@ def main() -> None:
             tuner = BlockTuner(block, targets, RouterLossConfig(objective="vsraq"),
                                TuningConfig(iters=args.iters, batch_size=args.batch, batched_experts=batched, holdout=0.0), nxt,
                                activations=activations)
-            tuner.targets(q)
+            tuner.reference(q)  # warm-up
             if device == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
@@ -82,7 +83,7 @@ def main() -> None:
             tuner = BlockTuner(block, targets, RouterLossConfig(objective="vsraq"),
                                TuningConfig(iters=5, batch_size=args.batch, batched_experts=False, holdout=0.0), nxt,
                                activations=activations)
-            tuner.targets(q)
+            tuner.reference(q)  # warm-up
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 tuner.tune(q, q)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=40))

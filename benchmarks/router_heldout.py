@@ -53,7 +53,8 @@ def main() -> None:
     from routealign.routing import find_moe_layers
     from routealign.streams import BlockInputs, StreamEngine, run_block
     from routealign.textdata import calibration_windows, encode_text, find_tokenizer
-    from routealign.tuning import BlockTuner, TuningConfig, suspended_offloading
+    from routealign.distributed import suspended_offloading
+    from routealign.modifiers.rounding import BlockTuner, TuningConfig
 
     variants = json.loads(args.variants)
     ids = calibration_windows(encode_text(args.data / "wiki.train.tokens", find_tokenizer(args.model)),
@@ -124,14 +125,14 @@ def main() -> None:
             with suspended_offloading(block, *downstream):
                 tuner = BlockTuner(block, targets, losses, tuning, downstream, name,
                                    next_kwargs=[kwargs[n] for n in chain])
-                tuner.tune(BlockInputs(train, kwargs[name]), BlockInputs(train, kwargs[name]))
-            tuner.apply()
+                result = tuner.tune(BlockInputs(train, kwargs[name]), BlockInputs(train, kwargs[name]))
+            result.write()
             y_q, d_q, z_q = measure()
             overlap = overlap_at_k(route(next_moe.router, z_fp).indices, route(next_moe.router, z_q).indices)
             rows.append({"layer": name, "variant": label, "fields": fields,
-                         "train_loss_first": tuner.history[0] if tuner.history else None,
-                         "train_loss_best": min(tuner.history) if tuner.history else None,
-                         "router_scale": tuner.router_scale,
+                         "train_loss_first": result.history[0] if result.history else None,
+                         "train_loss_best": min(result.history) if result.history else None,
+                         "router_scale": result.router_scale,
                          "held_block_mse": torch.nn.functional.mse_loss(y_q, y_fp).item(),
                          "held_downstream_mse": torch.nn.functional.mse_loss(d_q, d_fp).item(),
                          "held_next_logit_mse": (z_q - z_fp).pow(2).mean().item(),

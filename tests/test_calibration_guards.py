@@ -12,7 +12,7 @@ import routealign  # noqa: F401
 from routealign import RouterAlignedRoundingModifier
 from routealign.errors import NonFiniteError
 from routealign.tiny import save_tiny
-from routealign.tuning import BlockTuner
+from routealign.runner import BlockRunner
 
 from .conftest import calibration_ids
 
@@ -45,7 +45,7 @@ def test_nan_activation_stops_at_the_first_layer(qwen):
 
 def test_nan_loss_stops_with_layer_iteration_and_last_good_state(qwen, monkeypatch):
     before = {n: p.detach().clone() for n, p in qwen.model.layers[1].named_parameters()}
-    normed = BlockTuner._normed
+    normed = BlockRunner.normed
     calls = {"n": 0}
 
     def poisoned(self, y):
@@ -55,7 +55,7 @@ def test_nan_loss_stops_with_layer_iteration_and_last_good_state(qwen, monkeypat
                 return y * float("nan")
         return normed(self, y)
 
-    monkeypatch.setattr(BlockTuner, "_normed", poisoned)
+    monkeypatch.setattr(BlockRunner, "normed", poisoned)
     with pytest.raises(NonFiniteError) as err:
         _run(qwen, _modifier(), calibration_ids(rows=2, seq_len=16))
     message = str(err.value)

@@ -12,9 +12,10 @@ from transformers import AutoModelForCausalLM
 import routealign  # noqa: F401
 from routealign import RouterAlignedRoundingModifier
 from routealign.losses import RouterLossConfig
-from routealign.streams import BlockInputs, StreamEngine, to_device
+from routealign.streams import BlockInputs, StreamEngine
 from routealign.tiny import save_tiny, tiny_model
-from routealign.tuning import BlockTuner, TuningConfig, suspended_offloading
+from routealign.distributed import global_mean_of, suspended_offloading
+from routealign.modifiers.rounding import BlockTuner, RouterDecision, TuningConfig
 
 from .conftest import calibration_ids
 
@@ -38,8 +39,13 @@ def _tune(block, nxt, targets, q, next_kwargs, objective, **config):
         tuner = BlockTuner(block, targets, RouterLossConfig(objective=objective),
                            TuningConfig(**{"iters": 12, "batch_size": 2, "min_expert_tokens": 0, "holdout_every": 3,
                                            **config}), [nxt], next_kwargs=[next_kwargs])
-        tuner.tune(q, q)
-    return tuner
+        result = tuner.tune(q, q)
+    return tuner, result
+
+
+def _downstream(tuner, q, held):
+    """Mean held-out downstream error of the tuner's current (kept) rounding."""
+    return global_mean_of(tuner.heldout(q, tuner.reference(q), held).downstream_errors())
 
 
 def _state(tuner):
@@ -64,46 +70,70 @@ def test_split_is_seeded_disjoint_and_complete():
 
 def test_kept_iteration_has_the_lowest_held_out_loss():
     block, nxt, targets, q, nkw = _setup()
-    tuner = _tune(block, nxt, targets, q, nkw, "none", holdout=0.25)
-    info = tuner.arms["plain"]
+    # small steps (lr 0.02): tuning improves the held-out loss mid-run, then it rises again
+    tuner, result = _tune(block, nxt, targets, q, nkw, "none", holdout=0.25, lr=0.02)
+    info = result.arms["plain"]
     curve = info["heldout_curve"]
     assert [it for it, _ in curve] == [0, 3, 6, 9, 12]
     best_it, best = min(curve, key=lambda c: c[1])
     assert info["best_iter"] == best_it and info["heldout_best"] == best
     _, held = tuner.split(q.hidden.shape[0])
     # the parameters kept reproduce that held-out loss exactly
-    assert tuner._heldout_loss(q, held, use_router=False) == best
-    # with nothing held out, the lowest minibatch loss decides (AutoRound's rule)
-    plain = _tune(block, nxt, targets, q, nkw, "none", holdout=0.0)
-    assert plain.arms["plain"]["heldout_curve"] == []
-    assert plain.arms["plain"]["train_best"] == min(plain.history)
+    assert tuner.heldout(q, tuner.reference(q), held).loss(use_router=False) == best
+    assert 0 < best_it < 12 and best < curve[0][1] and best < curve[-1][1]  # neither the start nor the end
+
+
+def test_with_nothing_held_out_the_lowest_minibatch_loss_picks_the_parameters():
+    """AutoRound's rule: the kept parameters are those the lowest training loss was measured with; recomputed
+    on that iteration's minibatch (drawn again with the seed), they give that loss exactly."""
+    from routealign.modifiers.rounding.weights import CyclicBatches
+
+    block, nxt, targets, q, nkw = _setup()
+    tuner, result = _tune(block, nxt, targets, q, nkw, "none", holdout=0.0, lr=0.02)
+    info, history = result.arms["plain"], result.history
+    assert info["heldout_curve"] == [] and len(history) == 12
+    best_it = min(range(len(history)), key=history.__getitem__)
+    assert info["best_iter"] == best_it > 0
+    batches = CyclicBatches(torch.arange(8), 2, torch.Generator().manual_seed(0))
+    for _ in range(best_it + 1):
+        idx = batches.next()
+    with torch.no_grad():
+        mse, _ = tuner.step_losses(q, tuner.reference(q), idx, use_router=False)
+    assert float(mse) == pytest.approx(history[best_it], rel=1e-6)
+    # and the parameters are not the last iteration's: the last minibatch's loss with them differs from its own
+    for _ in range(len(history) - best_it - 1):
+        last = batches.next()
+    with torch.no_grad():
+        assert float(tuner.step_losses(q, tuner.reference(q), last, use_router=False)[0]) != pytest.approx(
+            history[-1], rel=1e-6)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_router_gate_keeps_the_arm_with_the_smaller_held_out_downstream_error(seed):
     block, nxt, targets, q, nkw = _setup(seed=seed)
-    gated = _tune(block, nxt, targets, q, nkw, "vsraq", holdout=0.25, router_weight=1.0, seed=seed,
-                  router_headroom=False)
-    plain = _tune(block, nxt, targets, q, nkw, "none", holdout=0.25, seed=seed)
-    assert set(gated.arms) == {"plain", "router"}
-    down = {arm: gated.arms[arm]["downstream_heldout"] for arm in ("plain", "router")}
-    gate = gated.gate
+    gated, res = _tune(block, nxt, targets, q, nkw, "vsraq", holdout=0.25, router_weight=1.0, seed=seed,
+                       router_headroom=False)
+    plain, _ = _tune(block, nxt, targets, q, nkw, "none", holdout=0.25, seed=seed)
+    assert set(res.arms) == {"plain", "router"}
+    down = {arm: res.arms[arm]["downstream_heldout"] for arm in ("plain", "router")}
+    gate = res.gate
     assert gate["mean_diff"] == pytest.approx(down["router"] - down["plain"], rel=1e-9, abs=1e-15)
     assert gate["n"] == 2 and gate["se"] >= 0
-    assert gated.router_kept == (gate["mean_diff"] + 1.645 * gate["se"] < 0)
+    kept = gate["mean_diff"] + 1.645 * gate["se"] < 0
+    assert res.decision is (RouterDecision.KEPT if kept else RouterDecision.DROPPED)
     same = all(torch.equal(a, b) for a, b in zip(_state(gated), _state(plain)))
     # the plain arm of a gated run is exactly the objective-none run
-    assert same == (not gated.router_kept)
-    assert gated.arms["plain"]["downstream_heldout"] == pytest.approx(
-        plain._downstream_error(q, plain.split(q.hidden.shape[0])[1]), rel=1e-6)
+    assert same == (not kept)
+    assert res.arms["plain"]["downstream_heldout"] == pytest.approx(
+        _downstream(plain, q, plain.split(q.hidden.shape[0])[1]), rel=1e-6)
 
 
 def test_router_gate_z_zero_keeps_any_mean_improvement():
     block, nxt, targets, q, nkw = _setup(seed=1)
-    gated = _tune(block, nxt, targets, q, nkw, "vsraq", holdout=0.25, router_weight=1.0, seed=1, router_gate_z=0.0,
-                  router_headroom=False)
-    down = {arm: gated.arms[arm]["downstream_heldout"] for arm in ("plain", "router")}
-    assert gated.router_kept == (down["router"] < down["plain"])
+    _, res = _tune(block, nxt, targets, q, nkw, "vsraq", holdout=0.25, router_weight=1.0, seed=1, router_gate_z=0.0,
+                   router_headroom=False)
+    down = {arm: res.arms[arm]["downstream_heldout"] for arm in ("plain", "router")}
+    assert res.decision.router_used == (down["router"] < down["plain"])
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -112,36 +142,39 @@ def test_router_arm_runs_only_where_forcing_the_right_experts_helps(seed):
     the unquantized stream's is compared with its own; the router arm is tuned only on a significant gain, and the
     block is otherwise exactly plain rounding."""
     block, nxt, targets, q, nkw = _setup(seed=seed)
-    gated = _tune(block, nxt, targets, q, nkw, "vsraq", holdout=0.25, router_weight=1.0, seed=seed, router_gate_z=0.0)
-    plain = _tune(block, nxt, targets, q, nkw, "none", holdout=0.25, seed=seed)
-    room = gated.headroom
+    gated, res = _tune(block, nxt, targets, q, nkw, "vsraq", holdout=0.25, router_weight=1.0, seed=seed,
+                       router_gate_z=0.0)
+    plain, _ = _tune(block, nxt, targets, q, nkw, "none", holdout=0.25, seed=seed)
+    room = res.headroom
     assert room["mean_diff"] == pytest.approx(room["forced"] - room["own"], rel=1e-9, abs=1e-15)
     assert room["keep"] == (room["forced"] < room["own"])  # z = 0
-    assert set(gated.arms) == ({"plain", "router"} if room["keep"] else {"plain"})
-    assert gated.gate["headroom"] == room
+    assert set(res.arms) == ({"plain", "router"} if room["keep"] else {"plain"})
+    assert res.gate["headroom"] == room
     # measured with the plain arm's kept parameters (the tuning loop ends on its last iteration's)
     _, held = plain.split(q.hidden.shape[0])
-    assert room["own"] == pytest.approx(plain._downstream_error(q, held), rel=1e-9)
+    assert room["own"] == pytest.approx(_downstream(plain, q, held), rel=1e-9)
     if not room["keep"]:
-        assert gated.router_kept is False
+        assert res.decision is RouterDecision.NOT_TRIED
         assert all(torch.equal(a, b) for a, b in zip(_state(gated), _state(plain)))
 
 
 def test_forcing_the_next_routers_own_choices_changes_nothing():
     block, nxt, targets, q, nkw = _setup(seed=1)
-    tuner = _tune(block, nxt, targets, q, nkw, "vsraq", holdout=0.25, router_weight=1.0, seed=1)
-    kwargs = to_device(q.kwargs, torch.float32, tuner.device)
-    y = tuner._y_fp[:2].to(torch.float32)
-    out, logits = tuner._run_next(y, kwargs, stop_after=False)
-    own = {l.name: l.family.route(l.router, logits[l.name]).indices for l in tuner.next_layers}
-    forced, _ = tuner._run_next(y, kwargs, stop_after=False, force=own)
+    tuner, _ = _tune(block, nxt, targets, q, nkw, "vsraq", holdout=0.25, router_weight=1.0, seed=1)
+    runner = tuner.runner
+    kwargs = runner.kwargs32(q.kwargs)
+    y = tuner.reference(q).outputs[:2]
+    out, logits = runner.run_next(y, kwargs, stop_after=False)
+    own = runner.next_choices(logits)
+    assert set(own) == {l.name for l in runner.next_layers}
+    forced, _ = runner.run_next(y, kwargs, stop_after=False, force=own)
     assert torch.equal(forced, out)
-    rerouted, _ = tuner._run_next(y, kwargs, stop_after=False, force={n: torch.flip(i, [0]) for n, i in own.items()})
+    rerouted, _ = runner.run_next(y, kwargs, stop_after=False, force={n: torch.flip(i, [0]) for n, i in own.items()})
     assert not torch.equal(rerouted, out)
 
 
 def test_paired_gate_statistics():
-    from routealign.tuning import paired_gate
+    from routealign.modifiers.rounding.heldout import paired_gate
 
     d = torch.tensor([-3.0, -1.0, -2.0, -2.0])
     g = paired_gate(d, 1.645)
@@ -159,17 +192,17 @@ def test_paired_gate_statistics():
 def test_router_gate_off_or_no_held_out_tunes_with_the_router_term_only():
     block, nxt, targets, q, nkw = _setup()
     for config in ({"router_gate": False, "holdout": 0.25}, {"holdout": 0.0}):
-        tuner = _tune(block, nxt, targets, q, nkw, "vsraq", **config)
-        assert set(tuner.arms) == {"router"} and tuner.router_kept is True
+        _, res = _tune(block, nxt, targets, q, nkw, "vsraq", **config)
+        assert set(res.arms) == {"router"} and res.decision is RouterDecision.UNGATED
 
 
 def test_router_balance_rescales_the_router_gradient_and_reports_its_scale():
     block, nxt, targets, q, nkw = _setup()
-    raw = _tune(block, nxt, targets, q, nkw, "vsraq", holdout=0.0, router_weight=0.1, router_balance="none")
+    _, raw = _tune(block, nxt, targets, q, nkw, "vsraq", holdout=0.0, router_weight=0.1, router_balance="none")
     scale = raw.router_scale
     assert scale["grad_norm_ratio"] > 0 and 0 < scale["sign_flip_fraction"] < 1 and scale["loss_ratio"] > 0
-    balanced = _tune(block, nxt, targets, q, nkw, "vsraq", holdout=0.0, router_weight=0.1,
-                     router_balance="grad_norm")
+    _, balanced = _tune(block, nxt, targets, q, nkw, "vsraq", holdout=0.0, router_weight=0.1,
+                        router_balance="grad_norm")
     assert balanced.router_scale == scale  # measured on the same first minibatch
     # the steps differ from the first one on (the kept iteration may be the untuned start in both: compare the path)
     assert raw.history[0] == balanced.history[0] and raw.history[1:] != balanced.history[1:]
@@ -191,25 +224,25 @@ def test_next_router_is_found_past_layers_without_one(tmp_path):
     assert rows["model.layers.2"]["routers"] == ["next:model.layers.3.mixer.gate"]
     assert rows["model.layers.3"]["routers"] == []
     for name in ("model.layers.0", "model.layers.1", "model.layers.2"):
-        assert rows[name]["router_kept"] in (True, False)
+        assert rows[name]["router"] in ("kept", "dropped")
         assert set(rows[name]["arms"]) == {"plain", "router"}
         assert rows[name]["router_unreachable"] == []
-    assert rows["model.layers.3"]["router_kept"] is None
+    assert rows["model.layers.3"]["router"] == "none"
 
 
 def test_minibatches_cycle_through_every_tuning_sequence():
-    from routealign.tuning import _CyclicBatches
+    from routealign.modifiers.rounding.weights import CyclicBatches
 
     train = torch.tensor([0, 2, 3, 5, 6, 7, 9])
-    batches = _CyclicBatches(train, 3, torch.Generator().manual_seed(0))
+    batches = CyclicBatches(train, 3, torch.Generator().manual_seed(0))
     first = [batches.next() for _ in range(2)]
     seen = torch.cat(first)
     assert seen.unique().numel() == 6 and set(seen.tolist()) <= set(train.tolist())  # no repeats within a pass
     third = batches.next()  # one sequence left over: a new shuffled pass starts
     assert third.numel() == 3 and set(third.tolist()) <= set(train.tolist())
-    again = _CyclicBatches(train, 3, torch.Generator().manual_seed(0))
+    again = CyclicBatches(train, 3, torch.Generator().manual_seed(0))
     assert all(torch.equal(again.next(), b) for b in first)
-    assert _CyclicBatches(train, 10, torch.Generator()).next().numel() == 7  # batch larger than the set
+    assert CyclicBatches(train, 10, torch.Generator()).next().numel() == 7  # batch larger than the set
 
 
 @pytest.mark.parametrize("batched", [True, False])
@@ -230,24 +263,20 @@ def test_tuning_forwards_use_the_batched_experts(monkeypatch, batched):
     assert (len(calls) > 0) == batched
 
 
-def test_mse_init_starts_every_tuned_weight_at_its_reconstruction_optimal_clip(monkeypatch):
+def test_mse_init_starts_every_tuned_weight_at_its_reconstruction_optimal_clip():
     """``init: mse``: the tuning loop starts from, per group, the clip factor minimising the weight reconstruction
-    error (what the RTN fallback uses), offsets zero; ``minmax`` starts at clip 1 (AutoRound's start)."""
-    from routealign.tuning import CLIP_GRID, TunedWeight
+    error (what the RTN fallback uses), offsets zero; ``minmax`` starts at clip 1 (AutoRound's start). With one
+    iteration and nothing held out the parameters kept are the start (the only loss measured is iteration 0's)."""
+    from routealign.modifiers.rounding.weights import CLIP_GRID, TunedWeight
 
     block, nxt, targets, q, nkw = _setup()
     starts = []
-    loop = BlockTuner._tune_loop
-
-    def spy(self, q_, params, *args, **kwargs):
-        starts.append([p.detach().clone() for p in params])
-        return loop(self, q_, params, *args, **kwargs)
-
-    monkeypatch.setattr(BlockTuner, "_tune_loop", spy)
-    mse = _tune(block, nxt, targets, q, nkw, "none", iters=2, init="mse")
-    _tune(block, nxt, targets, q, nkw, "none", iters=2, init="minmax")
+    for init in ("mse", "minmax"):
+        tuner, result = _tune(block, nxt, targets, q, nkw, "none", iters=1, holdout=0.0, init=init)
+        assert result.arms["plain"]["best_iter"] == 0
+        starts.append(_state(tuner))
     expected = []
-    for w in mse.weights:
+    for w in tuner.weights:
         fresh = TunedWeight(w.name, w.module, w.quantizer, w.global_scale, w.expert)
         fresh.mse_clip(CLIP_GRID)
         expected += [p.detach() for p in fresh.parameters()]
@@ -269,17 +298,17 @@ def test_amp_runs_the_tuning_matmuls_in_bfloat16_and_keeps_losses_and_targets_fl
 
     handle = block.self_attn.q_proj.register_forward_hook(hook)
     try:
-        amp = _tune(block, nxt, targets, q, nkw, "none", iters=3, amp=True)
+        amp_tuner, amp = _tune(block, nxt, targets, q, nkw, "none", iters=3, amp=True)
         with_amp = dict(seen)
         seen.clear()
-        plain = _tune(block, nxt, targets, q, nkw, "none", iters=3, amp=False)
+        _, plain = _tune(block, nxt, targets, q, nkw, "none", iters=3, amp=False)
     finally:
         handle.remove()
     assert with_amp[True] == {torch.bfloat16}  # the tuning steps (and held-out losses)
     assert with_amp[False] == {torch.float32}  # targets, counts: not under autocast
     assert set(seen) == {False} and seen[False] == {torch.float32}
-    assert amp._y_fp.dtype == torch.float32 and all(isinstance(v, float) for v in amp.history)
-    assert all(p.dtype == torch.float32 for w in amp.weights for p in w.parameters())
+    assert amp_tuner.reference(q).outputs.dtype == torch.float32 and all(isinstance(v, float) for v in amp.history)
+    assert all(p.dtype == torch.float32 for w in amp_tuner.weights for p in w.parameters())
     assert amp.history[0] != plain.history[0]  # bf16 matmuls change the loss values
     assert abs(amp.history[0] - plain.history[0]) < 0.05 * plain.history[0]
 
@@ -287,7 +316,7 @@ def test_amp_runs_the_tuning_matmuls_in_bfloat16_and_keeps_losses_and_targets_fl
 def test_lm_head_criterion_is_the_whole_model_kl_with_this_block_quantized():
     """decide_on lm_head: per held-out sequence, KL(p_fp || p_q) of the next-token distributions of the whole
     model with only this block quantized, against the unquantized model (computed here by running the model)."""
-    from routealign.tuning import LMTail
+    from routealign.runner import LMTail
 
     model = tiny_model("qwen3_moe", seed=4)
     linearize_moe(model)
@@ -309,10 +338,10 @@ def test_lm_head_criterion_is_the_whole_model_kl_with_this_block_quantized():
                            TuningConfig(iters=6, batch_size=2, min_expert_tokens=0, holdout=0.25, holdout_every=3,
                                         decide_on="lm_head", router_headroom=False, router_gate_z=0.0),
                            [rest[0]], next_kwargs=[kwargs[names[1]]], lm_tail=tail)
-        tuner.tune(q, q)
+        res = tuner.tune(q, q)
         _, held = tuner.split(8)
-        errors = tuner.lm_head_errors(q, held)
-        tuner.apply()
+        errors = tuner.heldout(q, tuner.reference(q), held).lm_head_errors()
+        res.write()
     with torch.no_grad():
         q_logits = model(input_ids=ids).logits.float()
     ref = torch.log_softmax(fp_logits[held], -1)
@@ -320,9 +349,9 @@ def test_lm_head_criterion_is_the_whole_model_kl_with_this_block_quantized():
     assert errors.shape == (held.numel(),) and bool((errors > 0).all())
     assert torch.allclose(errors.float(), kl, rtol=1e-3, atol=1e-7)
     # both arms were compared on it, and the iteration kept has the lowest held-out KL of its arm
-    assert set(tuner.arms) == {"plain", "router"}
-    kept = "router" if tuner.router_kept else "plain"
-    curve = tuner.arms[kept]["heldout_curve"]
+    assert set(res.arms) == {"plain", "router"}
+    kept = "router" if res.decision.router_used else "plain"
+    curve = res.arms[kept]["heldout_curve"]
     assert min(v for _, v in curve) == pytest.approx(float(errors.mean()), rel=1e-6)
-    assert tuner.gate["mean_diff"] == pytest.approx(tuner.arms["router"]["downstream_heldout"]
-                                                    - tuner.arms["plain"]["downstream_heldout"], rel=1e-6, abs=1e-12)
+    assert res.gate["mean_diff"] == pytest.approx(res.arms["router"]["downstream_heldout"]
+                                                  - res.arms["plain"]["downstream_heldout"], rel=1e-6, abs=1e-12)

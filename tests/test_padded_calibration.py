@@ -20,7 +20,8 @@ from routealign.errors import InputError
 from routealign.losses import RouterLossConfig
 from routealign.streams import BlockInputs, StreamEngine
 from routealign.tiny import byte_tokenizer, save_tiny, tiny_model
-from routealign.tuning import BlockTuner, TuningConfig, suspended_offloading
+from routealign.distributed import suspended_offloading
+from routealign.modifiers.rounding import BlockTuner, TuningConfig
 
 from .conftest import FIXTURES
 
@@ -114,28 +115,30 @@ def test_padded_positions_take_no_part_in_losses_counts_and_maxima():
     block = model.model.layers[0]
     with suspended_offloading(block, model.model.layers[1]):
         tuner = make(longest)
-        y = tuner.targets(padded)
+        ref = tuner.reference(padded)
+        y = ref.outputs
         counts = tuner.expert_token_counts(padded)
-        amax = tuner.routed_input_amax(padded, experts)
+        amax = tuner.runner.routed_input_amax(padded, experts)
         every = torch.arange(len(seqs))
-        down = tuner._downstream_errors(padded, every)
-        loss = tuner._heldout_loss(padded, every, use_router=False)
-        router = [tuner._heldout_loss(padded, torch.tensor([i]), use_router=True)
-                  - tuner._heldout_loss(padded, torch.tensor([i]), use_router=False) for i in range(len(seqs))]
+        down = tuner.heldout(padded, ref, every).downstream_errors()
+        loss = tuner.heldout(padded, ref, every).loss(use_router=False)
+        one = [tuner.heldout(padded, ref, torch.tensor([i])) for i in range(len(seqs))]
+        router = [h.loss(use_router=True) - h.loss(use_router=False) for h in one]
         alone_counts, alone_amax, alone_down, alone_loss, alone_router = None, {}, [], 0.0, []
         for i, n in enumerate(LENGTHS):
             single = BlockInputs(first[i : i + 1, :n].clone(), engine.layer_kwargs(n)[names[0]])
             t = make(n)
-            y1 = t.targets(single)
+            ref1 = t.reference(single)
+            y1 = ref1.outputs
+            alone = t.heldout(single, ref1, torch.tensor([0]))
             assert torch.allclose(y1[0], y[i, :n], atol=1e-5)
             c = t.expert_token_counts(single)
             alone_counts = c if alone_counts is None else {k: alone_counts[k] + c[k] for k in c}
-            for k, v in t.routed_input_amax(single, experts).items():
+            for k, v in t.runner.routed_input_amax(single, experts).items():
                 alone_amax[k] = torch.maximum(alone_amax[k], v) if k in alone_amax else v
-            alone_down.append(float(t._downstream_errors(single, torch.tensor([0]))[0]))
-            alone_loss += t._heldout_loss(single, torch.tensor([0]), use_router=False) * n
-            alone_router.append(t._heldout_loss(single, torch.tensor([0]), use_router=True)
-                                - t._heldout_loss(single, torch.tensor([0]), use_router=False))
+            alone_down.append(float(alone.downstream_errors()[0]))
+            alone_loss += alone.loss(use_router=False) * n
+            alone_router.append(alone.loss(use_router=True) - alone.loss(use_router=False))
         assert bool((y[1, 11:] == 0).all())  # padded positions of the unquantized outputs are zeros
         assert {k: v.tolist() for k, v in counts.items()} == {k: v.tolist() for k, v in alone_counts.items()}
         assert sorted(amax) == sorted(alone_amax)

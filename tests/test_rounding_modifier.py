@@ -92,9 +92,10 @@ def test_tuned_checkpoint_reloads_to_the_in_memory_model(tmp_path, tiny, scheme)
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits, logits)
     # every layer was tuned on exactly the 6 calibration sequences (the tuner's own forwards through the next
-    # layer must not be captured as that layer's inputs), and the loss went down
+    # layer must not be captured as that layer's inputs); that tuning lowers the held-out loss is tested in
+    # test_heldout.py (test_kept_iteration_has_the_lowest_held_out_loss)
     assert [row["samples"] for row in mod.report] == [6, 6, 6]
-    assert all(row["iters"] == 6 and row["loss_best"] <= row["loss_first"] for row in mod.report)
+    assert all(row["iters"] == 6 for row in mod.report)
     qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert qc["format"] == ("nvfp4-pack-quantized" if scheme.startswith("NVFP4") else "pack-quantized")
     assert {"model.layers.1.mlp.gate", "model.layers.2.mlp.gate"} <= set(qc["ignore"])
@@ -175,7 +176,7 @@ def test_mse_clip_fallback_is_no_worse_than_rtn():
     from compressed_tensors.quantization import preset_name_to_scheme
 
     from routealign.schemes import WeightQuantizer
-    from routealign.tuning import TunedWeight
+    from routealign.modifiers.rounding.weights import TunedWeight
 
     lin = torch.nn.Linear(256, 32, bias=False)
     with torch.no_grad():
@@ -221,7 +222,7 @@ def test_saved_integers_are_the_tuned_float32_decisions(scheme):
     from compressed_tensors.quantization.lifecycle.forward import quantize
 
     from routealign.schemes import QParams, WeightQuantizer
-    from routealign.tuning import TunedWeight
+    from routealign.modifiers.rounding.weights import TunedWeight
 
     lin = torch.nn.Linear(256, 64, bias=False).to(torch.bfloat16)
     quant = WeightQuantizer(preset_name_to_scheme(scheme, ["Linear"]).weights)
@@ -254,11 +255,10 @@ def test_router_scope_reaches_the_documented_weights():
     from routealign.losses import RouterLossConfig
     from routealign.tiny import tiny_model
     from routealign.streams import BlockInputs
-    from routealign.tuning import BlockTuner, TuningConfig
+    from routealign.distributed import suspended_offloading
+    from routealign.modifiers.rounding import BlockTuner, TuningConfig
 
     from llmcompressor.modeling.moe.linearize import linearize_moe
-
-    from routealign.tuning import suspended_offloading
 
     model = tiny_model("qwen3_moe", seed=2)
     linearize_moe(model)  # per-expert Linears, as oneshot does
@@ -274,10 +274,10 @@ def test_router_scope_reaches_the_documented_weights():
         with suspended_offloading(block, nxt):
             tuner = BlockTuner(block, targets, RouterLossConfig(objective="vsraq"),
                                TuningConfig(iters=1, router_scope=scope, router_weight=1.0), nxt)
-            tuner.targets(q)
+            reference = tuner.reference(q)
             with torch.enable_grad():
-                y, logits = tuner._run(block, tuner._block_params(), q.hidden.float(), q.kwargs, tuner.own_layers)
-                tuner._router_loss(y, logits, q.kwargs, torch.arange(2)).backward()
+                _, router = tuner.step_losses(q, reference, torch.arange(2), use_router=True)
+                router.backward()
         reached = {w.name for w in tuner.weights if w.offset.grad is not None and w.offset.grad.abs().sum() > 0}
         attention = {w.name for w in tuner.weights if w.name.startswith("self_attn.")}
         if scope == "block":
@@ -312,7 +312,8 @@ def test_nvfp4_tuning_sees_activation_quantization():
     from routealign.losses import RouterLossConfig
     from routealign.tiny import tiny_model
     from routealign.streams import BlockInputs
-    from routealign.tuning import BlockTuner, TuningConfig, suspended_offloading
+    from routealign.distributed import suspended_offloading
+    from routealign.modifiers.rounding import BlockTuner, TuningConfig
 
     model = tiny_model("qwen3_moe", seed=2)
     linearize_moe(model)
@@ -331,9 +332,9 @@ def test_nvfp4_tuning_sees_activation_quantization():
             tuner = BlockTuner(block, targets, RouterLossConfig(objective="none"),
                                TuningConfig(iters=1, batch_size=4, quantize_activations=simulate,
                                             batched_experts=batched), nxt, activations=activations)
-            tuner.tune(q, q)
-        first[simulate, batched] = tuner.history[0]
-        assert tuner._act_hooks_on == {}  # hooks are only on during the loop
+            result = tuner.tune(q, q)
+        first[simulate, batched] = result.history[0]
+        assert not any(m._forward_pre_hooks for m in block.modules())  # hooks are only on during the loop
     assert first[True, True] > 1.5 * first[False, True]
     # the batched experts apply the experts' input quantization themselves, as the loop's hooks do
     assert first[True, True] == pytest.approx(first[True, False], rel=1e-5)

@@ -10,7 +10,7 @@ import routealign  # noqa: F401
 from routealign import RouterAlignedRoundingModifier
 from routealign.streams import StreamEngine, attention_implementation, run_block
 from routealign.tiny import TINY_FAMILIES, save_tiny, tiny_model
-from routealign.tuning import BlockTuner
+from routealign.modifiers.rounding import BlockTuner
 
 from .conftest import calibration_ids
 
@@ -100,7 +100,7 @@ def test_modifier_unquantized_stream_equals_the_model_after_every_layer(family, 
     def record(self, q, fp):
         out = original(self, q, fp)
         seen.setdefault("input", fp.hidden.detach().clone())
-        seen[self.name] = out.detach().clone()
+        seen[self.name] = out.outputs.detach().clone()
         return out
 
     monkeypatch.setattr(BlockTuner, "tune", record)

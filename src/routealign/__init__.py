@@ -7,8 +7,12 @@ An extension of llm-compressor and compressed-tensors. This package provides:
 - :mod:`routealign.metrics`: routing-consistency metrics (overlap@k, Jaccard, Match Score, ...);
 - :mod:`routealign.checkpoint`: faithful loading of compressed-tensors MoE checkpoints;
 - :mod:`routealign.evaluate` / :mod:`routealign.report`: ``routealign eval`` as a Python API;
-- :class:`RouterAlignedRoundingModifier` (:mod:`routealign.tuning`, :mod:`routealign.losses`,
-  :mod:`routealign.schemes`): router-aligned learned rounding as an llm-compressor modifier.
+- :class:`RouterAlignedRoundingModifier` (:mod:`routealign.modifiers.rounding`, :mod:`routealign.losses`,
+  :mod:`routealign.schemes`): router-aligned learned rounding as an llm-compressor modifier;
+- :class:`ExpertAwareSmoothingModifier` (:mod:`routealign.modifiers.smoothing`, :mod:`routealign.smoothing`):
+  per-expert SmoothQuant scales folded exactly into the weights;
+- :mod:`routealign.streams` / :mod:`routealign.runner`: the causal calibration streams and the one block-forward
+  engine both modifiers use; :mod:`routealign.distributed`: what ranks reduce under torchrun.
 
 Importing the package registers its modifiers with llm-compressor's ``ModifierFactory`` so YAML recipes can name
 them.

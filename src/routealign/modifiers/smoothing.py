@@ -41,7 +41,7 @@ from ..smoothing import (
 )
 from ..calibration import CalibrationTokens, calibration_tokens
 from ..streams import StreamEngine, run_block
-from ..tuning import world_size
+from ..distributed import world_size
 
 __all__ = ["ExpertAwareSmoothingModifier"]
 

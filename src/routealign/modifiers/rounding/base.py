@@ -1,4 +1,4 @@
-"""RouterAlignedRoundingModifier: llm-compressor lifecycle glue for :mod:`routealign.tuning`."""
+"""RouterAlignedRoundingModifier: the llm-compressor lifecycle around :class:`~.tune.BlockTuner`."""
 
 from __future__ import annotations
 
@@ -19,13 +19,18 @@ from llmcompressor.modifiers.quantization.quantization import QuantizationMixin
 from llmcompressor.modifiers.utils.hooks import HooksMixin
 from llmcompressor.utils.pytorch import infer_sequential_targets
 
-from ..errors import InputError, NotMoEError
-from ..losses import RouterLossConfig
-from ..routing import find_moe_layers
-from ..calibration import CalibrationTokens, calibration_tokens
-from ..streams import StreamEngine, canonical_order
-from ..validation import check_finite, check_group_sizes, check_router_settings
-from ..tuning import BlockTuner, LMTail, TuningConfig, suspended_offloading, world_size, write_parameters
+from ...calibration import CalibrationTokens, calibration_tokens
+from ...distributed import suspended_offloading, world_size, write_parameters
+from ...errors import InputError, NotMoEError
+from ...losses import RouterLossConfig
+from ...routing import find_moe_layers
+from ...runner import LMTail
+from ...schemes import WeightQuantizer
+from ...streams import StreamEngine, canonical_order
+from ...validation import check_finite, check_group_sizes, check_router_settings
+from .config import TuningConfig
+from .tune import BlockTuner, RouterDecision, TuneResult
+from .weights import TunedWeight, quantized_writes
 
 __all__ = ["RouterAlignedRoundingModifier"]
 
@@ -68,7 +73,7 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
           positions left out of every loss and statistic); after that the quantized and unquantized streams that the
           previous layer's tuning computed with :mod:`routealign.streams` (each layer run as the model's forward
           runs it: its own causal mask and attention; llm-compressor's propagated activations are not used)
-        - :class:`~routealign.tuning.BlockTuner`: unquantized targets, starving-expert fallback, tuning loop
+        - :class:`~routealign.modifiers.rounding.tune.BlockTuner`: unquantized targets, starving-expert fallback, tuning loop
           (with and without the router term when ``router_gate``), the iteration and arm chosen on held-out data
         - write quantize-dequantized weights, ``weight_scale``, ``weight_zero_point``, ``weight_global_scale``, and
           for activation-quantized NVFP4 ``input_global_scale`` from routed tokens
@@ -76,7 +81,7 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
         - remove hooks; freeze quantization (observers removed, quantization enabled)
 
     :param objective: router objective (see :mod:`routealign.losses`); ``none`` is plain learned rounding
-    :param router_scope: which routers the objective sees (see :mod:`routealign.tuning`)
+    :param router_scope: which routers the objective sees (see :mod:`routealign.modifiers.rounding.tune`)
     :param router_weight: λ, weight of the router objective against the block-output MSE
     :param iters: tuning iterations per block (0: RTN)
     :param lr: signed-gradient step, decayed linearly to 0 (default 1/iters)
@@ -95,7 +100,7 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
     :param holdout_every: iterations between held-out evaluations
     :param router_gate: with a router objective, also tune each block without it and keep the result with the
         router term only when its held-out error at the output of the first routing layer downstream is
-        significantly smaller (reported per layer: ``router_kept``, ``arms``, ``gate``)
+        significantly smaller (reported per layer: ``router``, ``arms``, ``gate``)
     :param router_headroom: with the gate and ``router_scope`` next: tune with the router term only where forcing the
         unquantized expert choices at the next router significantly lowers the held-out downstream error of the
         block tuned without it (what any router objective could at most gain there); elsewhere the block costs what
@@ -268,31 +273,40 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
                                    output_norm=output_norm, activations=activations,
                                    next_kwargs=[layer_kwargs[n] for n in chain], lm_tail=lm_tail)
                 unreachable = self._unreachable(tuner, name)
-                y_fp = tuner.tune(q, fp)
-            tuner.apply()
+                result = tuner.tune(q, fp)
+            result.write()
             with suspended_offloading(block):
-                scales = tuner.input_global_scales(q, list(activations))
+                scales = tuner.runner.input_global_scales(q, list(activations),
+                                                          all_tokens=self.activation_scale_tokens == "all")
                 for n, scale in scales.items():
                     check_finite(scale, f"{name}.{n}: input global scale")
                 modules = {n: block.get_submodule(n) for n in scales}
                 write_parameters([(modules[n], "input_global_scale", scale.to(modules[n].input_global_scale.dtype))
                                   for n, scale in scales.items()])
-                self._q_hidden = tuner.propagate(q, input_scales=scales).cpu()
-        self._fp_hidden = y_fp.cpu()
-        history = tuner.history
-        row = {"layer": name, "samples": q.hidden.shape[0], "weights": len(tuner.weights), "iters": len(history),
+                simulate = self.quantize_activations and bool(activations)
+                quantizers = tuner.runner.activation_quantizers(q, scales) if simulate else {}
+                self._q_hidden = tuner.runner.propagate(q, quantizers).cpu()
+        self._fp_hidden = result.outputs.cpu()
+        self._report_layer(name, chain, q.hidden.shape[0], tuner, result, unreachable, time.perf_counter() - start)
+
+    def _report_layer(self, name: str, chain: list[str], samples: int, tuner: BlockTuner, result: TuneResult,
+                      unreachable: list[str], seconds: float) -> None:
+        history = result.history
+        row = {"layer": name, "samples": samples, "weights": len(tuner.weights), "iters": len(history),
                "loss_first": history[0] if history else None, "loss_best": min(history) if history else None,
-               "seconds": round(time.perf_counter() - start, 3), "rtn_fallback": dict(tuner.fallback),
+               "seconds": round(seconds, 3), "rtn_fallback": dict(result.fallback or {}),
                "router_unreachable": unreachable,
                "routers": [f"{w}:{(name if w == 'block' else chain[-1])}.{l.router_name}" for w, l in tuner.scoped],
-               "router_kept": tuner.router_kept, "arms": tuner.arms, "gate": tuner.gate}
+               "router": result.decision.value, "arms": result.arms, "gate": result.gate,
+               "router_scale": result.router_scale}
         self._report.append(row)
         if history:
-            kept = {True: ", router term kept", False: ", router term dropped (held-out)", None: ""}[tuner.router_kept]
-            if tuner.router_kept is False and "router" not in tuner.arms:
-                kept = ", router term not tried (forcing the unquantized experts gains nothing on held-out)"
+            kept = {RouterDecision.KEPT: ", router term kept", RouterDecision.UNGATED: ", router term (ungated)",
+                    RouterDecision.DROPPED: ", router term dropped (held-out)",
+                    RouterDecision.NOT_TRIED: ", router term not tried (forcing the unquantized experts gains "
+                                              "nothing on held-out)"}.get(result.decision, "")
             logger.info(f"{name}: tuned {len(tuner.weights)} weights, {len(history)} iters, loss "
-                        f"{history[0]:.4g} -> best {min(history):.4g}{kept} ({row['seconds']:.1f} s)")
+                        f"{history[0]:.4g} -> best {min(history):.4g}{kept} ({seconds:.1f} s)")
 
     def _downstream(self, model: torch.nn.Module, name: str) -> list[str]:
         """The decoder layers after ``name`` up to and including the first one that routes (all remaining layers
@@ -335,9 +349,6 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
         """RTN (compressed-tensors' arithmetic, as QuantizationModifier) for targets outside the decoder layers;
         the LM head's NVFP4 input global scale from the final norm of the quantized stream."""
         from compressed_tensors.quantization.utils import generate_gparam
-
-        from ..schemes import WeightQuantizer
-        from ..tuning import TunedWeight, quantized_writes
 
         writes = []
         for n in self._outside:

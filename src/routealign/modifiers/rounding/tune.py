@@ -1,0 +1,426 @@
+"""Learned rounding for one decoder block (AutoRound-style), with router objectives.
+
+Per targeted weight ``W`` (``[out, in]``): a rounding offset ``v`` (``[out, in]``, in grid units, kept in
+``[-0.5, 0.5]``) and per-group clip factors ``c_lo``, ``c_hi`` (kept in ``[0, 1]``) that scale the group minimum
+and maximum before the scale is computed. Signed gradient descent (``p -= lr_t * sign(grad)``) with a learning
+rate decaying linearly from ``lr`` (default ``1/iters``) to 0; each iteration takes the next ``batch_size``
+calibration sequences of a shuffled pass over the tuning part of the calibration set (AutoRound's sampler). A fraction ``holdout`` of the calibration sequences is held
+out of the steps: the parameters kept are those of the iteration with the lowest loss *on the held-out sequences*
+(evaluated every ``holdout_every`` iterations; with nothing held out, the lowest minibatch loss, as AutoRound).
+With ``iters=0`` the result is plain RTN (with ``full_range=False`` identical to llm-compressor's QuantizationModifier).
+
+Loss: mean-squared error between the tuned block's output on the *quantized model's* input activations and the
+unquantized block's output on the *unquantized model's* input activations (for the last decoder block, after the
+model's final norm, the only consumer of that output: measured on the raw residual stream, tuning the last block
+made the model worse than RTN on tiny-qwen3_moe), plus ``router_weight`` times the mean router objective
+(:mod:`routealign.losses`) over the routers in scope:
+
+- ``block``: this block's own routers, on the tuned block's activations (their logits only depend on the block's
+  attention weights);
+- ``next``: the next router downstream, evaluated (the layers up to it unquantized) on the tuned block's output;
+  this is where the tuned experts' rounding changes the routing. For a layer followed by layers without a router
+  (Nemotron-H: attention or mamba blocks between MoE blocks) the layers in between are run too;
+- ``both``.
+
+Router objectives fit the calibration tokens' routing and need not generalise (benchmarks/RESULTS.md). So with a
+router objective and ``router_gate`` (default) the block is tuned twice from the same start on the same
+minibatches, with and without the router term, and the result whose error on the held-out sequences is smaller
+*at the output of the first routing layer downstream* is kept (the layers in between unquantized, every router
+choosing its experts itself, so a changed expert choice counts by what it does to the values). The router term is
+thus used in a block only where it helps on text it was not tuned on; the choice is reported per layer.
+
+Experts that the router sends fewer than ``min_expert_tokens`` calibration tokens cannot be tuned from data: they
+get MSE-optimal clipping RTN (per group, the clip factor on a grid that minimises the weight reconstruction error)
+and are listed in a log line with their token counts.
+
+The tuning forward runs in float32 on float32 copies of the block's parameters (the model is not modified until
+the modifier writes :attr:`TuneResult.writes`), with compressed-tensors' quantized forward and llm-compressor's all-experts calibration
+switched off, so each expert sees only its routed tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+from loguru import logger
+
+from ...distributed import all_reduce_counts, all_reduce_grads, global_mean, global_mean_of, write_parameters
+from ...errors import NonFiniteError
+from ...losses import RouterLoss
+from ...routing import MoELayer
+from ...runner import BlockRunner, LMTail, float_params
+from ...streams import BlockInputs
+from ...validation import check_finite
+from .config import TuningConfig
+from .heldout import HeldOut, Reference, masked_mse, paired_gate
+from .weights import CLIP_GRID, CyclicBatches, TunedWeight, quantized_writes, tuned_weights
+
+__all__ = ["BlockTuner", "TuneResult", "RouterDecision"]
+
+
+class RouterDecision(str, Enum):
+    """What a block's tuning did with the router term."""
+
+    NONE = "none"  # no router objective in scope: plain learned rounding
+    UNTUNED = "untuned"  # nothing tuned (iters 0 or no target): RTN
+    UNGATED = "ungated"  # the router term in the loss, no comparison (router_gate off, or nothing held out)
+    KEPT = "kept"  # both arms tuned; the router arm won on the held-out sequences
+    DROPPED = "dropped"  # both arms tuned; the plain arm won
+    NOT_TRIED = "not_tried"  # the headroom rule found nothing to gain; only the plain arm ran
+
+    @property
+    def router_used(self) -> bool:
+        """Whether the kept rounding was tuned with the router term."""
+        return self in (RouterDecision.UNGATED, RouterDecision.KEPT)
+
+
+@dataclass
+class TuneResult:
+    """One block's tuning: what to write, and the evidence for it."""
+
+    outputs: torch.Tensor  # the unquantized block's outputs (the next block's unquantized-stream inputs)
+    writes: list[tuple[torch.nn.Module, str, torch.Tensor]]  # quantize-dequantized weights and their qparams
+    history: list[float]  # the kept arm's training loss per iteration
+    arms: dict[str, dict]  # per arm run (``plain``/``router``): losses, iteration kept, held-out curve
+    decision: RouterDecision
+    gate: dict | None = None  # paired_gate statistics when the gate compared arms (with ``headroom``)
+    headroom: dict | None = None  # forced-routing statistics of the headroom rule
+    router_scale: dict | None = None  # the router term against the MSE at the first router iteration
+    fallback: dict[str, int] | None = None  # weights of starved experts (MSE-clipped RTN): routed tokens
+
+    def write(self) -> None:
+        """Write :attr:`writes` into the model (compressed-tensors' ``update_offload_parameter``)."""
+        write_parameters(self.writes)
+
+
+class BlockTuner:
+    """Learned rounding of every targeted Linear in ``block``.
+
+    ``targets`` maps names relative to ``block`` to compressed-tensors weight ``QuantizationArgs``. ``kwargs`` of
+    the inputs are the block's keyword arguments as the model's forward passes them
+    (:class:`~routealign.streams.StreamEngine`). ``next_block`` is the following decoder layer, or the list of the
+    layers downstream up to and including the first one that routes (a Nemotron-H MoE block is followed by attention
+    or mamba blocks first); ``next_kwargs`` their keyword arguments (default: the block's own). The next router is
+    the router of the last of them (``router_scope`` ``next``/``both``). :meth:`tune` returns a :class:`TuneResult`;
+    the model is not modified until its writes are written.
+    """
+
+    def __init__(self, block: torch.nn.Module, targets: dict, loss_config, config: TuningConfig,
+                 next_block: torch.nn.Module | list | None = None, name: str = "block",
+                 output_norm: torch.nn.Module | None = None, activations: dict | None = None,
+                 next_kwargs: list[dict] | None = None, lm_tail: LMTail | None = None):
+        chain = [] if next_block is None else list(next_block) if isinstance(next_block, (list, tuple)) else [next_block]
+        if config.decide_on == "lm_head" and lm_tail is None:
+            raise ValueError(f"{name}: decide_on 'lm_head' needs the rest of the model (lm_tail)")
+        self.block, self.name, self.config, self.loss_config = block, name, config, loss_config
+        self.runner = BlockRunner(block, chain, next_kwargs, output_norm,
+                                  lm_tail if config.decide_on == "lm_head" else None, activations,
+                                  config.batched_experts, name)
+        self.activations = self.runner.activations
+        self.weights: list[TunedWeight] = tuned_weights(block, targets, config.full_range)
+        self.own_layers, self.next_layers = self.runner.own_layers, self.runner.next_layers
+        scope = config.router_scope if loss_config.objective != "none" else None
+        self.scoped: list[tuple[str, MoELayer]] = []
+        if scope in ("block", "both"):
+            self.scoped += [("block", l) for l in self.own_layers]
+        if scope in ("next", "both"):
+            self.scoped += [("next", l) for l in self.next_layers]
+        self.losses = {(where, l.name): RouterLoss(loss_config, l.family, l.router) for where, l in self.scoped}
+        self._params32 = float_params(block)
+        self._router_scale: dict | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.runner.device
+
+    # -- the unquantized side and the routed tokens -------------------------------------------------------
+    @torch.no_grad()
+    def reference(self, fp: BlockInputs, chunk: int = 8) -> Reference:
+        """The unquantized block's outputs and router targets on the unquantized stream ``fp``."""
+        runner = self.runner
+        outs, own, nxt = [], {l.name: [] for l in self.own_layers}, {l.name: [] for l in self.next_layers}
+        mask = fp.mask()
+        for h, kwargs, valid in runner.chunks(fp, chunk):
+            y, logits = runner.run(self.block, self._params32, h, kwargs, self.own_layers)
+            outs.append(y if valid is None else y.masked_fill(~valid.unsqueeze(-1), 0))  # padded: zeros
+            for n in own:
+                own[n].append(logits[n].float())
+            if self.next_layers:
+                _, logits = runner.run_next(y, kwargs, stop_after=True)
+                for n in nxt:
+                    nxt[n].append(logits[n].float())
+        targets = {}
+        for (where, name), loss in self.losses.items():
+            z = torch.cat(own[name] if where == "block" else nxt[name])
+            targets[(where, name)] = loss.target(z.reshape(-1, z.shape[-1]))
+        return Reference(torch.cat(outs), None if mask is None else mask.to(self.device), targets)
+
+    @torch.no_grad()
+    def expert_token_counts(self, q: BlockInputs, chunk: int = 8) -> dict[str, torch.Tensor]:
+        """Routed calibration tokens per expert of each MoE layer in the block, on the quantized stream."""
+        counts = {l.name: torch.zeros(l.num_experts, dtype=torch.long) for l in self.own_layers}
+        for h, kwargs, valid in (self.runner.chunks(q, chunk) if self.own_layers else ()):
+            _, logits = self.runner.run(self.block, self._params32, h, kwargs, self.own_layers, stop_after=True)
+            for l in self.own_layers:
+                z = logits[l.name] if valid is None else logits[l.name][valid.reshape(-1).to(logits[l.name].device)]
+                idx = l.family.route(l.router, z).indices
+                counts[l.name] += torch.bincount(idx.reshape(-1).cpu(), minlength=l.num_experts)
+        return counts
+
+    def _fallback(self, counts: dict[str, torch.Tensor]) -> dict[str, int]:
+        """MSE-clipped RTN for the weights of experts routed fewer than ``min_expert_tokens`` tokens (any MoE
+        layer of the block); returns those weights with the token counts."""
+        starving: dict[int, int] = {}
+        for l in self.own_layers:
+            for e, c in enumerate(counts[l.name].tolist()):
+                if c < self.config.min_expert_tokens:
+                    starving[e] = c
+        fallback = {}
+        for w in self.weights:
+            if w.expert is not None and w.expert in starving:
+                w.mse_clip_fallback(CLIP_GRID)
+                fallback[w.name] = starving[w.expert]
+        if starving:
+            listed = ", ".join(f"experts.{e} ({c} tokens)" for e, c in sorted(starving.items()))
+            logger.info(f"{self.name}: {len(starving)} experts with fewer than {self.config.min_expert_tokens} "
+                        f"routed calibration tokens use MSE-clipped RTN: {listed}")
+        return fallback
+
+    # -- the decision -------------------------------------------------------------------------------------
+    def split(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tuning, held-out) calibration sequence indices: ``holdout`` of ``n``, drawn with the seed; none held
+        out when that is less than one sequence or would leave none to tune on."""
+        held = int(n * self.config.holdout)
+        if held < 1 or held >= n:
+            return torch.arange(n), torch.arange(0)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed + 1_000_003))
+        return perm[held:].sort().values, perm[:held].sort().values
+
+    def heldout(self, q: BlockInputs, reference: Reference, held: torch.Tensor) -> HeldOut:
+        """Evaluations of the current rounding on the held-out sequences ``held`` of ``q``."""
+        router = (lambda y, logits, kwargs, idx: self._router_loss(reference, y, logits, kwargs, idx)) \
+            if self.scoped else None
+        return HeldOut(self.runner, reference, q, held, self._block_params, router, self.config.router_weight,
+                       lm_head=self.runner.lm_tail is not None, autocast=self._autocast)
+
+    def tune(self, q: BlockInputs, fp: BlockInputs) -> TuneResult:
+        """Tune on quantized-stream inputs ``q`` against unquantized-stream inputs ``fp``.
+
+        With held-out sequences (``holdout``) the iteration kept is the one with the lowest held-out loss (checked
+        every ``holdout_every`` iterations and after the last); with a router objective and ``router_gate``, the
+        block is tuned twice from the same start on the same minibatches, with and without the router term, and
+        the result with the smaller held-out error (``decide_on``) is kept."""
+        check_finite(q.hidden, f"{self.name}: calibration activations entering the layer (quantized stream)")
+        check_finite(fp.hidden, f"{self.name}: calibration activations entering the layer (unquantized stream)")
+        reference = self.reference(fp)
+        outputs = reference.outputs.to(fp.hidden.dtype)
+        check_finite(reference.outputs, f"{self.name}: the unquantized layer's output")
+        fallback = self._fallback(all_reduce_counts(self.expert_token_counts(q)))
+        cfg = self.config
+        if cfg.iters <= 0 or not self.weights:
+            return TuneResult(outputs, self._writes(), [], {}, RouterDecision.UNTUNED, fallback=fallback)
+        if cfg.init == "mse":
+            for w in self.weights:
+                if w.trainable:
+                    w.mse_clip(CLIP_GRID)
+        params = [p for w in self.weights if w.trainable for p in w.parameters()]
+        train, held = self.split(q.hidden.shape[0])
+        heldout = self.heldout(q, reference, held)
+        arms = ["router"] if self.scoped else ["plain"]
+        if self.scoped and cfg.router_gate and held.numel() and cfg.router_weight > 0:
+            arms = ["plain", "router"]
+        simulate = cfg.quantize_activations and bool(self.activations)
+        start = [p.detach().clone() for p in params]
+        kept: dict[str, list[torch.Tensor]] = {}
+        info: dict[str, dict] = {}
+        history: dict[str, list[float]] = {}
+        gate = headroom = None
+        all_tokens = cfg.activation_scale_tokens == "all"
+        with self.runner.simulating(self.runner.activation_quantizers(q, all_tokens=all_tokens) if simulate else {}):
+            first = arms[0]
+            self._set(params, start)
+            kept[first], info[first], history[first] = self._loop(q, reference, heldout, params, train,
+                                                                  first == "router")
+            decision = RouterDecision.UNGATED if arms[0] == "router" else RouterDecision.NONE
+            if len(arms) == 2:
+                # the plain arm's held-out errors with its kept parameters (the loop ends on the last iteration's):
+                # used by the headroom rule and by the gate
+                self._set(params, kept["plain"])
+                plain = heldout.errors()
+                info["plain"]["downstream_heldout"] = global_mean_of(plain)
+                headroom = self._headroom(heldout, plain)
+                if headroom is not None and not headroom["keep"]:
+                    gate, decision = {"keep": False, "headroom": headroom}, RouterDecision.NOT_TRIED
+                else:
+                    self._set(params, start)
+                    kept["router"], info["router"], history["router"] = self._loop(q, reference, heldout, params,
+                                                                                   train, True)
+                    self._set(params, kept["router"])
+                    router = heldout.errors()
+                    info["router"]["downstream_heldout"] = global_mean_of(router)
+                    gate = {**paired_gate(router - plain, cfg.router_gate_z), "headroom": headroom}
+                    decision = RouterDecision.KEPT if gate["keep"] else RouterDecision.DROPPED
+        chosen = "router" if decision.router_used else "plain"
+        self._set(params, kept[chosen])
+        return TuneResult(outputs, self._writes(), history[chosen], info, decision, gate, headroom,
+                          self._router_scale, fallback)
+
+    def _headroom(self, heldout: HeldOut, own: torch.Tensor) -> dict | None:
+        """With the plain arm's kept parameters set and ``own`` its held-out errors: whether forcing the
+        unquantized expert choices at the next routers lowers them significantly (``router_headroom``;
+        ``keep`` false: nothing to gain). None where the rule does not apply."""
+        cfg = self.config
+        if not (cfg.router_headroom and self.runner.chain and self.next_layers
+                and any(where == "next" for where, _ in self.scoped)):
+            return None
+        forced = heldout.errors(forced=True)
+        return {**paired_gate(forced - own, cfg.router_gate_z), "own": global_mean_of(own),
+                "forced": global_mean_of(forced)}
+
+    # -- the loop -----------------------------------------------------------------------------------------
+    @staticmethod
+    @torch.no_grad()
+    def _set(params: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        for p, v in zip(params, values):
+            p.copy_(v)
+            p.grad = None
+
+    def _block_params(self) -> dict[str, torch.Tensor]:
+        params = dict(self._params32)
+        for w in self.weights:
+            params[f"{w.name}.weight"] = w.fake_weight()
+        return params
+
+    def _autocast(self):
+        """bfloat16 autocast on the block's device when ``amp`` (else nothing)."""
+        if not self.config.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def step_losses(self, q: BlockInputs, reference: Reference, idx: torch.Tensor,
+                    use_router: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(block-output MSE, router objective or None) of calibration sequences ``idx`` with the current rounding
+        parameters, with gradients to them (when grads are enabled)."""
+        runner = self.runner
+        kwargs = runner.kwargs32(q.kwargs)
+        h = q.hidden[idx].to(self.device, torch.float32)
+        with self._autocast():
+            y, logits = runner.run(self.block, self._block_params(), h, kwargs, self.own_layers)
+        y = y.float()
+        target = reference.output(idx, y.device)
+        loss = masked_mse(runner.normed(y), runner.normed(target), reference.valid(idx))
+        with self._autocast():
+            router = self._router_loss(reference, y, logits, kwargs, idx) if use_router else None
+        return loss, router
+
+    def _loop(self, q: BlockInputs, reference: Reference, heldout: HeldOut, params: list[torch.Tensor],
+              train: torch.Tensor, use_router: bool) -> tuple[list[torch.Tensor], dict, list[float]]:
+        """Signed gradient descent on minibatches of ``train``; returns the parameters of the iteration with the
+        lowest held-out loss (lowest training loss when nothing is held out), a summary and the training losses."""
+        cfg = self.config
+        batches = CyclicBatches(train, cfg.batch_size, torch.Generator().manual_seed(cfg.seed))
+        best_loss, best, best_it = math.inf, None, -1
+        curve: list[tuple[int, float]] = []
+        history: list[float] = []
+        with torch.enable_grad():
+            for it in range(cfg.iters + 1):
+                if heldout and (it % cfg.holdout_every == 0 or it == cfg.iters):
+                    curve.append((it, heldout.loss(use_router)))
+                    if curve[-1][1] < best_loss:
+                        best_loss, best_it, best = curve[-1][1], it, [p.detach().clone() for p in params]
+                if it == cfg.iters:
+                    break
+                loss, router = self.step_losses(q, reference, batches.next(), use_router)
+                total = loss + cfg.router_weight * router if router is not None else loss
+                value = global_mean(total.detach())
+                if not math.isfinite(value):
+                    last = (f"last finite loss {best_loss:.6g} at iteration {best_it}" if best is not None
+                            else "no finite loss yet")
+                    raise NonFiniteError(
+                        f"{self.name}: tuning loss is {value} at iteration {it} ({last}); the run stops: layers "
+                        f"before {self.name} are quantized, {self.name} and later layers are unchanged"
+                    )
+                history.append(value)
+                if not heldout and value < best_loss:
+                    best_loss, best_it, best = value, it, [p.detach().clone() for p in params]
+                self._step(params, loss, router, total, it)
+        info = {"best_iter": best_it, "train_first": history[0] if history else None,
+                "train_best": min(history) if history else None,
+                "heldout_first": curve[0][1] if curve else None,
+                "heldout_best": best_loss if curve else None, "heldout_curve": curve}
+        return best, info, history
+
+    def _step(self, params: list[torch.Tensor], loss: torch.Tensor, router: torch.Tensor | None,
+              total: torch.Tensor, it: int) -> None:
+        """One signed step: gradients (balanced with ``router_balance``), summed over ranks, then
+        ``p -= lr_t * sign(grad)`` and the parameters clamped to their ranges."""
+        cfg = self.config
+        for p in params:
+            p.grad = None
+        # a router term that reaches no tuned weight (unreachable, reported) has no gradient to combine
+        combine = router is not None and router.requires_grad
+        if combine and (cfg.router_balance != "none" or it == 0):
+            self._combine_gradients(params, loss, router, measure_only=cfg.router_balance == "none")
+        if not combine or cfg.router_balance == "none":
+            total.backward()
+        all_reduce_grads(params)
+        lr = cfg.learning_rate * (1 - it / cfg.iters)
+        with torch.no_grad():
+            for w in self.weights:
+                if not w.trainable:
+                    continue
+                for p in w.parameters():
+                    if p.grad is not None:
+                        p.add_(p.grad.sign(), alpha=-lr)
+                w.offset.clamp_(-0.5, 0.5)
+                w.clip_lo.clamp_(0.0, 1.0)
+                w.clip_hi.clamp_(0.0, 1.0)
+
+    def _combine_gradients(self, params: list[torch.Tensor], mse: torch.Tensor, router: torch.Tensor,
+                           measure_only: bool) -> None:
+        """Separate MSE and router gradients; records at the first call how they compare (``router_scale``: loss
+        ratio, gradient-norm ratio and the fraction of coordinates whose step sign the weighted router gradient
+        changes); unless ``measure_only``, sets ``p.grad`` to the MSE gradient plus the router gradient rescaled
+        per tensor to ``router_weight`` times the MSE gradient's norm."""
+        lam = self.config.router_weight
+        g_mse = torch.autograd.grad(mse, params, retain_graph=True, allow_unused=True)
+        g_rt = torch.autograd.grad(router, params, retain_graph=measure_only, allow_unused=True)
+        flips = total = 0
+        norm_m = norm_r = 0.0
+        for p, gm, gr in zip(params, g_mse, g_rt):
+            gm = torch.zeros_like(p) if gm is None else gm
+            gr = torch.zeros_like(p) if gr is None else gr
+            nm, nr = gm.norm(), gr.norm()
+            norm_m += float(nm) ** 2
+            norm_r += float(nr) ** 2
+            if self._router_scale is None:
+                flips += int((gm.sign() != (gm + lam * gr).sign()).sum())
+                total += gm.numel()
+            if not measure_only:
+                p.grad = gm + lam * gr * (nm / nr.clamp_min(1e-30))
+        if self._router_scale is None:
+            self._router_scale = {"loss_ratio": float(lam * router.detach() / mse.detach().clamp_min(1e-30)),
+                                  "grad_norm_ratio": lam * (norm_r ** 0.5) / max(norm_m ** 0.5, 1e-30),
+                                  "sign_flip_fraction": flips / max(total, 1)}
+
+    def _router_loss(self, reference: Reference, y, logits, kwargs, idx):
+        if not self.scoped:
+            return None
+        next_logits = {}
+        if any(where == "next" for where, _ in self.scoped):
+            _, next_logits = self.runner.run_next(y, kwargs, stop_after=True)
+        valid = reference.valid(idx)
+        total = None
+        for (where, name), loss in self.losses.items():
+            z = logits[name] if where == "block" else next_logits[name]
+            z = (z if valid is None else z[valid.reshape(-1).to(z.device)]).float()
+            value = loss(z, reference.router_target((where, name), idx))
+            total = value if total is None else total + value
+        return total / len(self.losses)
+
+    def _writes(self) -> list[tuple[torch.nn.Module, str, torch.Tensor]]:
+        return [item for w in self.weights for item in quantized_writes(w, f"{self.name}.{w.name}")]
