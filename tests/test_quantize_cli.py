@@ -2,6 +2,7 @@
 work, nothing written."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -41,7 +42,13 @@ def test_quantize_writes_a_checked_checkpoint(setup, capsys):
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == before  # the input folder is never written
 
 
-def test_quantize_refuses_bad_input_before_loading(setup, capsys):
+def test_quantize_refuses_bad_input_before_loading(setup, capsys, monkeypatch):
+    import transformers
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was refused")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_load)
     tmp_path, text = setup
     base = ["quantize", str(tmp_path / "m"), "--recipe", str(tmp_path / "r.yaml"), "--data", str(text), "--out"]
     (tmp_path / "exists").mkdir()
@@ -54,4 +61,23 @@ def test_quantize_refuses_bad_input_before_loading(setup, capsys):
     assert "recipe file does not exist" in capsys.readouterr().err
     assert main(base[:-3] + ["--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "q")]) == 2
     assert "text file does not exist" in capsys.readouterr().err
+    # an output folder under an existing file
+    assert main(base + [str(Path(text) / "sub")]) == 2
+    assert f"cannot be created: {Path(text).resolve()} is a file" in capsys.readouterr().err
+    # a mistyped recipe field: one line naming the field and the recipe file
+    (tmp_path / "typo.yaml").write_text(RECIPE.replace("iters: 2", "itres: 2"))
+    assert main(["quantize", str(tmp_path / "m"), "--recipe", str(tmp_path / "typo.yaml"), "--data", str(text),
+                 "--out", str(tmp_path / "q")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"routealign: error: recipe {tmp_path / 'typo.yaml'}: RouterAlignedRoundingModifier: itres: "
+                          "Extra inputs are not permitted") and err.count("\n") == 1
+    # windows longer than the model's positions
+    longest = json.loads((tmp_path / "m" / "config.json").read_text())["max_position_embeddings"]
+    assert main(base[:-3] + ["--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "q"),
+                             "--seq-len", str(longest + 1)]) == 2
+    err = capsys.readouterr().err
+    assert f"warning: --seq-len {longest + 1} exceeds the model's max_position_embeddings {longest}" in err
+    assert main(base[:-3] + ["--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "q"),
+                             "--seq-len", str(longest)]) == 2
+    assert "max_position_embeddings" not in capsys.readouterr().err
     assert not (tmp_path / "q").exists()

@@ -353,6 +353,9 @@ def check_output_folder(out: str | Path, overwrite: bool, *inputs: str | Path | 
                                 "it, or choose another folder")
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"output path {out} exists and is a file")
+    parent = next(p for p in out.parents if p.exists())  # the folder the new one would be created in
+    if not parent.is_dir():
+        raise OutputExistsError(f"output folder {out} cannot be created: {parent} is a file")
     return out
 
 

@@ -108,9 +108,15 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     read_config(args.model)
     if not args.recipe.is_file():
         raise InputError(f"recipe file does not exist: {args.recipe}")
+    _check_recipe(args.recipe)
     out = check_output_folder(args.out, args.overwrite, args.model)  # what save_compressed checks, before loading
     if args.samples < 1 or args.seq_len < 2:
         raise InputError(f"--samples must be >= 1 and --seq-len >= 2 (got {args.samples}, {args.seq_len})")
+    longest = read_config(args.model).get("max_position_embeddings")
+    if isinstance(longest, int) and args.seq_len > longest:
+        sys.stderr.write(f"routealign: warning: --seq-len {args.seq_len} exceeds the model's max_position_embeddings "
+                         f"{longest} ({args.model}/config.json): positions past {longest} were never trained; "
+                         "calibration statistics from them may not be the model's\n")
     tokenizer_file = find_tokenizer(args.model, args.tokenizer)
     windows = calibration_windows(encode_text(args.data, tokenizer_file), args.samples, args.seq_len, args.seed)
 
@@ -131,9 +137,30 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     save_compressed(model, out, tokenizer=tokenizer, overwrite=args.overwrite, input_dir=args.model)
     report = check_checkpoint(out)
     sys.stdout.write(report.table())
+    text = args.eval_text or args.data
     sys.stdout.write(f"\ncheckpoint written to {out}\nnext: routealign eval --reference {args.model} --quantized {out} "
-                     f"--text {args.eval_text or args.data}\n")
+                     f"--text {text}\n")
+    if args.eval_text is None:
+        sys.stdout.write(f"      ({text} is the calibration text: for a held-out number pass text the calibration "
+                         "did not see, e.g. a validation split, to --text)\n")
     return 0 if report.ok else 1
+
+
+def _check_recipe(path) -> None:
+    """Build the recipe's modifiers once, before any model loads: an unknown or mistyped field is one clear error
+    naming the field and the file, not a traceback after loading."""
+    from pydantic import ValidationError
+
+    import routealign  # noqa: F401  (registers the modifiers with llm-compressor's factory)
+    from llmcompressor.recipe import Recipe
+
+    try:
+        Recipe.create_instance(str(path))
+    except ValidationError as exc:
+        fields = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise InputError(f"recipe {path}: {exc.title}: {fields}") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"recipe {path}: {exc}") from None
 
 
 _COMMANDS = {"eval": _cmd_eval, "check": _cmd_check, "demo": _cmd_demo, "quantize": _cmd_quantize}
