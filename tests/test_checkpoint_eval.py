@@ -64,9 +64,41 @@ def test_perfect_routing_restores_reference_choices(tmp_path, references):
     quantize_with_llmcompressor(references["qwen3_moe"], tmp_path / "q", "W4A16", ids)
     ref = load_model(references["qwen3_moe"], dtype=torch.float32)
     quant = load_model(tmp_path / "q", dtype=torch.float32)
-    plain = evaluate(ref, quant, ids, perfect_routing=True, progress=False).report
+    from routealign.routing import RouterTap, find_moe_layers
+
+    # what every quantized router hands its experts in the forced forward, seen by a hook after the tap's
+    seen, enter = {}, RouterTap.__enter__
+
+    def spying_enter(self):
+        enter(self)
+        if self.force is not None:
+            for layer in self.layers:
+                def spy(module, args, output, name=layer.name):
+                    seen[name] = (output[0].detach(), output[1].detach(), output[2].detach())
+                self._handles.append(layer.router.register_forward_hook(spy))
+        return self
+
+    RouterTap.__enter__ = spying_enter
+    try:
+        plain = evaluate(ref, quant, ids, perfect_routing=True, progress=False).report
+    finally:
+        RouterTap.__enter__ = enter
     assert plain["routing"]["mean"]["exact_set"] < 1.0  # W4A16 on this random model changes some routes
     assert plain["perplexity"]["quantized_perfect_routing"] != plain["perplexity"]["quantized"]
+    ref_layers, q_layers = find_moe_layers(ref), find_moe_layers(quant)
+    assert sorted(seen) == sorted(l.name for l in q_layers)
+    with torch.no_grad(), RouterTap(ref_layers) as tap:
+        ref(input_ids=ids)
+    changed = False
+    for r_layer, q_layer in zip(ref_layers, q_layers):
+        logits, weights, indices = seen[q_layer.name]
+        expected = tap.routing(r_layer).indices
+        assert torch.equal(indices.cpu(), expected.cpu())  # exactly the reference experts, in its order
+        # combine weights from the quantized router's own logits for those experts, not the reference's
+        ours = q_layer.family.weights_for(q_layer.router, logits.reshape(-1, logits.shape[-1]), indices)
+        assert torch.allclose(weights, ours)
+        changed |= not torch.allclose(weights, tap.routing(r_layer).weights.to(weights.dtype))
+    assert changed
 
 
 def test_cli_eval_writes_report_and_plots(tmp_path, references, sample_text, capsys):
