@@ -299,3 +299,36 @@ def test_tied_lm_head_that_vllm_would_not_tie(tmp_path):
     with torch.no_grad():
         got = load_model(tmp_path / "ours", dtype=torch.float32)(input_ids=ids).logits
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_kernel_shape_rules_hidden_and_intermediate_sizes(tmp_path):
+    """vLLM's Marlin MoE needs the hidden size a multiple of 128 and the intermediate size a multiple of
+    max(64, group size): a valid int4 group-32 checkpoint of a model with hidden 96 and expert width 96 fails
+    both; its NVFP4 checkpoint only warns (the FP4 tensor-core kernels take it, the Marlin fallback does not)."""
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from transformers import AutoModelForCausalLM
+
+    save_tiny("qwen3_moe", tmp_path / "m", seed=1, hidden_size=96, moe_intermediate_size=96)
+    ids = calibration_ids(rows=2, seq_len=16)
+    ignore = ["lm_head", "re:.*mlp.gate$"]
+    groups = {"g": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "symmetric": True,
+                                                        "strategy": "group", "group_size": 32}}}
+    for name, recipe in (("g32", QuantizationModifier(config_groups=groups, ignore=ignore)),
+                         ("nvfp4", QuantizationModifier(scheme="NVFP4", targets="Linear", ignore=ignore))):
+        model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"), dtype=torch.float32)
+        oneshot(model=model, dataset=Dataset.from_dict({"input_ids": ids.tolist()}), num_calibration_samples=2,
+                max_seq_length=16, recipe=recipe)
+        model.save_pretrained(str(tmp_path / name), save_compressed=True)
+    report, problems = _problems(tmp_path / "g32")
+    assert not report.ok
+    experts = [f"model.layers.{i}.mlp.experts" for i in (0, 1)]
+    assert {where for rule, where in problems if rule == "kernel"} == set(experts)
+    kernel = [f.message for f in report.findings if f.rule == "kernel" and f.where == experts[0]]
+    assert kernel == ["hidden size 96 not a multiple of 128; vLLM's Marlin MoE kernel cannot run this layer",
+                      "intermediate size 96 not a multiple of 64; vLLM's Marlin MoE kernel cannot run this layer"]
+    report, _ = _problems(tmp_path / "nvfp4")
+    kernel = [f for f in report.findings if f.rule == "kernel"]
+    assert [f.level for f in kernel] == ["warning", "warning"] and report.ok
+    assert kernel[0].message.startswith("hidden size 96 is not a multiple of 128: vLLM's NVFP4 Marlin MoE fallback")
