@@ -9,12 +9,12 @@ Any local transformers MoE folder works (Qwen3-MoE, OLMoE, Mixtral, DeepSeek-V3,
 import argparse
 
 import torch
-from datasets import Dataset
 from llmcompressor import oneshot
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import routealign  # noqa: F401  (registers RouterAlignedRoundingModifier with llm-compressor)
 from routealign import RouterAlignedRoundingModifier
+from routealign.calibration import windows_dataset
 from routealign.checkpoint import save_compressed
 from routealign.preflight import check_checkpoint
 from routealign.textdata import calibration_windows, encode_text, find_tokenizer
@@ -32,7 +32,7 @@ args = parser.parse_args()
 
 ids = encode_text(args.text, find_tokenizer(args.model))
 calib = calibration_windows(ids, n=args.samples, seq_len=args.seq_len, seed=0)
-dataset = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
+dataset = windows_dataset(calib)  # input_ids + attention_mask columns, as oneshot(dataset=...) takes
 
 model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16)
 recipe = RouterAlignedRoundingModifier(objective=args.objective, scheme=args.scheme, targets="Linear",

@@ -10,11 +10,11 @@ ModifierFactory, where routealign registers RouterAlignedRoundingModifier.
 import argparse
 
 import torch
-from datasets import Dataset
 from llmcompressor import oneshot
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import routealign  # noqa: F401
+from routealign.calibration import windows_dataset
 from routealign.checkpoint import save_compressed
 from routealign.preflight import check_checkpoint
 from routealign.textdata import calibration_windows, encode_text, find_tokenizer
@@ -29,7 +29,7 @@ args = parser.parse_args()
 
 ids = encode_text(args.text, find_tokenizer(args.model))
 calib = calibration_windows(ids, n=128, seq_len=512, seed=0)
-dataset = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
+dataset = windows_dataset(calib)  # input_ids + attention_mask columns, as oneshot(dataset=...) takes
 model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16)
 oneshot(model=model, dataset=dataset, recipe=args.recipe, num_calibration_samples=128, max_seq_length=512,
         moe_calibrate_all_experts=False)

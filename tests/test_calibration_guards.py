@@ -85,3 +85,40 @@ def test_unreachable_router_objective_is_reported(tmp_path):
                         "model.layers.2": [], "model.layers.3": ["model.layers.3.mixer.gate"]}
     warned = [l for l in lines if "router_scope 'block' cannot reach any tuned weight" in l]
     assert len(warned) == 2 and "model.layers.1" in warned[0]
+
+
+
+def test_input_global_scale_refuses_what_compressed_tensors_would_hide():
+    """compressed-tensors' generate_gparam turns a NaN input maximum into the scale 1.0 and an infinite one into 0.0
+    (both finite); routealign's helper refuses a non-finite input maximum instead, naming the module, and otherwise
+    writes exactly generate_gparam's value."""
+    from compressed_tensors.quantization.utils import generate_gparam
+
+    from routealign.schemes import input_global_scale
+
+    for bad, hidden, counts in ((float("inf"), 0.0, "0 NaN and 1 Inf"), (float("nan"), 1.0, "1 NaN and 0 Inf")):
+        # what would be written without the guard: a finite scale that check_finite cannot catch
+        assert float(generate_gparam(-torch.tensor([bad]), torch.tensor([bad]))) == hidden
+        with pytest.raises(NonFiniteError, match=rf"^lm_head: largest input \(for the input global scale\) "
+                                                 rf"contains {counts} values"):
+            input_global_scale(bad, "lm_head")
+    value = torch.tensor([3.5])
+    assert torch.equal(input_global_scale(value, "x"), generate_gparam(-value, value))
+    assert input_global_scale(0.0, "x").tolist() == [1.0]
+
+
+def test_non_finite_expert_input_maximum_stops_the_run_naming_the_module(qwen, monkeypatch):
+    """Through the modifier: an expert whose largest NVFP4 input is infinite stops the run before any scale is
+    written, naming the module (the maxima are poisoned where the runner measures them)."""
+    measured = BlockRunner.routed_input_amax
+
+    def poisoned(self, q, names, *args, **kwargs):
+        amax = measured(self, q, names, *args, **kwargs)
+        if self.name == "model.layers.1":
+            amax["mlp.experts.2.up_proj"] = torch.tensor(float("inf"))
+        return amax
+
+    monkeypatch.setattr(BlockRunner, "routed_input_amax", poisoned)
+    with pytest.raises(NonFiniteError, match=r"^model\.layers\.1\.mlp\.experts\.2\.up_proj: largest input \(for "
+                                             r"the input global scale\) contains 0 NaN and 1 Inf values"):
+        _run(qwen, _modifier(objective="none", scheme="NVFP4", iters=1), calibration_ids(rows=2, seq_len=16))

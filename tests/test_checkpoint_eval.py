@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from routealign.checkpoint import load_model
-from routealign.cli import main
+from routealign_cli import main
 from routealign.errors import CheckpointError, InputError, NotMoEError
 from routealign.evaluate import evaluate
 from routealign.tiny import save_tiny

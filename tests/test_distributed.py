@@ -95,3 +95,56 @@ def test_written_result_does_not_reread_the_module():
         assert m0 is m1 and n0 == n1
         assert torch.equal(v0, v1), n0
     assert any(not torch.equal(v, m.weight) for m, n, v in again if n == "weight")  # the clobber is visible
+
+
+def _counts_and_maxima(rank: int, world: int, init: str, out: str) -> None:
+    """This rank's routed-token counts, the starved-expert fallback tuning decides on, and the largest expert inputs
+    the runner measures, with (world 2) or without (world 1) the reductions."""
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    from routealign.losses import RouterLossConfig
+    from routealign.modifiers.rounding import BlockTuner, TuningConfig
+
+    block, nxt, targets, q = _setup(100 + rank)
+    tuner = BlockTuner(block, targets, RouterLossConfig(objective="none"),
+                       TuningConfig(iters=0, min_expert_tokens=24), nxt)
+    experts = [n for n in targets if ".experts." in n and n.endswith("gate_proj")]
+    result = tuner.tune(q, q)
+    torch.save({"counts": tuner.expert_token_counts(q), "fallback": result.fallback,
+                "amax": tuner.runner.routed_input_amax(q, experts)}, out)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def test_routed_token_counts_and_expert_input_maxima_are_reduced_over_ranks(tmp_path):
+    """The starved-expert fallback is decided on the routed-token counts summed over ranks, and the expert input
+    maxima (NVFP4 input global scales) are the maxima over ranks: every rank decides and writes the same."""
+    init = f"file://{tmp_path / 'rendezvous'}"
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_counts_and_maxima, args=(r, 2, init, str(tmp_path / f"rank{r}.pt")))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=600)
+    assert [p.exitcode for p in procs] == [0, 0]
+    for r in range(2):
+        _counts_and_maxima(r, 1, "", str(tmp_path / f"alone{r}.pt"))
+    r0, r1, a0, a1 = (torch.load(tmp_path / f"{f}.pt", weights_only=False)
+                      for f in ("rank0", "rank1", "alone0", "alone1"))
+    (layer,) = a0["counts"]
+    total = a0["counts"][layer] + a1["counts"][layer]
+    starved = {e for e in range(total.numel()) if int(total[e]) < 24}
+    for run in (r0, r1):
+        fallen = {int(name.split(".experts.")[1].split(".")[0]) for name in run["fallback"]}
+        assert fallen == starved
+        assert all(count == int(total[int(name.split(".experts.")[1].split(".")[0])])
+                   for name, count in run["fallback"].items())
+    alone_fallen = {int(name.split(".experts.")[1].split(".")[0]) for name in a0["fallback"]}
+    assert alone_fallen != starved  # rank 0's samples alone would decide otherwise: the test sees the reduction
+    assert r0["amax"].keys() == r1["amax"].keys() == a0["amax"].keys() | a1["amax"].keys()
+    for name in r0["amax"]:
+        expected = max(float(a[name]) for a in (a0["amax"], a1["amax"]) if name in a)
+        assert float(r0["amax"][name]) == float(r1["amax"][name]) == expected, name
+    assert any(float(a0["amax"].get(n, 0)) != float(r0["amax"][n]) for n in r0["amax"])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from routealign.checkpoint import load_model
-from routealign.cli import main
+from routealign_cli import main
 from routealign.errors import InputError
 from routealign.generation import GenerationAgreement, generation_agreement, greedy_continuations
 from routealign.tiny import save_tiny

@@ -128,7 +128,7 @@ def test_killed_save_leaves_no_output_or_a_complete_one(tmp_path, mode):
 
 
 def test_demo_refuses_a_non_empty_output_folder(tmp_path, capsys):
-    from routealign.cli import main
+    from routealign_cli import main
 
     (tmp_path / "demo").mkdir()
     (tmp_path / "demo" / "notes.txt").write_text("mine")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from routealign.cli import main
+from routealign_cli import main
 from routealign.preflight import check_checkpoint
 from routealign.tiny import save_tiny
 
@@ -332,3 +332,40 @@ def test_kernel_shape_rules_hidden_and_intermediate_sizes(tmp_path):
     kernel = [f for f in report.findings if f.rule == "kernel"]
     assert [f.level for f in kernel] == ["warning", "warning"] and report.ok
     assert kernel[0].message.startswith("hidden size 96 is not a multiple of 128: vLLM's NVFP4 Marlin MoE fallback")
+
+
+@pytest.mark.parametrize("family,untied", [("deepseek_v3", True), ("olmoe", True), ("gpt_oss", True),
+                                           ("nemotron_h", True), ("qwen3_moe", False)])
+def test_tied_families_vllm_would_not_tie_are_saved_untied(tmp_path, family, untied):
+    """The four other architectures whose vLLM loaders never tie the LM head (DeepSeek-V3, OLMoE, GPT-OSS,
+    Nemotron-H) are saved with lm_head.weight and tie_word_embeddings false, pass check, and reload to the in-memory
+    logits; a family vLLM ties (Qwen3-MoE) stays tied, as llm-compressor saves it. transformers' Nemotron-H never
+    ties, whatever its config says: its own LM head is kept, not replaced by the embedding (it was, before)."""
+    import json
+
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from routealign import RouterAlignedRoundingModifier, load_model
+
+    save_tiny(family, tmp_path / "m", seed=1)
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["tie_word_embeddings"] is True
+    ids = calibration_ids(rows=2, seq_len=16)
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"), dtype=torch.float32)
+    oneshot(model=model, dataset=Dataset.from_dict({"input_ids": ids.tolist()}), num_calibration_samples=2,
+            max_seq_length=16, recipe=RouterAlignedRoundingModifier(
+                objective="none", iters=0, scheme="W4A16", targets="Linear",
+                ignore=["lm_head", "re:.*kv_b_proj$", "re:.*mixer\\.(in|out)_proj$"]))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    save_compressed(model, tmp_path / "q")
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), framework="pt") as handle:
+        assert ("lm_head.weight" in set(handle.keys())) is untied
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["tie_word_embeddings"] is (not untied)
+    report = check_checkpoint(tmp_path / "q")
+    assert not [f for f in report.errors if f.rule == "tied-embeddings"], report.table()
+    with torch.no_grad():
+        got = load_model(tmp_path / "q", dtype=torch.float32)(input_ids=ids).logits
+    assert torch.equal(got, expected)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from routealign.cli import main
+from routealign_cli import main
 from routealign.tiny import save_tiny
 
 RECIPE = """quant_stage:

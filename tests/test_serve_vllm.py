@@ -1,6 +1,6 @@
 """A real vLLM serves a checkpoint our modifier made, and computes its function (issue 13).
 
-Runs ``benchmarks/serve_vllm_cpu.py`` on a tiny Qwen3-MoE quantized here (W4A16, learned rounding with the router
+Runs ``benchmarks/tools/serve_vllm_cpu.py`` on a tiny Qwen3-MoE quantized here (W4A16, learned rounding with the router
 objective). On a CPU without vLLM's W4A16 MoE kernels the script prints ``SKIP: <reason>`` and this test is skipped
 with that reason. ``ROUTEALIGN_SKIP_VLLM=1`` skips it on purpose. The first run builds vLLM's own venv under
 ``~/.cache/routealign`` (a few minutes); every step is bounded by timeouts.
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_vllm_cpu.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "tools" / "serve_vllm_cpu.py"
 
 
 def _cpu_support():

@@ -15,7 +15,7 @@ from routealign.checkpoint import load_model, save_compressed
 from routealign.errors import InputError
 from routealign.preflight import check_checkpoint
 from routealign.routing import RouterTap, find_moe_layers
-from routealign.smoothing import aggregate_scales, fold_norm_into_consumers, fold_up_down, fold_v_o, smooth_scales
+from routealign.modifiers.smoothing.folds import aggregate_scales, fold_norm_into_consumers, fold_up_down, fold_v_o, smooth_scales
 from routealign.tiny import TINY_FAMILIES, save_tiny
 
 from .conftest import calibration_ids
@@ -140,7 +140,7 @@ def test_unknown_mapping_and_bad_fields_are_clear_errors(tmp_path):
 
 
 def test_distributed_mode_is_refused_before_any_weight_changes(tmp_path, monkeypatch):
-    import routealign.modifiers.smoothing as smoothing_modifier
+    import routealign.modifiers.smoothing.base as smoothing_modifier
 
     model = _load(tmp_path, "qwen3_moe")
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -184,7 +184,7 @@ def test_refuses_a_later_static_activation_quantizer(tmp_path):
 def test_gptq_hessians_are_rescaled_with_the_fold(tmp_path, monkeypatch):
     """Composed with GPTQ in one recipe, the Hessian GPTQ uses for a smoothed module is the one of the smoothed
     inputs: H' = diag(1/s) H diag(1/s), with H what GPTQ alone accumulates on the same data."""
-    import routealign.modifiers.smoothing as glue
+    import routealign.modifiers.smoothing.sites as glue
     from llmcompressor.modifiers.gptq import GPTQModifier
 
     seen: dict[str, torch.Tensor] = {}

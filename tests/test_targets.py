@@ -85,6 +85,15 @@ def test_another_modifiers_targets_are_left_to_it(tmp_path, model_dir):
 
 def test_targets_that_match_nothing_are_an_error_before_calibration(model_dir):
     ids = calibration_ids(rows=2, seq_len=16)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    forwards = []
+    model.get_input_embeddings().register_forward_pre_hook(lambda *_: forwards.append(1))
     with pytest.raises(InputError, match="match no quantizable module"):
-        _run(model_dir, RouterAlignedRoundingModifier(objective="none", scheme="W4A16", targets="re:.*nonexistent$"),
-             ids)
+        oneshot(model=model, dataset=Dataset.from_dict({"input_ids": ids.tolist()}),
+                recipe=RouterAlignedRoundingModifier(objective="none", scheme="W4A16", targets="re:.*nonexistent$"),
+                num_calibration_samples=ids.shape[0], max_seq_length=ids.shape[1])
+    assert forwards == []  # refused before any calibration forward
+    after = model.state_dict()  # (oneshot linearizes the experts before any modifier starts: their keys change)
+    kept = [k for k in before if k in after]
+    assert len(kept) > 10 and all(torch.equal(before[k], after[k]) for k in kept)

@@ -81,8 +81,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--compare", type=Path, help="an earlier --out: report every tensor that differs")
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: load-independent)")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     result = {}
     with tempfile.TemporaryDirectory() as tmp:

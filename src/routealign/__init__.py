@@ -9,8 +9,9 @@ An extension of llm-compressor and compressed-tensors. This package provides:
 - :mod:`routealign.evaluate` / :mod:`routealign.report`: ``routealign eval`` as a Python API;
 - :class:`RouterAlignedRoundingModifier` (:mod:`routealign.modifiers.rounding`, :mod:`routealign.losses`,
   :mod:`routealign.schemes`): router-aligned learned rounding as an llm-compressor modifier;
-- :class:`ExpertAwareSmoothingModifier` (:mod:`routealign.modifiers.smoothing`, :mod:`routealign.smoothing`):
+- :class:`ExpertAwareSmoothingModifier` (:mod:`routealign.modifiers.smoothing`: lifecycle, sites, fold algebra):
   per-expert SmoothQuant scales folded exactly into the weights;
+- :mod:`routealign.modifiers.common`: what both modifiers share (layer order, the calibration draw, first inputs);
 - :mod:`routealign.streams` / :mod:`routealign.runner`: the causal calibration streams and the one block-forward
   engine both modifiers use; :mod:`routealign.distributed`: what ranks reduce under torchrun.
 
@@ -18,6 +19,7 @@ Importing the package registers its modifiers with llm-compressor's ``ModifierFa
 them.
 """
 
+from .calibration import oneshot_windows
 from .checkpoint import load_model, save_compressed
 from .errors import (CheckpointError, InputError, NonFiniteError, NotMoEError, OutputExistsError, RouteAlignError,
                      UnsupportedRouterError)
@@ -38,6 +40,7 @@ __all__ = [
     "find_moe_layers",
     "load_model",
     "save_compressed",
+    "oneshot_windows",
     "check_checkpoint",
     "evaluate",
     "EvalResult",

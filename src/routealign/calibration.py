@@ -29,9 +29,9 @@ import torch
 
 from .errors import InputError
 from .streams import real_tokens
-from .validation import ROW_KEY, CalibrationSummary, _input_ids, check_calibration, real_span
+from .validation import ROW_KEY, CalibrationSummary, batch_input_ids, check_calibration, real_span
 
-__all__ = ["draw_calibration", "calibration_tokens", "CalibrationTokens"]
+__all__ = ["draw_calibration", "calibration_tokens", "CalibrationTokens", "windows_dataset", "oneshot_windows"]
 
 _DRAWN = "_routealign_calibration"  # attribute of the dataloader holding the draw
 
@@ -110,7 +110,7 @@ class CalibrationTokens:
         """Each row's real tokens (positions where its attention mask is 1; left padding moved to the end)."""
         rows: list[torch.Tensor] = []
         for i, batch in enumerate(batches):
-            ids, mask = _input_ids(batch, i)
+            ids, mask = batch_input_ids(batch, i)
             for r in range(ids.shape[0]):
                 if mask is None or bool(mask[r].bool().all()):
                     rows.append(ids[r])
@@ -152,3 +152,22 @@ class CalibrationTokens:
             return f"{self.ids.shape[0]} calibration sequences of {self.ids.shape[1]} tokens"
         return (f"{self.ids.shape[0]} calibration sequences of {int(self.lengths.min())}-{int(self.lengths.max())} "
                 f"tokens ({self.tokens} in all; padded positions take part in no loss or statistic)")
+
+
+def windows_dataset(windows: torch.Tensor, attention_mask: torch.Tensor | None = None):
+    """A ``datasets.Dataset`` of token windows (``[n, seq_len]``), the form ``oneshot(dataset=...)`` takes:
+    ``input_ids`` and ``attention_mask`` columns (all ones unless ``attention_mask`` is given)."""
+    from datasets import Dataset
+
+    mask = torch.ones_like(windows) if attention_mask is None else attention_mask
+    return Dataset.from_dict({"input_ids": windows.tolist(), "attention_mask": mask.tolist()})
+
+
+def oneshot_windows(model, recipe, windows: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+    """llm-compressor's ``oneshot`` of ``model`` with ``recipe`` (a YAML path, a modifier or a list) calibrated on
+    every one of ``windows`` (``num_calibration_samples`` = its rows, ``max_seq_length`` = its columns); further
+    keyword arguments go to ``oneshot``. Returns what ``oneshot`` returns."""
+    from llmcompressor import oneshot
+
+    return oneshot(model=model, dataset=windows_dataset(windows, attention_mask), recipe=recipe,
+                   num_calibration_samples=windows.shape[0], max_seq_length=windows.shape[1], **kwargs)

@@ -25,7 +25,19 @@ from safetensors import SafetensorError, safe_open
 
 from .errors import CheckpointError, OutputExistsError
 
-__all__ = ["load_model", "read_config", "is_compressed", "weight_files", "skeleton", "save_compressed"]
+__all__ = [
+    "load_model",
+    "read_config",
+    "is_compressed",
+    "weight_files",
+    "read_safetensors",
+    "skeleton",
+    "checkpoint_renamer",
+    "VLLM_IGNORES_TIED_EMBEDDINGS",
+    "vllm_needs_untied",
+    "check_output_folder",
+    "save_compressed",
+]
 
 
 def _folder(path: str | Path) -> Path:
@@ -67,9 +79,10 @@ def vllm_needs_untied(config) -> bool:
 
 
 def _write_lm_head(model, folder: Path) -> bool:
-    """When vLLM would not tie ``model``'s LM head (:func:`vllm_needs_untied`), store ``lm_head.weight`` (the input
-    embedding's values) in the saved ``folder`` and set ``tie_word_embeddings`` false there; returns whether it did.
-    llm-compressor's save re-ties value-identical embeddings, so this is done on the written files."""
+    """When vLLM would not tie ``model``'s LM head (:func:`vllm_needs_untied`), make the saved ``folder`` hold it:
+    ``lm_head.weight`` from the input embedding's values when the files hold no LM head (llm-compressor's save
+    re-ties value-identical embeddings, so this is done on the written files), and ``tie_word_embeddings`` false
+    there; an LM head the files already hold is kept as it is. Returns whether the folder was changed."""
     config_file = folder / "config.json"
     config = json.loads(config_file.read_text())
     if not vllm_needs_untied(SimpleNamespace(**config)):
@@ -88,6 +101,14 @@ def _write_lm_head(model, folder: Path) -> bool:
     else:
         with read_safetensors(folder / "model.safetensors") as handle:
             stored = list(handle.keys())
+    head_prefix = head_key[: -len("weight")]
+    if any(k.startswith(head_prefix) for k in stored):
+        # the LM head is stored already (its own weights: a model class that never ties, e.g. transformers'
+        # Nemotron-H whatever its config says, or a head quantized after untying): what the model computes is in
+        # the files, and the embedding must not replace it
+        config["tie_word_embeddings"] = False
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        return True
     if embed_key not in stored:  # saved under the checkpoint's own name (Nemotron-H: backbone.embeddings)
         suffix = "." + embed_key.rsplit(".", 2)[-2] + ".weight"
         candidates = [k for k in stored if k.endswith(suffix)]
@@ -154,7 +175,7 @@ def _is_qparam(key: str) -> bool:
     return key.rsplit(".", 1)[-1].startswith(_QPARAM_PREFIXES)
 
 
-def _checkpoint_renamer(model):
+def checkpoint_renamer(model):
     """Map saved key names to the in-memory ones with the model's own key renamings (e.g. Mixtral's
     ``block_sparse_moe`` -> ``mlp``, Nemotron-H's ``backbone`` -> ``model``). Weight *converters* (fusing per-expert
     tensors into 3-D ones) do not apply: the skeleton is linearized like the saved model."""
@@ -210,7 +231,7 @@ def _load_compressed(folder: Path, dtype: torch.dtype):
     compressor.compress_model(model)  # give every quantized module its compressed parameter layout
 
     expected = set(model.state_dict().keys())
-    rename = _checkpoint_renamer(model)
+    rename = checkpoint_renamer(model)
     loaded: set[str] = set()
     for file in files:
         with read_safetensors(file) as handle:

@@ -1,5 +1,7 @@
-"""The commands behind ``routealign eval``, ``routealign check``, ``routealign quantize`` and ``routealign demo``
-(the argument parser is :mod:`routealign_cli`, which imports nothing heavy).
+"""The commands behind ``routealign eval``, ``routealign check``, ``routealign quantize`` and ``routealign demo``.
+
+The command's one entry point, its argument parser and its ``main()`` are :mod:`routealign_cli` (which imports
+nothing heavy); :data:`COMMANDS` maps each subcommand to its function here and :func:`run` runs one.
 
 Errors on bad input print one line, ``routealign: error: ...``, and exit with status 2.
 """
@@ -11,7 +13,7 @@ import sys
 
 from .errors import InputError, RouteAlignError
 
-__all__ = ["main", "run"]
+__all__ = ["COMMANDS", "run"]
 
 
 def _device(name: str) -> str:
@@ -120,15 +122,13 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     tokenizer_file = find_tokenizer(args.model, args.tokenizer)
     windows = calibration_windows(encode_text(args.data, tokenizer_file), args.samples, args.seq_len, args.seed)
 
-    from datasets import Dataset
-    from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .calibration import oneshot_windows
 
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_pretrained(str(args.model), dtype=getattr(torch, args.dtype))
-    data = Dataset.from_dict({"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()})
-    oneshot(model=model, dataset=data, recipe=str(args.recipe), num_calibration_samples=windows.shape[0],
-            max_seq_length=args.seq_len)
+    oneshot_windows(model, str(args.recipe), windows)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_file.parent))
     except Exception as exc:  # a tokenizer.json transformers cannot wrap: the checkpoint is still complete
@@ -163,17 +163,4 @@ def _check_recipe(path) -> None:
         raise InputError(f"recipe {path}: {exc}") from None
 
 
-_COMMANDS = {"eval": _cmd_eval, "check": _cmd_check, "demo": _cmd_demo, "quantize": _cmd_quantize}
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The ``routealign`` command (as :func:`routealign_cli.main`, once this package is imported)."""
-    from routealign_cli import parser
-
-    args = parser().parse_args(argv)
-    args.func = _COMMANDS[args.command]
-    return run(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+COMMANDS = {"eval": _cmd_eval, "check": _cmd_check, "demo": _cmd_demo, "quantize": _cmd_quantize}

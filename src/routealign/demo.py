@@ -67,23 +67,20 @@ def train_tiny_moe(out_dir: Path, seed: int = 0, steps: int = 300, seq_len: int 
 
 
 def _quantize(reference_dir: Path, out_dir: Path, method: str, calib: torch.Tensor, seed: int) -> float:
-    from datasets import Dataset
-    from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from transformers import AutoModelForCausalLM
 
+    from .calibration import oneshot_windows
     from .modifiers import RouterAlignedRoundingModifier
 
     model = AutoModelForCausalLM.from_pretrained(str(reference_dir), dtype=torch.float32)
-    data = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
     if method == "rtn":
         recipe = QuantizationModifier(targets="Linear", scheme="W4A16", ignore=["lm_head", "re:.*mlp.gate$"])
     else:
         recipe = RouterAlignedRoundingModifier(objective=method, scheme="W4A16", targets="Linear",
                                                ignore=["lm_head"], iters=200, seed=seed)
     start = time.perf_counter()
-    oneshot(model=model, dataset=data, num_calibration_samples=calib.shape[0], max_seq_length=calib.shape[1],
-            recipe=recipe, moe_calibrate_all_experts=False)
+    oneshot_windows(model, recipe, calib, moe_calibrate_all_experts=False)
     seconds = time.perf_counter() - start
     save_compressed(model, out_dir, overwrite=True)  # inside the demo's own folder (checked by run_demo)
     return seconds

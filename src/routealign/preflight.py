@@ -37,7 +37,7 @@ from typing import Literal
 import torch
 from compressed_tensors.utils.match import match_name
 
-from .checkpoint import (VLLM_IGNORES_TIED_EMBEDDINGS, _checkpoint_renamer, read_config, read_safetensors, skeleton,
+from .checkpoint import (VLLM_IGNORES_TIED_EMBEDDINGS, checkpoint_renamer, read_config, read_safetensors, skeleton,
                          vllm_needs_untied, weight_files)
 from .errors import CheckpointError
 from .routing import find_moe_layers
@@ -190,7 +190,7 @@ def check_checkpoint(path: str | Path) -> PreflightReport:
     apply_quantization_config(model, qconfig)
 
     # stored tensors: name -> (dtype, shape, file), names mapped to the model's (e.g. Mixtral's block_sparse_moe)
-    rename = _checkpoint_renamer(model)
+    rename = checkpoint_renamer(model)
     stored: dict[str, tuple[str, tuple[int, ...], Path]] = {}
     originals: dict[str, str] = {}
     for file in weight_files(folder):

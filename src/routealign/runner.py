@@ -19,7 +19,7 @@ from torch.func import functional_call
 from .distributed import all_reduce, world_size
 from .experts import batched_experts, input_quantization_plans
 from .routing import find_moe_layers
-from .schemes import ActivationQuantizer
+from .schemes import ActivationQuantizer, input_global_scale
 from .streams import BlockInputs, run_block, to_device
 from .validation import check_finite
 
@@ -205,9 +205,8 @@ class BlockRunner:
     def input_global_scales(self, q: BlockInputs, names: list[str], all_tokens: bool) -> dict[str, torch.Tensor]:
         """NVFP4 input global scales (float32 ``[1]``, compressed-tensors' ``generate_gparam``) of ``names`` from
         the largest input each sees on the quantized stream: every token (``all_tokens``) or only the routed ones. An
-        expert that saw no routed token takes the largest value among the same projection of the other experts."""
-        from compressed_tensors.quantization.utils import generate_gparam
-
+        expert that saw no routed token takes the largest value among the same projection of the other experts. A
+        non-finite scale is refused (:func:`routealign.schemes.input_global_scale`)."""
         if not names:
             return {}
         amax = self.routed_input_amax(q, names, all_tokens=all_tokens)
@@ -219,7 +218,7 @@ class BlockRunner:
         for n in names:
             value = amax.get(n, by_leaf.get(n.rsplit(".", 1)[-1]))
             if value is not None:
-                scales[n] = generate_gparam(-value.reshape(1).float(), value.reshape(1).float())
+                scales[n] = input_global_scale(value, f"{self.name}.{n}")
         return scales
 
     @torch.no_grad()

@@ -23,8 +23,7 @@ from compressed_tensors.quantization import QuantizationArgs, QuantizationStrate
 from compressed_tensors.quantization.quant_args import FP4_E2M1_DATA, FP8_E4M3_DATA, round_to_quantized_type_args
 from compressed_tensors.quantization.utils import calculate_qparams, calculate_range
 
-__all__ = [
-    "ActivationQuantizer","WeightQuantizer", "QParams", "nvfp4_global_scale"]
+__all__ = ["ActivationQuantizer", "WeightQuantizer", "QParams", "nvfp4_global_scale", "input_global_scale"]
 
 
 @dataclass
@@ -74,6 +73,23 @@ def nvfp4_global_scale(absmax: torch.Tensor) -> torch.Tensor:
     absmax = absmax.clamp(min=torch.finfo(absmax.dtype).tiny)
     scale = FP8_E4M3_DATA.max * FP4_E2M1_DATA.max / absmax
     return torch.nan_to_num(scale, nan=1.0, posinf=1.0, neginf=1.0).to(torch.float32)
+
+
+def input_global_scale(absmax: torch.Tensor | float, where: str) -> torch.Tensor:
+    """An NVFP4 ``input_global_scale`` (float32 ``[1]``) from the largest absolute input a module sees, with
+    compressed-tensors' ``generate_gparam`` (what llm-compressor's observers write). ``generate_gparam`` turns a NaN
+    maximum into the scale 1.0 and an infinite one into 0.0, both finite: a non-finite ``absmax`` is refused here,
+    with an error naming ``where``, and so is a non-finite result. (An all-zero input gets compressed-tensors' 1.0: any scale
+    represents zeros exactly.)"""
+    from compressed_tensors.quantization.utils import generate_gparam
+
+    from .validation import check_finite
+
+    value = torch.as_tensor(absmax, dtype=torch.float32).reshape(1)
+    check_finite(value, f"{where}: largest input (for the input global scale)")
+    scale = generate_gparam(-value, value)
+    check_finite(scale, f"{where}: input global scale")
+    return scale
 
 
 class WeightQuantizer:

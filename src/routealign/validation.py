@@ -29,6 +29,9 @@ __all__ = [
     "check_calibration",
     "check_router_settings",
     "check_finite",
+    "batch_input_ids",
+    "real_span",
+    "ROW_KEY",
 ]
 
 ROW_KEY = "dataset_row"  # key of a drawn calibration batch naming the dataset row it holds
@@ -74,7 +77,8 @@ class CalibrationSummary:
     variable: bool = False  # sequences of more than one real length
 
 
-def _input_ids(batch: Any, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def batch_input_ids(batch: Any, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``input_ids`` and ``attention_mask`` (or ``None``) of calibration batch ``index`` (a mapping or a tensor)."""
     if isinstance(batch, dict) or hasattr(batch, "keys"):
         if "input_ids" not in batch:
             raise InputError(f"calibration batch {index} has no 'input_ids' (keys: {sorted(batch.keys())})")
@@ -115,7 +119,7 @@ def check_calibration(batches: Iterable, vocab_size: int, min_seq_len: int = 2,
     samples, longest, count, padded, lengths = 0, 0, 0, False, set()
     for index, batch in enumerate(batches):
         count += 1
-        ids, mask = _input_ids(batch, index)
+        ids, mask = batch_input_ids(batch, index)
         # routealign.calibration draws one dataset row per batch and says which: name the row
         row_of = batch.get(ROW_KEY) if hasattr(batch, "get") else None
         name = f"dataset row {row_of}" if row_of is not None else f"batch {index} (in calibration order)"

@@ -1,4 +1,5 @@
-"""llm-compressor modifiers of routealign (thin lifecycle glue; the math lives in tuning, losses, schemes, smoothing)."""
+"""llm-compressor modifiers of routealign: one folder per algorithm (``base.py`` the lifecycle, the math beside it),
+``common.py`` what both share."""
 
 from .rounding import RouterAlignedRoundingModifier
 from .smoothing import ExpertAwareSmoothingModifier

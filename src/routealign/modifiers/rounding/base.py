@@ -17,17 +17,15 @@ from llmcompressor.modifiers import Modifier
 from llmcompressor.modifiers.quantization.calibration import apply_calibration_status
 from llmcompressor.modifiers.quantization.quantization import QuantizationMixin
 from llmcompressor.modifiers.utils.hooks import HooksMixin
-from llmcompressor.utils.pytorch import infer_sequential_targets
 
-from ...calibration import CalibrationTokens, calibration_tokens
 from ...distributed import suspended_offloading, world_size, write_parameters
 from ...errors import InputError, NotMoEError
 from ...losses import RouterLossConfig
 from ...routing import find_moe_layers
 from ...runner import LMTail
-from ...schemes import WeightQuantizer
-from ...streams import StreamEngine, canonical_order
-from ...validation import check_finite, check_group_sizes, check_router_settings
+from ...schemes import WeightQuantizer, input_global_scale
+from ...validation import check_group_sizes, check_router_settings
+from ..common import CausalCalibration, decoder_layer_order, final_norm
 from .config import TuningConfig
 from .tune import BlockTuner, RouterDecision, TuneResult
 from .weights import TunedWeight, quantized_writes
@@ -123,11 +121,10 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
 
     _layer_names: dict[int, str] = PrivateAttr(default_factory=dict)
     _layer_order: list[str] = PrivateAttr(default_factory=list)
-    _tokens: CalibrationTokens | None = PrivateAttr(default=None)
+    _calibration: CausalCalibration | None = PrivateAttr(default=None)
     _fp_hidden: torch.Tensor | None = PrivateAttr(default=None)
     _q_hidden: torch.Tensor | None = PrivateAttr(default=None)
     _report: list[dict] = PrivateAttr(default_factory=list)
-    _engine: StreamEngine | None = PrivateAttr(default=None)
     _targets: set[str] = PrivateAttr(default_factory=set)
     _outside: list[str] = PrivateAttr(default_factory=list)
 
@@ -166,19 +163,16 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
                 QuantizationMixin.initialize_quantization(self, model)
         # everything checkable is checked now, before any calibration forward
         where = type(self).__name__
-        classes = set(infer_sequential_targets(model, sequential_targets=kwargs.get("sequential_targets")))
-        self._layer_order = [n for n, m in model.named_modules() if type(m).__name__ in classes]
+        self._layer_order = decoder_layer_order(model, kwargs.get("sequential_targets"))
         if QuantizationMixin.has_config(self):
             self._resolve_targets(model, where)
         check_group_sizes(model, where)
         if self.objective == "vsraq":
             check_router_settings(moe_layers, self.boundary, where)
-        if state.data.calib is not None:
-            vocab = model.get_input_embeddings().num_embeddings
-            summary, self._tokens = calibration_tokens(state.data.calib, vocab, f"{where}: calibration dataset")
-            if summary.samples < self.batch_size:
-                logger.warning(f"{where}: {summary.samples} calibration sequences, fewer than batch_size "
-                               f"{self.batch_size}; every iteration uses all of them")
+        self._calibration, summary = CausalCalibration.draw(state, self._layer_order, where)
+        if summary is not None and summary.samples < self.batch_size:
+            logger.warning(f"{where}: {summary.samples} calibration sequences, fewer than batch_size "
+                           f"{self.batch_size}; every iteration uses all of them")
         for param in model.parameters():
             param.requires_grad_(False)
         self._layer_names = {id(model.get_submodule(n)): n for n in self._layer_order}
@@ -234,21 +228,13 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
         # second layer onwards are not the causal model's, and it gives layers no padding mask. Nothing is taken from
         # it: the first layer's inputs and every layer's keyword arguments (causal mask, position embeddings) come
         # from the model's own forward (routealign.streams.StreamEngine) on routealign's calibration sequences.
-        if self._engine is None:
-            self._engine = StreamEngine(model, self._layer_order)
+        calibration = self._calibration
         if self._q_hidden is None:
-            if self._tokens is None:
-                raise InputError(f"{type(self).__name__}: no calibration data was given (pass dataset= to oneshot)")
-            first = self._tokens.first_inputs(self._engine)
-            # llm-compressor's dataloader shuffles the calibration set with the global RNG; in a canonical order of
-            # the sequences the held-out split and the minibatches depend only on the set of sequences and the seed
-            order = canonical_order(first)
-            self._q_hidden = self._fp_hidden = first[order]
-            lengths = self._tokens.lengths
-            self._tokens = CalibrationTokens(self._tokens.ids[order], None if lengths is None else lengths[order])
-            logger.info(f"{type(self).__name__}: {self._tokens.describe()}")
-        layer_kwargs = self._engine.layer_kwargs(self._q_hidden.shape[1])
-        q = self._engine.block_inputs(name, self._q_hidden, self._tokens.lengths)
+            # in a canonical order of the sequences the held-out split and the minibatches depend only on the set
+            # of sequences and the seed
+            self._q_hidden = self._fp_hidden = calibration.first_inputs(canonical=True)
+        layer_kwargs = calibration.layer_kwargs(self._q_hidden.shape[1])
+        q = calibration.inputs(name, self._q_hidden)
         fp = q.with_hidden(self._fp_hidden)
         # only this modifier's own targets: another modifier in the recipe (e.g. GPTQ on attention) quantizes its
         targets = {n: m.quantization_scheme.weights for n, m in block.named_modules()
@@ -262,12 +248,12 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
         if self.decide_on == "lm_head":
             rest = self._layer_order[self._layer_order.index(name) + 1:]
             lm_tail = LMTail([model.get_submodule(n) for n in rest], [layer_kwargs[n] for n in rest],
-                             self._final_norm(model), model.get_output_embeddings())
+                             final_norm(model), model.get_output_embeddings())
         # the tail repeats the downstream layers (and, for the last layer, the output norm): each module once
         tail = [] if lm_tail is None else _distinct(*lm_tail.layers, lm_tail.norm, lm_tail.head, exclude=downstream)
         # our own forwards must not trigger hooks (another modifier's, e.g. GPTQ's, would record them)
         with HooksMixin.disable_hooks(), align_modules([block] + downstream + tail):
-            output_norm = self._final_norm(model) if not chain else None
+            output_norm = final_norm(model) if not chain else None
             with suspended_offloading(*_distinct(block, *downstream, *tail, output_norm)):
                 tuner = BlockTuner(block, targets, self.loss_config(), self.tuning_config(), downstream, name,
                                    output_norm=output_norm, activations=activations,
@@ -278,8 +264,6 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
             with suspended_offloading(block):
                 scales = tuner.runner.input_global_scales(q, list(activations),
                                                           all_tokens=self.activation_scale_tokens == "all")
-                for n, scale in scales.items():
-                    check_finite(scale, f"{name}.{n}: input global scale")
                 modules = {n: block.get_submodule(n) for n in scales}
                 write_parameters([(modules[n], "input_global_scale", scale.to(modules[n].input_global_scale.dtype))
                                   for n, scale in scales.items()])
@@ -319,16 +303,6 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
                 break
         return chain
 
-    @staticmethod
-    def _final_norm(model: torch.nn.Module) -> torch.nn.Module | None:
-        """The norm between the last decoder layer and the LM head, where transformers models keep it."""
-        base = getattr(model, "model", model)
-        for attr in ("norm", "norm_f", "final_layernorm"):
-            module = getattr(base, attr, None)
-            if isinstance(module, torch.nn.Module):
-                return module
-        return None
-
     def _unreachable(self, tuner: BlockTuner, name: str) -> list[str]:
         """Routers in scope whose objective cannot reach any tuned weight (``block`` scope when every target lies
         after the router, e.g. a Nemotron-H block that holds only the MoE). Logged as a warning and listed in the
@@ -348,8 +322,6 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
     def _quantize_outside(self, model: torch.nn.Module) -> None:
         """RTN (compressed-tensors' arithmetic, as QuantizationModifier) for targets outside the decoder layers;
         the LM head's NVFP4 input global scale from the final norm of the quantized stream."""
-        from compressed_tensors.quantization.utils import generate_gparam
-
         writes = []
         for n in self._outside:
             module = model.get_submodule(n)
@@ -358,14 +330,12 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
                 scale = quantizer.global_scale(module.weight.detach()) if quantizer.uses_global_scale else None
                 writes += quantized_writes(TunedWeight(n, module, quantizer, scale, None), n)
                 if _needs_input_scale(module) and self._q_hidden is not None:
-                    norm = self._final_norm(model)
+                    norm = final_norm(model)
                     hidden = self._q_hidden
                     with align_modules([norm]) if norm is not None else contextlib.nullcontext():
                         amax = max(float((norm(hidden[i : i + 8].to(module.weight.device)) if norm is not None
                                           else hidden[i : i + 8]).abs().amax()) for i in range(0, hidden.shape[0], 8))
-                    value = torch.tensor([amax], dtype=torch.float32)
-                    gparam = generate_gparam(-value, value)
-                    check_finite(gparam, f"{n}: input global scale")
+                    gparam = input_global_scale(amax, n)
                     writes.append((module, "input_global_scale", gparam.to(module.input_global_scale.dtype)))
         write_parameters(writes)
         if self._outside:
@@ -376,10 +346,10 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
         self._quantize_outside(state.model)
         QuantizationMixin.end_calibration(self, state.model)
         self.remove_hooks()
-        self._tokens = None
+        if self._calibration is not None:
+            self._calibration.release()
         self._fp_hidden = None
         self._q_hidden = None
-        self._engine = None
 
 
 def _distinct(*modules: torch.nn.Module | None, exclude=()) -> list[torch.nn.Module]:

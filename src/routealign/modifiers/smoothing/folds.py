@@ -40,7 +40,7 @@ from typing import Callable, Literal
 
 import torch
 
-from .schemes import WeightQuantizer
+from ...schemes import WeightQuantizer
 
 __all__ = [
     "Mapping",

@@ -3,7 +3,7 @@ router-objective settings, then measured on held-out sequences: the block-output
 error and top-k overlap, and the error at the output of the first routing layer downstream (the criterion
 ``router_gate`` uses), the layers in between unquantized.
 
-    python benchmarks/router_heldout.py --model ../shared/models/tiny-qwen3_moe --layers 1 3 \
+    python benchmarks/diagnostics/router_heldout.py --model ../shared/models/tiny-qwen3_moe --layers 1 3 \
         --variants '{"none": {"objective": "none"}, "vsraq": {"objective": "vsraq"}}' --out /tmp/rh
 
 The block's inputs are the causal unquantized stream (routealign.streams), for tuning and measuring alike.
@@ -27,8 +27,8 @@ DEFAULT_VARIANTS = {"rtn": {"objective": "none", "iters": 0}, "none": {"objectiv
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=Path(__file__).resolve().parents[2] / "shared/models/tiny-qwen3_moe")
-    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/wikitext-2")
+    parser.add_argument("--model", type=Path, default=Path(__file__).resolve().parents[3] / "shared/models/tiny-qwen3_moe")
+    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[3] / "shared/data/wikitext-2")
     parser.add_argument("--layers", type=int, nargs="+", default=[2])
     parser.add_argument("--variants", default=json.dumps(DEFAULT_VARIANTS),
                         help="JSON: name -> RouterAlignedRoundingModifier fields (objective, router_weight, ...)")

@@ -1,7 +1,7 @@
 """Aggregate run_one.py rows (``*/row.json`` under a folder) into a markdown table (mean ± std over seeds), a JSON
 summary and a plot of quality against wall time.
 
-    python benchmarks/summarize.py /tmp/bench/r --out /tmp/bench/summary
+    python benchmarks/pipeline/summarize.py /tmp/bench/r --out /tmp/bench/summary
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Arithmetic floor of one learned-rounding iteration, and how far a measured run is from it.
 
-    python benchmarks/cost_model.py --model ../shared/models/tiny-qwen3_moe            # + measured matmul rate
-    python benchmarks/cost_model.py --preset qwen3-30b-a3b --preset glm-4.5-air         # on paper
-    python benchmarks/cost_model.py --preset qwen3-30b-a3b --preset glm-4.5-air --gpu h100 --gpu h200
+    python benchmarks/tools/cost_model.py --model ../shared/models/tiny-qwen3_moe            # + measured matmul rate
+    python benchmarks/tools/cost_model.py --preset qwen3-30b-a3b --preset glm-4.5-air         # on paper
+    python benchmarks/tools/cost_model.py --preset qwen3-30b-a3b --preset glm-4.5-air --gpu h100 --gpu h200
                                                                                  # whole-run predictions per config
 
 One iteration of RouterAlignedRoundingModifier on one decoder block, ``batch`` sequences of ``seq_len`` tokens

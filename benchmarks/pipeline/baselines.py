@@ -5,7 +5,7 @@ with the model's tokenizer.json, no special tokens), model in bf16; calibration 
 windows of 512 ids at random offsets (numpy default_rng(0)) of wiki.train.tokens encoded the same way; targets
 "Linear", ignore lm_head and the routers; defaults otherwise (moe_calibrate_all_experts=True).
 
-    python benchmarks/baselines.py --model ../shared/models/tiny-qwen3_moe --scheme W4A16 --out /tmp/bench
+    python benchmarks/pipeline/baselines.py --model ../shared/models/tiny-qwen3_moe --scheme W4A16 --out /tmp/bench
 
 Writes, per scheme, the compressed checkpoint, routealign's eval report (JSON, markdown, plots) and a summary
 row to ``baselines.json`` / ``baselines.md`` in --out, with machine, versions and thread count.
@@ -23,22 +23,19 @@ import torch
 
 
 def quantize(model_dir: Path, out_dir: Path, scheme: str, calib: torch.Tensor | None) -> float:
-    from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from transformers import AutoModelForCausalLM
 
+    from routealign.calibration import oneshot_windows
+
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16)
-    kwargs = {}
-    if calib is not None:
-        kwargs = dict(
-            dataset=Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()}),
-            num_calibration_samples=calib.shape[0],
-            max_seq_length=calib.shape[1],
-        )
     recipe = QuantizationModifier(targets="Linear", scheme=scheme, ignore=["lm_head", "re:.*mlp.gate$"])
     start = time.perf_counter()
-    oneshot(model=model, recipe=recipe, **kwargs)
+    if calib is None:
+        oneshot(model=model, recipe=recipe)
+    else:
+        oneshot_windows(model, recipe, calib)
     seconds = time.perf_counter() - start
     model.save_pretrained(str(out_dir), save_compressed=True)
     return seconds
@@ -48,7 +45,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--scheme", nargs="+", default=["W4A16"])
-    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/wikitext-2")
+    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[3] / "shared/data/wikitext-2")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()

@@ -1,6 +1,6 @@
 """Train a small DeepSeek-V3-family reference MoE on WikiText-2, on the CPU, within a time budget.
 
-    python benchmarks/train_deepseek.py --minutes 28 --out ~/.cache/routealign/models/tiny-deepseek_v3
+    python benchmarks/models/train_deepseek.py --minutes 28 --out ~/.cache/routealign/models/tiny-deepseek_v3
 
 The architecture is the one benchmarks need and the shared models lack: MLA attention, 16 routed experts with top-4
 selection on ``sigmoid(z) + e_score_correction_bias`` restricted to the 2 best of 4 expert groups,
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def config(vocab: int):

@@ -1,6 +1,6 @@
 """Serve a routealign checkpoint with a real vLLM on the CPU and compare it token by token with routealign's reload.
 
-    python benchmarks/serve_vllm_cpu.py --checkpoint OUT/qwen-vsraq-w4a16 --reference ../shared/models/tiny-qwen3_moe
+    python benchmarks/tools/serve_vllm_cpu.py --checkpoint OUT/qwen-vsraq-w4a16 --reference ../shared/models/tiny-qwen3_moe
 
 What it does, in one command:
 

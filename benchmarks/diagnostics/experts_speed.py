@@ -1,7 +1,7 @@
 """Seconds per tuning iteration with llm-compressor's per-expert loop vs routealign's batched experts, on one
 decoder block of a model (default: the shared tiny-qwen3_moe), same data, same settings.
 
-    python benchmarks/experts_speed.py --model ../shared/models/tiny-qwen3_moe --iters 20 [--scheme NVFP4]
+    python benchmarks/diagnostics/experts_speed.py --model ../shared/models/tiny-qwen3_moe --iters 20 [--scheme NVFP4]
 
 With ``--scheme NVFP4`` the tuning forward also simulates the input-activation quantization (as the modifier does):
 the loop applies it in hooks on every expert Linear, the batched forward to the stacked tokens.
@@ -19,7 +19,7 @@ import torch
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=Path(__file__).resolve().parents[2] / "shared/models/tiny-qwen3_moe")
+    parser.add_argument("--model", type=Path, default=Path(__file__).resolve().parents[3] / "shared/models/tiny-qwen3_moe")
     parser.add_argument("--layer", type=int, default=2)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--samples", type=int, default=16)

@@ -1,11 +1,11 @@
 """One command for the side-by-side benchmark: every method in its own process, one after another on this
 machine, then a table (JSON + markdown) and a quality-vs-time plot.
 
-    python benchmarks/compare.py --out /tmp/bench                                   # built-in tiny model (CPU: ~10 min)
-    python benchmarks/compare.py --model ../shared/models/tiny-qwen3_moe --out /tmp/bench-qwen \\
+    python benchmarks/pipeline/compare.py --out /tmp/bench                                   # built-in tiny model (CPU: ~10 min)
+    python benchmarks/pipeline/compare.py --model ../shared/models/tiny-qwen3_moe --out /tmp/bench-qwen \\
         --methods rtn gptq autoround none vsraq --schemes W4A16 NVFP4 --seeds 0 1 2
 
-    python benchmarks/compare.py --protocol w3a16-stress --model ../shared/models/tiny-qwen3_moe \
+    python benchmarks/pipeline/compare.py --protocol w3a16-stress --model ../shared/models/tiny-qwen3_moe \
         --model ../shared/models/tiny-glm4_moe --out /tmp/stress           # the W3A16 stress protocol, one command
 
 ``--protocol quick``: 32 x 256 calibration windows, 50 iterations, float32 model, one thread per run, test ppl on 64 x
@@ -52,7 +52,7 @@ def machine(threads: int) -> dict:
     return info
 
 
-DATA = HERE.parents[1] / "shared/data/wikitext-2"
+DATA = HERE.parents[2] / "shared/data/wikitext-2"
 QUICK = ["--samples", "32", "--seq-len", "256", "--dtype", "float32", "--eval-rows", "64", "--valid-text",
          str(DATA / "wiki.valid.tokens"), "--ignore", "re:.*kv_b_proj$", "--generate", "32"]
 PROTOCOLS = {

@@ -1,7 +1,7 @@
 """Quantize one model with one method and evaluate it (one process per run, so that wall time and peak memory
 belong to that run alone). Used by compare.py; runnable by hand:
 
-    python benchmarks/run_one.py --model ../shared/models/tiny-qwen3_moe --method vsraq --scheme W4A16 \
+    python benchmarks/pipeline/run_one.py --model ../shared/models/tiny-qwen3_moe --method vsraq --scheme W4A16 \
         --seed 0 --out /tmp/bench/vsraq-w4a16-s0
 
 Methods: rtn (QuantizationModifier), gptq (GPTQModifier), autoround (llm-compressor's AutoRoundModifier), awq
@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-rows", type=int, default=64)
-    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/wikitext-2")
+    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[3] / "shared/data/wikitext-2")
     parser.add_argument("--train-text", type=Path, help="calibration text (default: DATA/wiki.train.tokens)")
     parser.add_argument("--test-text", type=Path, help="evaluation text (default: DATA/wiki.test.tokens)")
     parser.add_argument("--valid-text", type=Path,
@@ -119,10 +119,9 @@ def main() -> None:
     torch.manual_seed(args.seed)
 
     import routealign  # noqa: F401  (registers the modifiers)
-    from datasets import Dataset
-    from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM
 
+    from routealign.calibration import oneshot_windows
     from routealign.checkpoint import load_model, save_compressed
     from routealign.evaluate import evaluate
     from routealign.textdata import calibration_windows, encode_text, eval_rows, find_tokenizer
@@ -140,7 +139,6 @@ def main() -> None:
 
         IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
     model = AutoModelForCausalLM.from_pretrained(str(args.model), dtype=getattr(torch, args.dtype))
-    data = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
     steps = recipe(args.method, args.scheme, args.iters, args.seed, json.loads(args.extra), args.smooth,
                    json.loads(args.smooth_extra), ignore=args.ignore, group_size=args.group_size)
     flat = [m for step in steps for m in (step if isinstance(step, list) else [step])]
@@ -148,8 +146,7 @@ def main() -> None:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    oneshot(model=model, dataset=data, recipe=flat, num_calibration_samples=args.samples,
-            max_seq_length=args.seq_len, moe_calibrate_all_experts=args.moe_calibrate_all_experts)
+    oneshot_windows(model, flat, calib, moe_calibrate_all_experts=args.moe_calibrate_all_experts)
     seconds = time.perf_counter() - start
     peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
