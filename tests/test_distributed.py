@@ -117,6 +117,10 @@ def _counts_and_maxima(rank: int, world: int, init: str, out: str) -> None:
         dist.destroy_process_group()
 
 
+def _expert(weight: str) -> int:
+    return int(weight.split(".experts.")[1].split(".")[0])
+
+
 def test_routed_token_counts_and_expert_input_maxima_are_reduced_over_ranks(tmp_path):
     """The starved-expert fallback is decided on the routed-token counts summed over ranks, and the expert input
     maxima (NVFP4 input global scales) are the maxima over ranks: every rank decides and writes the same."""
@@ -137,11 +141,9 @@ def test_routed_token_counts_and_expert_input_maxima_are_reduced_over_ranks(tmp_
     total = a0["counts"][layer] + a1["counts"][layer]
     starved = {e for e in range(total.numel()) if int(total[e]) < 24}
     for run in (r0, r1):
-        fallen = {int(name.split(".experts.")[1].split(".")[0]) for name in run["fallback"]}
-        assert fallen == starved
-        assert all(count == int(total[int(name.split(".experts.")[1].split(".")[0])])
-                   for name, count in run["fallback"].items())
-    alone_fallen = {int(name.split(".experts.")[1].split(".")[0]) for name in a0["fallback"]}
+        assert {_expert(name) for name in run["fallback"]} == starved
+        assert all(count == int(total[_expert(name)]) for name, count in run["fallback"].items())
+    alone_fallen = {_expert(name) for name in a0["fallback"]}
     assert alone_fallen != starved  # rank 0's samples alone would decide otherwise: the test sees the reduction
     assert r0["amax"].keys() == r1["amax"].keys() == a0["amax"].keys() | a1["amax"].keys()
     for name in r0["amax"]:

@@ -92,8 +92,6 @@ def _write_lm_head(model, folder: Path) -> bool:
     if head is None or embed is None or id(head) not in names or id(embed) not in names:
         return False
     head_key, embed_key = f"{names[id(head)]}.weight", f"{names[id(embed)]}.weight"
-    from safetensors.torch import load_file, save_file
-
     index_file = folder / "model.safetensors.index.json"
     index = json.loads(index_file.read_text()) if index_file.is_file() else None
     if index is not None:
@@ -101,14 +99,22 @@ def _write_lm_head(model, folder: Path) -> bool:
     else:
         with read_safetensors(folder / "model.safetensors") as handle:
             stored = list(handle.keys())
+    # an LM head the files hold already is its own weights (a model class that never ties, e.g. transformers'
+    # Nemotron-H whatever its config says, or a head quantized after untying): what the model computes is in the
+    # files, and the embedding must not replace it
     head_prefix = head_key[: -len("weight")]
-    if any(k.startswith(head_prefix) for k in stored):
-        # the LM head is stored already (its own weights: a model class that never ties, e.g. transformers'
-        # Nemotron-H whatever its config says, or a head quantized after untying): what the model computes is in
-        # the files, and the embedding must not replace it
-        config["tie_word_embeddings"] = False
-        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        return True
+    if not any(k.startswith(head_prefix) for k in stored):
+        _store_embedding_as_head(folder, index, stored, head_key, embed_key)
+    config["tie_word_embeddings"] = False
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return True
+
+
+def _store_embedding_as_head(folder: Path, index: dict | None, stored: list[str], head_key: str,
+                             embed_key: str) -> None:
+    """Write the stored input embedding again as ``head_key`` (into its own file for a sharded checkpoint)."""
+    from safetensors.torch import load_file, save_file
+
     if embed_key not in stored:  # saved under the checkpoint's own name (Nemotron-H: backbone.embeddings)
         suffix = "." + embed_key.rsplit(".", 2)[-2] + ".weight"
         candidates = [k for k in stored if k.endswith(suffix)]
@@ -120,7 +126,7 @@ def _write_lm_head(model, folder: Path) -> bool:
             weight = handle.get_tensor(embed_key)
         save_file({head_key: weight.clone()}, str(folder / "model-lm_head.safetensors"), metadata={"format": "pt"})
         index["weight_map"][head_key] = "model-lm_head.safetensors"
-        index_file.write_text(json.dumps(index, indent=2) + "\n")
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     else:
         file = folder / "model.safetensors"
         with read_safetensors(file) as handle:
@@ -128,9 +134,6 @@ def _write_lm_head(model, folder: Path) -> bool:
         tensors = load_file(str(file))
         tensors[head_key] = tensors[embed_key].clone()
         save_file(tensors, str(file), metadata=metadata or {"format": "pt"})
-    config["tie_word_embeddings"] = False
-    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return True
 
 
 @contextlib.contextmanager

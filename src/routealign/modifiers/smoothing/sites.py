@@ -167,8 +167,8 @@ def expert_down_sites(layer: MoELayer, stats: SiteStats, powers: list[int | None
     """One site per expert whose up/down pair folds (``powers[e]`` not ``None``), built as it is asked for (fold
     each before the next is built: only one expert's intermediate activations are held); an expert no calibration
     token was routed to gives the string ``where`` instead (not smoothed)."""
-    x_all = torch.cat(stats.sample) if stats.sample else torch.zeros(0)
-    idx_all = torch.cat(stats.sample_idx) if stats.sample_idx else torch.zeros(0, dtype=torch.long)
+    x_all = stats.tokens(stats.max.shape[-1])
+    idx_all = stats.token_experts()
     for e, (expert, power) in enumerate(zip(moe_experts(layer), powers)):
         if power is None:
             continue
@@ -179,7 +179,7 @@ def expert_down_sites(layer: MoELayer, stats: SiteStats, powers: list[int | None
         down = expert.down_proj
         wmax = column_absmax(down.weight)
         wq, aq = ctx.quantizers(down)
-        rows = (idx_all == e).any(-1) if idx_all.numel() else torch.zeros(0, dtype=torch.bool)
+        rows = (idx_all == e).any(-1)
         with torch.no_grad():
             h = expert_hidden(expert, x_all[rows].to(down.weight.device)) if rows.any() else x_all[:0]
         yield Site(
