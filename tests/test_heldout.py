@@ -14,7 +14,8 @@ from routealign import RouterAlignedRoundingModifier
 from routealign.losses import RouterLossConfig
 from routealign.streams import BlockInputs, StreamEngine
 from routealign.tiny import save_tiny, tiny_model
-from routealign.distributed import global_mean_of, suspended_offloading
+from routealign.distributed import suspended_offloading
+from routealign.modifiers.rounding.heldout import mean_of
 from routealign.modifiers.rounding import BlockTuner, RouterDecision, TuningConfig
 
 from .conftest import calibration_ids
@@ -45,7 +46,7 @@ def _tune(block, nxt, targets, q, next_kwargs, objective, **config):
 
 def _downstream(tuner, q, held):
     """Mean held-out downstream error of the tuner's current (kept) rounding."""
-    return global_mean_of(tuner.heldout(q, tuner.reference(q), held).downstream_errors())
+    return mean_of(tuner.heldout(q, tuner.reference(q), held).downstream_errors())
 
 
 def _state(tuner):

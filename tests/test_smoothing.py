@@ -139,18 +139,6 @@ def test_unknown_mapping_and_bad_fields_are_clear_errors(tmp_path):
         _oneshot(model, ExpertAwareSmoothingModifier(s_min=10.0, s_max=1.0))
 
 
-def test_distributed_mode_is_refused_before_any_weight_changes(tmp_path, monkeypatch):
-    import routealign.modifiers.smoothing.base as smoothing_modifier
-
-    model = _load(tmp_path, "qwen3_moe")
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    monkeypatch.setattr(smoothing_modifier, "world_size", lambda: 2)
-    with pytest.raises(InputError, match=r"ExpertAwareSmoothingModifier: llm-compressor's distributed mode \(2 "
-                                         r"ranks\) is not supported by the smoothing; run it in one process"):
-        _oneshot(model, ExpertAwareSmoothingModifier())
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-
-
 def test_composes_with_rounding_in_one_recipe_and_saves_a_vllm_ready_checkpoint(tmp_path):
     save_tiny("qwen3_moe", tmp_path / "m", seed=3)
     recipe = tmp_path / "recipe.yaml"

@@ -97,8 +97,8 @@ def test_modifier_unquantized_stream_equals_the_model_after_every_layer(family, 
     seen = {}
     original = BlockTuner.tune
 
-    def record(self, q, fp):
-        out = original(self, q, fp)
+    def record(self, q, fp, *args):
+        out = original(self, q, fp, *args)
         seen.setdefault("input", fp.hidden.detach().clone())
         seen[self.name] = out.outputs.detach().clone()
         return out

@@ -4,6 +4,8 @@
     python benchmarks/tools/cost_model.py --preset qwen3-30b-a3b --preset glm-4.5-air         # on paper
     python benchmarks/tools/cost_model.py --preset qwen3-30b-a3b --preset glm-4.5-air --gpu h100 --gpu h200
                                                                                  # whole-run predictions per config
+    python benchmarks/tools/cost_model.py --preset qwen3-30b-a3b --preset deepseek-v3 --gpu h100 --ranks 1 --ranks 8
+                                                     # + data-parallel runs: time, all-reduce and memory per rank
 
 One iteration of RouterAlignedRoundingModifier on one decoder block, ``batch`` sequences of ``seq_len`` tokens
 (N = batch * seq_len tokens), router_scope ``next``:
@@ -52,6 +54,8 @@ class Shape:
     shared_inter: int = 0
     gated: bool = True
     vocab: int = 151_936
+    attn_params: int | None = None  # attention weights per layer when not q/k/v/o of heads x head_dim (MLA)
+    total_params: float | None = None  # the whole model's parameters (host memory); None: layers x block
 
 
 # published config.json values of two public MoEs (on paper; check against the real config before relying)
@@ -59,6 +63,11 @@ PRESETS = {
     "qwen3-30b-a3b": Shape("Qwen3-30B-A3B", 48, 48, 2048, 32, 4, 128, 128, 8, 768),
     "glm-4.5-air": Shape("GLM-4.5-Air (106B)", 46, 45, 4096, 96, 8, 128, 128, 8, 1408, shared_inter=1408,
                          vocab=151_552),
+    # MLA attention per layer: q_a 7168x1536, q_b 1536x(128x192), kv_a 7168x576, kv_b 512x(128x256), o 16384x7168;
+    # head_dim 192 (the query/key width, the larger of QK's 192 and AV's 128); 3 dense layers counted as MoE ones
+    "deepseek-v3": Shape("DeepSeek-V3 (671B)", 61, 58, 7168, 128, 128, 192, 256, 8, 2048, shared_inter=2048,
+                         vocab=129_280, attn_params=7168 * 1536 + 1536 * 128 * 192 + 7168 * 576 + 512 * 128 * 256
+                         + 128 * 128 * 7168, total_params=671e9),
 }
 
 
@@ -75,9 +84,13 @@ def from_config(path: Path) -> Shape:
                  vocab=c["vocab_size"])
 
 
+def attention_params(s: Shape) -> int:
+    return s.attn_params or s.hidden * (s.heads * s.head_dim) * 2 + s.hidden * (s.kv_heads * s.head_dim) * 2
+
+
 def iteration_cost(s: Shape, batch: int, seq_len: int, scope: str = "next") -> dict:
     n = batch * seq_len
-    p_attn = s.hidden * (s.heads * s.head_dim) * 2 + s.hidden * (s.kv_heads * s.head_dim) * 2
+    p_attn = attention_params(s)
     scores = 2 * 2 * n * (seq_len / 2) * s.head_dim * s.heads  # QK and AV, causal half
     mult = 3 if s.gated else 2
     p_expert = mult * s.hidden * s.expert_inter
@@ -145,6 +158,74 @@ def run_cost(s: Shape, c: Config, samples: int, seq_len: int, batch: int, all_ex
     return {"flops": flops, "bytes": bytes_}
 
 
+# data-parallel calibration (llm-compressor's torchrun oneshot, routealign's reductions). Link bandwidths are
+# on paper: NCCL all-reduce bus bandwidth seen in public nccl-tests on 8-GPU NVLink/NVSwitch nodes (H100/H200 ~360-
+# 480 GB/s), PCIe gen5 x16 peer-to-peer ~25 GB/s; not measured here.
+LINKS = {"nvlink": 360e9, "pcie": 25e9}
+GROUP = 128  # W4A16 group size: two clip parameters per group of a tuned weight
+
+
+def expected_max_share(samples: int, ranks: int, batch: int, holdout: float, draws: int = 400) -> float:
+    """Mean over minibatches of the most sequences any rank holds of one minibatch: llm-compressor's contiguous
+    partition of the (canonically ordered) calibration set, a random held-out part, minibatches drawn over the rest
+    (``CyclicBatches``). Every step waits for the busiest rank."""
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(samples, generator=g)
+    train = perm[int(samples * holdout):]
+    owner = torch.tensor([next(r for r in range(ranks) if (samples * (r + 1)) // ranks > i) for i in range(samples)])
+    worst = []
+    while len(worst) < draws:
+        order = train[torch.randperm(train.numel(), generator=g)]
+        for i in range(0, order.numel() - batch + 1, batch):
+            worst.append(int(torch.bincount(owner[order[i:i + batch]], minlength=ranks).max()))
+    return sum(worst[:draws]) / draws
+
+
+def ddp_run_cost(s: Shape, c: Config, samples: int, seq_len: int, batch: int, ranks: int, spec: dict,
+                 link: float, overhead: float) -> dict:
+    """Per rank, one whole run with ``ranks`` data-parallel ranks: time, all-reduce traffic and memory.
+
+    - Time: the tuning steps' matmuls scale with the busiest rank's share of each minibatch
+      (:func:`expected_max_share`); the held-out evaluations, the one-off passes and llm-compressor's pipeline split
+      evenly; the per-weight work of fake quantization and the signed step does not split (every rank steps every
+      parameter). The gradients' all-reduce adds ``2 (R-1)/R x bytes / link`` per step (ring), not overlapped.
+    - Traffic per step: the rounding offsets' gradients (one float32 per tuned weight) and the clip parameters' (two
+      per group of 128); twice that when the router term is balanced (``router_balance``: the MSE and router
+      gradients are reduced apart), plus a few scalars (losses, token counts).
+    - GPU memory: the tuned block's float32 tuning state (weight, offset, its gradient, the fake-quantized copy and
+      its gradient, and the two reduced gradient copies when balanced: ~28 bytes per weight; 20 otherwise), the
+      next block's weights (scope next), the activations of this rank's share of a minibatch. Host memory: the model
+      in bfloat16 once per node (compressed-tensors' shared CPU offload) and per rank its calibration streams
+      (quantized and unquantized inputs, unquantized outputs: 3 x S/R x T x h float32).
+    """
+    step = iteration_cost(s, batch, seq_len, c.scope)
+    tuned = step["tuned_params"]
+    share = expected_max_share(samples, ranks, batch, c.holdout) / batch
+    one_rank = run_cost(s, c, samples, seq_len, batch)
+    per_weight = s.layers * c.arms * c.iters * tuned * 4 * 10  # fake quant and step: bytes, every rank
+    matmul_flops = one_rank["flops"] - 0  # all FLOPs are matmul/attention work on tokens
+    step_flops = s.layers * c.arms * c.iters * step["flops"]
+    rest_flops = matmul_flops - step_flops
+    compute = (step_flops * share + rest_flops / ranks) / spec[c.dtype]
+    memory_time = per_weight / spec["hbm"]
+    balanced = c.arms > 1 or c.scope == "next"
+    grad_floats = (tuned + 2 * tuned // GROUP) * (2 if balanced else 1)
+    step_bytes = grad_floats * 4
+    ring = 2 * (ranks - 1) / ranks * step_bytes if ranks > 1 else 0.0
+    comm = s.layers * c.arms * c.iters * ring / link
+    seconds = (max(compute, memory_time)) * overhead + comm
+    next_block = (attention_params(s) + s.hidden * s.experts) * 4 if c.scope == "next" else 0
+    act = step["bytes"] - tuned * 4 * 10  # activation bytes of the whole minibatch
+    gpu = tuned * (28 if balanced else 20) + next_block + act * share
+    total_params = s.total_params or s.layers * (tuned + s.hidden * s.experts) + 2 * s.vocab * s.hidden
+    host_node = total_params * 2
+    host_rank = 3 * (samples / ranks) * seq_len * s.hidden * 4
+    return {"seconds": seconds, "compute_s": compute * overhead, "memory_s": memory_time * overhead,
+            "allreduce_s": comm, "allreduce_MB_per_step": step_bytes / 1e6, "sent_MB_per_step": ring / 1e6,
+            "busiest_share": share, "gpu_GB": gpu / 1e9, "host_GB_node": host_node / 1e9,
+            "host_GB_rank": host_rank / 1e9}
+
+
 def measure_matmul(size: int, dtype=torch.float32, device: str = "cpu", repeats: int = 5) -> float:
     """GFLOP/s of ``size``-square matmuls on this machine (best of ``repeats``)."""
     a = torch.randn(size, size, dtype=dtype, device=device)
@@ -175,6 +256,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=128, help="calibration sequences (for --gpu)")
     parser.add_argument("--all-experts", action="store_true",
                         help="llm-compressor's moe_calibrate_all_experts=True in the pipeline's passes (for --gpu)")
+    parser.add_argument("--ranks", type=int, action="append", default=[],
+                        help="with --gpu: predict data-parallel runs with this many ranks (one GPU each)")
+    parser.add_argument("--link", choices=sorted(LINKS), default="nvlink", help="with --ranks: the GPUs' interconnect")
     parser.add_argument("--overhead", type=float, default=2.4,
                         help="measured wall time / arithmetic floor applied to the GPU floor (default: the CPU's)")
     args = parser.parse_args()
@@ -216,7 +300,29 @@ def main() -> None:
         for p in predictions:
             print(f"| {p['gpu']} | {p['model']} | {p['config']} | {p['PFLOP']:.1f} | {p['floor_min']:.1f} min | "
                   f"{p['predicted_min']:.1f} min |")
-    print(json.dumps({"per_iteration": rows, "predictions": predictions}, indent=1))
+    ddp = []
+    for gpu in args.gpu:
+        spec = GPUS[gpu]
+        for shape in shapes:
+            for ranks in args.ranks:
+                for label, config in CONFIGS.items():
+                    if config.name not in ("default", "plain"):
+                        continue
+                    cost = ddp_run_cost(shape, config, args.samples, args.seq_len, args.batch, ranks, spec,
+                                        LINKS[args.link], args.overhead)
+                    ddp.append({"gpu": spec["name"], "model": shape.name, "ranks": ranks, "config": config.name,
+                                **cost})
+    if ddp:
+        print(f"\n| GPU | model | ranks | config | predicted h per rank | all-reduce per step (sent) | all-reduce h "
+              f"({args.link}) | busiest share | GPU GB per rank | host GB (node + per rank) |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for d in ddp:
+            fits = "" if d["gpu_GB"] <= 141 else " (over 141)"
+            print(f"| {d['gpu']} | {d['model']} | {d['ranks']} | {d['config']} | {d['seconds'] / 3600:.1f} | "
+                  f"{d['allreduce_MB_per_step']:.0f} MB ({d['sent_MB_per_step']:.0f} MB) | "
+                  f"{d['allreduce_s'] / 3600:.2f} | {d['busiest_share']:.2f} | {d['gpu_GB']:.1f}{fits} | "
+                  f"{d['host_GB_node']:.0f} + {d['host_GB_rank']:.1f} |")
+    print(json.dumps({"per_iteration": rows, "predictions": predictions, "data_parallel": ddp}, indent=1))
 
 
 if __name__ == "__main__":

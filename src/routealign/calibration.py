@@ -72,6 +72,12 @@ def draw_calibration(loader: Any) -> list[dict]:
 
 def _draw(loader: Any) -> list[dict]:
     dataset, sampler = getattr(loader, "dataset", None), getattr(loader, "sampler", None)
+    # llm-compressor 0.14.0.1 under torch.distributed with the same dataset on every rank: its sampler indexes this
+    # rank's partition (dataset.select(range(start, end))) while the DataLoader keeps the whole dataset, so the
+    # loader yields the first partition's rows on every rank; the rows the sampler means are its own data source's
+    source = getattr(sampler, "data_source", None)
+    if source is not None and dataset is not None and source is not dataset and len(source) != len(dataset):
+        dataset = source
     known, limit = _known_collator(getattr(loader, "collate_fn", None))
     if known and dataset is not None and sampler is not None:
         batches = []
@@ -166,8 +172,18 @@ def windows_dataset(windows: torch.Tensor, attention_mask: torch.Tensor | None =
 def oneshot_windows(model, recipe, windows: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
     """llm-compressor's ``oneshot`` of ``model`` with ``recipe`` (a YAML path, a modifier or a list) calibrated on
     every one of ``windows`` (``num_calibration_samples`` = its rows, ``max_seq_length`` = its columns); further
-    keyword arguments go to ``oneshot``. Returns what ``oneshot`` returns."""
+    keyword arguments go to ``oneshot``. Under torch.distributed every rank passes the same ``windows`` and
+    calibrates on its part of them. Returns what ``oneshot`` returns."""
     from llmcompressor import oneshot
 
+    from .distributed import shard_bounds, world_size
+
+    if world_size() > 1:
+        # under torch.distributed each rank passes its own part (llm-compressor's partition of the windows):
+        # llm-compressor 0.14.0.1 partitions a dataset every rank shares with a sampler over the part but a loader
+        # over the whole, so every rank would calibrate on the first part (its own modifiers too)
+        start, end = shard_bounds(windows.shape[0])
+        windows = windows[start:end]
+        attention_mask = None if attention_mask is None else attention_mask[start:end]
     return oneshot(model=model, dataset=windows_dataset(windows, attention_mask), recipe=recipe,
                    num_calibration_samples=windows.shape[0], max_seq_length=windows.shape[1], **kwargs)

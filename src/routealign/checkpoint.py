@@ -23,6 +23,7 @@ import torch
 from loguru import logger
 from safetensors import SafetensorError, safe_open
 
+from .distributed import rank, world_size
 from .errors import CheckpointError, OutputExistsError
 
 __all__ = [
@@ -313,6 +314,56 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
 _INCOMPLETE = ".incomplete-"
 
 
+def _finish(model, staging: Path, out: Path, tokenizer) -> None:
+    """The staging folder's last files, then the atomic rename into ``out``."""
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(staging))
+    if _write_lm_head(model, staging):
+        logger.info(f"{type(model).__name__}: lm_head.weight stored and tie_word_embeddings set false (vLLM's "
+                    "loader for this architecture does not tie them)")
+    _usual_permissions(staging)
+    _fsync_tree(staging)
+    replaced = None
+    if out.exists():
+        replaced = out.with_name(f".{out.name}.replaced-{os.getpid()}")
+        os.rename(out, replaced)
+    os.rename(staging, out)
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
+
+
+def _save_distributed(model, out: Path, tokenizer, **save_kwargs) -> Path:
+    import torch.distributed as dist
+
+    dist.barrier()  # every rank has checked the output folder before rank 0 creates anything beside it
+    source = rank() == 0
+    box: list = [None]
+    if source:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_staging(out)
+        box[0] = tempfile.mkdtemp(prefix=f".{out.name}{_INCOMPLETE}{os.getpid()}-", dir=out.parent)
+    dist.broadcast_object_list(box, src=0)
+    staging = Path(box[0])
+    failure = None
+    try:
+        model.save_pretrained(str(staging), save_compressed=True, **save_kwargs)  # every rank; rank 0 writes
+        if source:
+            _finish(model, staging, out, tokenizer)
+    except Exception as exc:  # every rank must reach the broadcast below, or the others wait forever
+        failure = f"{type(exc).__name__}: {exc}"
+        if source:
+            shutil.rmtree(staging, ignore_errors=True)
+    errors: list = [None] * world_size()
+    dist.all_gather_object(errors, failure)
+    failed = [f"rank {r}: {e}" for r, e in enumerate(errors) if e is not None]
+    if failed:
+        if source:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise CheckpointError(f"saving {out} failed ({'; '.join(failed)}); no checkpoint was written there")
+    logger.info(f"checkpoint written to {out}")
+    return out
+
+
 def _staging_dirs(out: Path) -> list[Path]:
     return sorted(out.parent.glob(f".{out.name}{_INCOMPLETE}*"))
 
@@ -394,27 +445,20 @@ def save_compressed(model, out: str | Path, tokenizer=None, overwrite: bool = Fa
       new checkpoint is in place).
     - ``out`` may not be, or lie inside, the folder the model was loaded from (``input_dir`` or the model's
       ``name_or_path``): the input model is never written to.
+    - Under torch.distributed (llm-compressor's data-parallel ``oneshot``) every rank calls it, as every rank calls
+      ``save_pretrained``: rank 0 picks the staging folder, every rank takes part in ``save_pretrained`` (rank 0
+      writes the files), rank 0 completes and renames the checkpoint, and every rank returns once ``out`` is in
+      place (an error on rank 0 is raised on every rank).
     """
     out = check_output_folder(out, overwrite, input_dir, _input_folder(model))
+    if world_size() > 1:
+        return _save_distributed(model, out, tokenizer, **save_kwargs)
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging(out)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}{_INCOMPLETE}{os.getpid()}-", dir=out.parent))
     try:
         model.save_pretrained(str(staging), save_compressed=True, **save_kwargs)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(staging))
-        if _write_lm_head(model, staging):
-            logger.info(f"{type(model).__name__}: lm_head.weight stored and tie_word_embeddings set false (vLLM's "
-                        "loader for this architecture does not tie them)")
-        _usual_permissions(staging)
-        _fsync_tree(staging)
-        replaced = None
-        if out.exists():
-            replaced = out.with_name(f".{out.name}.replaced-{os.getpid()}")
-            os.rename(out, replaced)
-        os.rename(staging, out)
-        if replaced is not None:
-            shutil.rmtree(replaced, ignore_errors=True)
+        _finish(model, staging, out, tokenizer)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -125,9 +125,20 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .calibration import oneshot_windows
+    from .distributed import init_distributed, rank
 
+    # under torchrun: llm-compressor's data-parallel flow (docs/guides/big_models_and_distributed): rank 0 loads the
+    # weights into CPU memory the ranks share, every rank gets the same windows and oneshot splits them
+    distributed = init_distributed()
     torch.manual_seed(args.seed)
-    model = AutoModelForCausalLM.from_pretrained(str(args.model), dtype=getattr(torch, args.dtype))
+    dtype = getattr(torch, args.dtype)
+    if distributed:
+        from compressed_tensors.offload import load_offloaded_model
+
+        with load_offloaded_model():
+            model = AutoModelForCausalLM.from_pretrained(str(args.model), dtype=dtype, device_map="auto_offload")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(args.model), dtype=dtype)
     oneshot_windows(model, str(args.recipe), windows)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_file.parent))
@@ -135,6 +146,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         sys.stderr.write(f"routealign: tokenizer not saved with the checkpoint ({exc})\n")
         tokenizer = None
     save_compressed(model, out, tokenizer=tokenizer, overwrite=args.overwrite, input_dir=args.model)
+    if rank() != 0:
+        return 0
     report = check_checkpoint(out)
     sys.stdout.write(report.table())
     text = args.eval_text or args.data

@@ -9,8 +9,66 @@ import contextlib
 
 import torch
 
-__all__ = ["world_size", "all_reduce", "all_reduce_grads", "global_mean", "global_mean_of", "all_reduce_counts",
-           "write_parameters", "suspended_offloading"]
+from .errors import InputError
+
+__all__ = ["init_distributed", "synchronize_cpu_qparam_broadcasts", "world_size", "rank", "shard_bounds",
+           "all_reduce", "all_sum", "gather_slices", "all_reduce_grads", "all_reduce_counts", "write_parameters",
+           "suspended_offloading", "refuse_disk_offload"]
+
+
+def init_distributed() -> bool:
+    """Join the process group torchrun describes (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``... in the environment);
+    False when not started by torchrun. With an accelerator this is compressed-tensors' ``init_dist()`` (NCCL on
+    CUDA); without one gloo on the CPU (``init_dist`` in compressed-tensors 0.19.0 needs an accelerator)."""
+    import os
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return True
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return False
+    if torch.accelerator.is_available():
+        from compressed_tensors.distributed import init_dist
+
+        init_dist()
+    else:
+        dist.init_process_group("gloo", init_method="env://", rank=int(os.environ["RANK"]),
+                                world_size=int(os.environ["WORLD_SIZE"]))
+        dist.barrier()
+        synchronize_cpu_qparam_broadcasts()
+    return True
+
+
+def synchronize_cpu_qparam_broadcasts() -> None:
+    """Make llm-compressor's ``broadcast_qparams_and_cleanup`` end with a barrier (ranks on the CPU only).
+
+    llm-compressor 0.14.0.1's GPTQModifier and QuantizationModifier quantize each module on one rank, then call it to
+    broadcast the results; for modules that execute on the CPU it skips the broadcast (the weights are in memory the
+    ranks share) and nothing else waits, so a rank can run the pipeline's propagation through a module another rank
+    is still writing. Measured (GPTQ on the attention of a tiny Qwen3-MoE, 2 CPU ranks): 3 of 4 runs wrote layer 1
+    differently from one process (a rank calibrated it on a half-written layer 0); with the barrier 4 of 4 were
+    byte-identical to it. On accelerators the broadcasts synchronise the ranks and nothing is changed there."""
+    import functools
+
+    import torch.distributed as dist
+    from llmcompressor.modifiers.gptq import base as gptq_base
+    from llmcompressor.modifiers.quantization.quantization import base as quantization_base
+
+    for module in (gptq_base, quantization_base):
+        original = getattr(module, "broadcast_qparams_and_cleanup", None)
+        if original is None or getattr(original, "_routealign_synchronized", False):
+            continue
+
+        @functools.wraps(original)
+        def synchronized(*args, _original=original, **kwargs):
+            result = _original(*args, **kwargs)
+            if dist.is_initialized():
+                dist.barrier()
+            return result
+
+        synchronized._routealign_synchronized = True
+        module.broadcast_qparams_and_cleanup = synchronized
 
 
 def world_size() -> int:
@@ -20,13 +78,59 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def rank() -> int:
+    """This process's rank (0 when not distributed)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def shard_bounds(n: int) -> tuple[int, int]:
+    """``[start, end)`` of this rank's part of ``n`` items in a global order: llm-compressor's partition
+    (``floor(n * r / world)``), so every item belongs to exactly one rank and ranks differ by at most one item."""
+    world, r = world_size(), rank()
+    return (n * r) // world, (n * (r + 1)) // world
+
+
+def all_sum(values: list[float]) -> list[float]:
+    """Python floats summed over ranks in float64 (the values themselves with one process)."""
+    if world_size() == 1:
+        return list(values)
+    (total,) = all_reduce([torch.tensor(values, dtype=torch.float64)])
+    return total.tolist()
+
+
+def gather_slices(local: torch.Tensor, start: int, total: int) -> torch.Tensor:
+    """Every rank's ``local`` values put at ``[start, start + len)`` of one ``[total]`` vector, the same on every
+    rank and exact (each position is one rank's value plus zeros): per-sequence results in the global order."""
+    if world_size() == 1:
+        return local
+    full = torch.zeros(total, dtype=local.dtype)
+    full[start : start + local.numel()] = local.cpu()
+    (full,) = all_reduce([full])
+    return full
+
+
 def all_reduce(tensors: list[torch.Tensor], op: str = "sum") -> list[torch.Tensor]:
     """``tensors`` reduced over ranks (``sum`` or ``max``) in one flat all-reduce; returned in their shapes."""
     import torch.distributed as dist
 
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    device = tensors[0].device
+    flat = torch.cat([t.reshape(-1).to(device) for t in tensors])
+    comm = _comm_device(device)
+    reduced = flat.to(comm)
+    dist.all_reduce(reduced, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    flat = reduced.to(device)
     return [part.view_as(t).clone() for part, t in zip(torch.split(flat, [t.numel() for t in tensors]), tensors)]
+
+
+def _comm_device(device: torch.device) -> torch.device:
+    """Where the process group reduces: NCCL/XCCL only on the accelerator, gloo anywhere."""
+    import torch.distributed as dist
+
+    if dist.get_backend() in ("nccl", "xccl") and device.type == "cpu":
+        return torch.accelerator.current_accelerator()
+    return device
 
 
 def all_reduce_grads(params: list[torch.Tensor]) -> None:
@@ -38,22 +142,6 @@ def all_reduce_grads(params: list[torch.Tensor]) -> None:
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     for p, g in zip(params, all_reduce(grads)):
         p.grad = g
-
-
-def global_mean(value: torch.Tensor) -> float:
-    """The loss averaged over ranks: every rank keeps the same best iteration."""
-    if world_size() == 1:
-        return float(value)
-    (total,) = all_reduce([value.reshape(1).float()])
-    return float(total) / world_size()
-
-
-def global_mean_of(values: torch.Tensor) -> float:
-    """Mean of per-sequence ``values`` over every rank's sequences."""
-    total, count = values.double().sum().reshape(1), torch.tensor([float(values.numel())], dtype=torch.float64)
-    if world_size() > 1:
-        total, count = all_reduce([total, count])
-    return float(total) / max(float(count), 1.0)
 
 
 def _shared_across_ranks(module: torch.nn.Module) -> bool:
@@ -135,3 +223,21 @@ def suspended_offloading(*modules: torch.nn.Module | None):
     finally:
         for sub, kwargs in suspended:
             offload_module(sub, **kwargs)
+
+
+def refuse_disk_offload(model: torch.nn.Module, where: str) -> None:
+    """Under torch.distributed, refuse a model with any module offloaded to disk (compressed-tensors'
+    ``DistributedDiskCache``): taking a disk offload off a module and putting it back while ranks share it is
+    untested, and a wrong write there would be silent."""
+    if world_size() == 1:
+        return
+    from compressed_tensors.offload.cache.disk import DiskCache
+
+    on_disk = [n for n, m in model.named_modules() if isinstance(m._parameters, DiskCache)]
+    if on_disk:
+        raise InputError(
+            f"{where}: {len(on_disk)} modules (e.g. {on_disk[0]}) are offloaded to disk under llm-compressor's "
+            f"distributed mode ({world_size()} ranks); routealign supports CPU offloading there, not disk: give the "
+            "ranks enough CPU memory for the model (load_offloaded_model with device_map='auto_offload' puts on disk "
+            "only what the CPU memory cannot hold), or run in one process"
+        )

@@ -17,10 +17,11 @@ from loguru import logger
 from llmcompressor.utils.pytorch import infer_sequential_targets
 
 from ..calibration import CalibrationTokens, calibration_tokens
+from ..distributed import shard_bounds, world_size
 from ..errors import InputError
 from ..streams import BlockInputs, StreamEngine, canonical_order
 
-__all__ = ["decoder_layer_order", "final_norm", "CausalCalibration"]
+__all__ = ["decoder_layer_order", "final_norm", "CausalCalibration", "gather_tokens"]
 
 
 def decoder_layer_order(model: torch.nn.Module, sequential_targets=None) -> list[str]:
@@ -47,6 +48,12 @@ class CausalCalibration:
     :meth:`first_inputs` in the first sequential epoch runs the model up to its first decoder layer;
     :meth:`inputs` gives a layer its inputs with that layer's keyword arguments; :meth:`release` drops the engine
     and the tokens at the end of calibration.
+
+    Under torch.distributed (llm-compressor's data-parallel ``oneshot``: each rank's dataloader holds its part of the
+    calibration set) :meth:`draw` gathers every rank's sequences, so each rank knows the whole set; in its canonical
+    order (:func:`routealign.streams.canonical_order`, independent of how the ranks split it) a modifier either
+    keeps all of it (``first_inputs(shard=False)``) or only this rank's contiguous part (``shard=True``:
+    :attr:`offset` is the global index of its first sequence, :attr:`total` the size of the whole set).
     """
 
     def __init__(self, model: torch.nn.Module, layers: list[str], tokens: CalibrationTokens | None, where: str):
@@ -55,6 +62,8 @@ class CausalCalibration:
         self.tokens = tokens
         self.where = where
         self._engine: StreamEngine | None = None
+        self.offset = 0
+        self.total = 0 if tokens is None else tokens.ids.shape[0]
 
     @classmethod
     def draw(cls, state, layers: list[str], where: str) -> tuple["CausalCalibration", object | None]:
@@ -64,6 +73,8 @@ class CausalCalibration:
             return cls(model, layers, None, where), None
         vocab = model.get_input_embeddings().num_embeddings
         summary, tokens = calibration_tokens(state.data.calib, vocab, f"{where}: calibration dataset")
+        if world_size() > 1:
+            tokens = gather_tokens(tokens)
         return cls(model, layers, tokens, where), summary
 
     @property
@@ -76,19 +87,27 @@ class CausalCalibration:
     def lengths(self) -> torch.Tensor | None:
         return None if self.tokens is None else self.tokens.lengths
 
-    def first_inputs(self, canonical: bool = False) -> torch.Tensor:
+    def first_inputs(self, canonical: bool = False, shard: bool = False) -> torch.Tensor:
         """The hidden states entering the first decoder layer (``[N, T, H]``, CPU). With ``canonical`` the
         sequences are put in :func:`routealign.streams.canonical_order` first (llm-compressor's dataloader shuffles
-        them with the global RNG; in a canonical order anything drawn from a seed depends only on the set)."""
+        them with the global RNG; in a canonical order anything drawn from a seed depends only on the set). With
+        ``shard`` under torch.distributed only this rank's part of that order is kept (needs ``canonical``)."""
         if self.tokens is None:
             raise InputError(f"{self.where}: no calibration data was given (pass dataset= to oneshot)")
+        if shard and not canonical:
+            raise ValueError("first_inputs: shard needs canonical (a rank's part is a part of the canonical order)")
         first = self.tokens.first_inputs(self.engine)
         if canonical:
             order = canonical_order(first)
+            if shard and world_size() > 1:
+                start, end = shard_bounds(order.numel())
+                order, self.offset = order[start:end], start
             first = first[order]
             lengths = self.tokens.lengths
             self.tokens = CalibrationTokens(self.tokens.ids[order], None if lengths is None else lengths[order])
-        logger.info(f"{self.where}: {self.tokens.describe()}")
+        rank_part = (f" (this rank: {first.shape[0]} of them, from {self.offset})"
+                     if world_size() > 1 and first.shape[0] < self.total else "")
+        logger.info(f"{self.where}: {self.tokens.describe()}{rank_part}")
         return first
 
     def inputs(self, layer: str, hidden: torch.Tensor) -> BlockInputs:
@@ -101,3 +120,20 @@ class CausalCalibration:
     def release(self) -> None:
         self.tokens = None
         self._engine = None
+
+
+def gather_tokens(tokens: CalibrationTokens) -> CalibrationTokens:
+    """Every rank's calibration sequences, in rank order, on every rank (right-padded to the longest)."""
+    import torch.distributed as dist
+
+    parts: list = [None] * world_size()
+    dist.all_gather_object(parts, (tokens.ids, tokens.lengths))
+    rows = []
+    for ids, lengths in parts:
+        for r in range(ids.shape[0]):
+            rows.append(ids[r] if lengths is None else ids[r, : int(lengths[r])])
+    lengths = torch.tensor([row.numel() for row in rows])
+    ids = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, : row.numel()] = row
+    return CalibrationTokens(ids, None if bool((lengths == lengths.max()).all()) else lengths)

@@ -18,7 +18,7 @@ from llmcompressor.modifiers.quantization.calibration import apply_calibration_s
 from llmcompressor.modifiers.quantization.quantization import QuantizationMixin
 from llmcompressor.modifiers.utils.hooks import HooksMixin
 
-from ...distributed import suspended_offloading, world_size, write_parameters
+from ...distributed import all_reduce, refuse_disk_offload, suspended_offloading, world_size, write_parameters
 from ...errors import InputError, NotMoEError
 from ...losses import RouterLossConfig
 from ...routing import find_moe_layers
@@ -149,6 +149,7 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
                 f"RouterAlignedRoundingModifier(objective='{self.objective}'): {type(model).__name__} has no MoE "
                 "layer, so there is no router to align; use objective: none for dense models"
             )
+        refuse_disk_offload(model, type(self).__name__)
         keep_unquantized = [l.router_name for l in moe_layers] + [
             n for l in moe_layers for n in l.shared_expert_names if n.endswith("shared_expert_gate")
         ]
@@ -231,8 +232,8 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
         calibration = self._calibration
         if self._q_hidden is None:
             # in a canonical order of the sequences the held-out split and the minibatches depend only on the set
-            # of sequences and the seed
-            self._q_hidden = self._fp_hidden = calibration.first_inputs(canonical=True)
+            # of the sequences and the seed; under torch.distributed each rank keeps its part of that order
+            self._q_hidden = self._fp_hidden = calibration.first_inputs(canonical=True, shard=True)
         layer_kwargs = calibration.layer_kwargs(self._q_hidden.shape[1])
         q = calibration.inputs(name, self._q_hidden)
         fp = q.with_hidden(self._fp_hidden)
@@ -259,7 +260,7 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
                                    output_norm=output_norm, activations=activations,
                                    next_kwargs=[layer_kwargs[n] for n in chain], lm_tail=lm_tail)
                 unreachable = self._unreachable(tuner, name)
-                result = tuner.tune(q, fp)
+                result = tuner.tune(q, fp, calibration.offset, calibration.total)
             result.write()
             with suspended_offloading(block):
                 scales = tuner.runner.input_global_scales(q, list(activations),
@@ -271,7 +272,7 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
                 quantizers = tuner.runner.activation_quantizers(q, scales) if simulate else {}
                 self._q_hidden = tuner.runner.propagate(q, quantizers).cpu()
         self._fp_hidden = result.outputs.cpu()
-        self._report_layer(name, chain, q.hidden.shape[0], tuner, result, unreachable, time.perf_counter() - start)
+        self._report_layer(name, chain, calibration.total, tuner, result, unreachable, time.perf_counter() - start)
 
     def _report_layer(self, name: str, chain: list[str], samples: int, tuner: BlockTuner, result: TuneResult,
                       unreachable: list[str], seconds: float) -> None:
@@ -335,6 +336,8 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
                     with align_modules([norm]) if norm is not None else contextlib.nullcontext():
                         amax = max(float((norm(hidden[i : i + 8].to(module.weight.device)) if norm is not None
                                           else hidden[i : i + 8]).abs().amax()) for i in range(0, hidden.shape[0], 8))
+                    if world_size() > 1:  # the largest on any rank's sequences
+                        amax = float(all_reduce([torch.tensor([amax])], op="max")[0])
                     gparam = input_global_scale(amax, n)
                     writes.append((module, "input_global_scale", gparam.to(module.input_global_scale.dtype)))
         write_parameters(writes)

@@ -16,12 +16,12 @@ from typing import Callable
 
 import torch
 
-from ...distributed import all_reduce, global_mean, global_mean_of, world_size
+from ...distributed import all_sum, gather_slices
 from ...losses import RouterTarget
 from ...runner import BlockRunner
 from ...streams import BlockInputs
 
-__all__ = ["Reference", "HeldOut", "paired_gate", "masked_mse"]
+__all__ = ["Reference", "HeldOut", "paired_gate", "masked_mse", "mean_of"]
 
 
 def masked_mse(y: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
@@ -31,14 +31,18 @@ def masked_mse(y: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None
     return torch.nn.functional.mse_loss(y[valid], target[valid])
 
 
+def mean_of(values: torch.Tensor) -> float:
+    """Mean of per-sequence ``values`` (float64 sum)."""
+    return float(values.double().sum()) / max(float(values.numel()), 1.0)
+
+
 def paired_gate(diff: torch.Tensor, z: float) -> dict:
-    """Decision on per-sequence paired differences ``diff`` (router arm minus plain arm, lower is better, this
-    rank's sequences; summed over ranks): keep the router arm iff ``mean + z * se < 0`` with ``se`` the standard
-    error of the mean. With one sequence the standard error is unknown: kept only when ``z`` is 0."""
+    """Decision on per-sequence paired differences ``diff`` (router arm minus plain arm, lower is better, every
+    held-out sequence; under torch.distributed the same vector on every rank, :meth:`HeldOut.errors`): keep the
+    router arm iff ``mean + z * se < 0`` with ``se`` the standard error of the mean. With one sequence the standard
+    error is unknown: kept only when ``z`` is 0."""
     stats = torch.stack([diff.double().sum(), diff.double().pow(2).sum(),
                          torch.tensor(float(diff.numel()), dtype=torch.float64)])
-    if world_size() > 1:
-        (stats,) = all_reduce([stats])
     total, squares, n = (float(v) for v in stats)
     mean = total / max(n, 1.0)
     if n > 1:
@@ -84,17 +88,23 @@ class Reference:
 
 
 class HeldOut:
-    """Evaluations of the block's current rounding on the held-out sequences ``held`` of ``q``.
+    """Evaluations of the block's current rounding on the held-out sequences ``held`` (indices in the global order
+    of the calibration set) of ``q`` (the sequences ``offset`` onwards of it: this rank's, under torch.distributed).
 
     ``params`` gives the block's float32 parameters with the current fake-quantized weights; ``router_loss(y,
     logits, kwargs, idx)`` the weighted-in router objective (None without one). The unquantized side (downstream
     outputs, next-token distributions, the next routers' choices on them) is computed once and shared by both arms.
+    Each rank evaluates its own held-out sequences; losses are sums over ranks and per-sequence errors come back
+    for every held-out sequence, in order, on every rank.
     """
 
     def __init__(self, runner: BlockRunner, reference: Reference, q: BlockInputs, held: torch.Tensor,
                  params: Callable[[], dict], router_loss: Callable | None, router_weight: float,
-                 lm_head: bool, autocast: Callable[[], contextlib.AbstractContextManager], chunk: int = 8):
-        self.runner, self.reference, self.q, self.held = runner, reference, q, held
+                 lm_head: bool, autocast: Callable[[], contextlib.AbstractContextManager], chunk: int = 8,
+                 offset: int = 0):
+        mine = (held >= offset) & (held < offset + q.hidden.shape[0])
+        self.runner, self.reference, self.q, self.held = runner, reference, q, held[mine] - offset
+        self.count, self.start = held.numel(), int((held < offset).sum())  # all held-out; this rank's first
         self._params, self._router_loss, self.router_weight = params, router_loss, router_weight
         self.lm_head = lm_head
         self._autocast = autocast
@@ -105,7 +115,7 @@ class HeldOut:
         self._tail_fp_idx: list[dict[str, torch.Tensor]] = []
 
     def __bool__(self) -> bool:
-        return bool(self.held.numel())
+        return bool(self.count)
 
     def _outputs(self, layers: list):
         """Per chunk: ``(indices, block output, router logits of layers, unquantized target, float32 kwargs)``."""
@@ -122,9 +132,9 @@ class HeldOut:
     def loss(self, use_router: bool) -> float:
         """What picks the iteration kept: the tuning objective (block-output MSE, plus the weighted router term when
         ``use_router``) on the held-out sequences, under ``amp`` as the steps are; with ``lm_head`` the mean
-        next-token KL at the LM head instead (:meth:`lm_head_errors`). Averaged over ranks."""
+        next-token KL at the LM head instead (:meth:`lm_head_errors`). Over every rank's held-out sequences."""
         if self.lm_head:
-            return global_mean_of(self.lm_head_errors())
+            return mean_of(self.lm_head_errors())
         runner = self.runner
         sq, elems, router, chunks = 0.0, 0, 0.0, 0
         with self._autocast():
@@ -138,15 +148,17 @@ class HeldOut:
                 if use_router and self._router_loss is not None:
                     router += float(self._router_loss(y, logits, kwargs, idx)) * idx.numel()
                     chunks += idx.numel()
+        sq, elems, router, chunks = all_sum([sq, float(elems), router, float(chunks)])
         value = sq / max(elems, 1)
         if chunks:
             value += self.router_weight * router / chunks
-        return global_mean(torch.tensor(value))
+        return float(torch.tensor(value))
 
     def errors(self, forced: bool = False) -> torch.Tensor:
         """Per held-out sequence, what the router gate and the headroom rule compare: :meth:`lm_head_errors` with
-        ``lm_head``, else :meth:`downstream_errors`."""
-        return self.lm_head_errors(forced) if self.lm_head else self.downstream_errors(forced)
+        ``lm_head``, else :meth:`downstream_errors`; every held-out sequence's, in order, on every rank."""
+        local = self.lm_head_errors(forced, gather=False) if self.lm_head else self.downstream_errors(forced)
+        return gather_slices(local, self.start, self.count)
 
     @torch.no_grad()
     def downstream_errors(self, forced: bool = False) -> torch.Tensor:
@@ -169,11 +181,11 @@ class HeldOut:
         return torch.cat(errors) if errors else torch.zeros(0, dtype=torch.float64)
 
     @torch.no_grad()
-    def lm_head_errors(self, forced: bool = False) -> torch.Tensor:
+    def lm_head_errors(self, forced: bool = False, gather: bool = True) -> torch.Tensor:
         """Per held-out sequence, the mean over its real tokens of ``KL(p_fp || p_q)`` of the next-token
         distributions: ``p_q`` from this block's quantized output (current rounding parameters, quantized-stream
         input), ``p_fp`` from its unquantized output, each through the rest of the model unquantized (``forced``:
-        the next routers take the unquantized side's expert choices)."""
+        the next routers take the unquantized side's expert choices). With ``gather`` every rank's sequences."""
         runner, errors = self.runner, []
         for i, (idx, y, _, target, _) in enumerate(self._outputs([])):
             if i == len(self._tail_fp):  # the unquantized side is the same for every arm: computed once
@@ -183,4 +195,5 @@ class HeldOut:
             ref = self._tail_fp[i]
             logq, _ = runner.tail_logprobs(y, force=self._tail_fp_idx[i] if forced else None)
             errors.append(self.reference.per_sequence(idx, (ref.exp() * (ref - logq)).sum(-1)))
-        return torch.cat(errors) if errors else torch.zeros(0, dtype=torch.float64)
+        local = torch.cat(errors) if errors else torch.zeros(0, dtype=torch.float64)
+        return gather_slices(local, self.start, self.count) if gather else local

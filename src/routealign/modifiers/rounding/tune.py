@@ -48,7 +48,7 @@ from enum import Enum
 import torch
 from loguru import logger
 
-from ...distributed import all_reduce_counts, all_reduce_grads, global_mean, global_mean_of, write_parameters
+from ...distributed import all_reduce, all_reduce_counts, all_reduce_grads, all_sum, world_size, write_parameters
 from ...errors import NonFiniteError
 from ...losses import RouterLoss
 from ...routing import MoELayer
@@ -56,7 +56,7 @@ from ...runner import BlockRunner, LMTail, float_params
 from ...streams import BlockInputs
 from ...validation import check_finite
 from .config import TuningConfig
-from .heldout import HeldOut, Reference, masked_mse, paired_gate
+from .heldout import HeldOut, Reference, masked_mse, mean_of, paired_gate
 from .weights import CLIP_GRID, CyclicBatches, TunedWeight, quantized_writes, tuned_weights
 
 __all__ = ["BlockTuner", "TuneResult", "RouterDecision"]
@@ -200,20 +200,27 @@ class BlockTuner:
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed + 1_000_003))
         return perm[held:].sort().values, perm[:held].sort().values
 
-    def heldout(self, q: BlockInputs, reference: Reference, held: torch.Tensor) -> HeldOut:
-        """Evaluations of the current rounding on the held-out sequences ``held`` of ``q``."""
+    def heldout(self, q: BlockInputs, reference: Reference, held: torch.Tensor, offset: int = 0) -> HeldOut:
+        """Evaluations of the current rounding on the held-out sequences ``held`` (global indices; this rank's
+        sequences are ``offset`` onwards) of ``q``."""
         router = (lambda y, logits, kwargs, idx: self._router_loss(reference, y, logits, kwargs, idx)) \
             if self.scoped else None
         return HeldOut(self.runner, reference, q, held, self._block_params, router, self.config.router_weight,
-                       lm_head=self.runner.lm_tail is not None, autocast=self._autocast)
+                       lm_head=self.runner.lm_tail is not None, autocast=self._autocast, offset=offset)
 
-    def tune(self, q: BlockInputs, fp: BlockInputs) -> TuneResult:
+    def tune(self, q: BlockInputs, fp: BlockInputs, offset: int = 0, total: int | None = None) -> TuneResult:
         """Tune on quantized-stream inputs ``q`` against unquantized-stream inputs ``fp``.
 
         With held-out sequences (``holdout``) the iteration kept is the one with the lowest held-out loss (checked
         every ``holdout_every`` iterations and after the last); with a router objective and ``router_gate``, the
         block is tuned twice from the same start on the same minibatches, with and without the router term, and
-        the result with the smaller held-out error (``decide_on``) is kept."""
+        the result with the smaller held-out error (``decide_on``) is kept.
+
+        Under torch.distributed ``q`` and ``fp`` hold this rank's part of the calibration set: sequences
+        ``offset`` onwards of ``total`` in a global order the ranks share. The held-out split and the minibatches are
+        drawn over the whole set, as one process draws them; each rank computes its sequences' share of every loss,
+        gradient and held-out error, and the sums over ranks are what one process computes on the whole set, so
+        every rank takes the same steps and the same decisions."""
         check_finite(q.hidden, f"{self.name}: calibration activations entering the layer (quantized stream)")
         check_finite(fp.hidden, f"{self.name}: calibration activations entering the layer (unquantized stream)")
         reference = self.reference(fp)
@@ -228,8 +235,9 @@ class BlockTuner:
                 if w.trainable:
                     w.mse_clip(CLIP_GRID)
         params = [p for w in self.weights if w.trainable for p in w.parameters()]
-        train, held = self.split(q.hidden.shape[0])
-        heldout = self.heldout(q, reference, held)
+        total = q.hidden.shape[0] if total is None else total
+        train, held = self.split(total)
+        heldout = self.heldout(q, reference, held, offset)
         arms = ["router"] if self.scoped else ["plain"]
         if self.scoped and cfg.router_gate and held.numel() and cfg.router_weight > 0:
             arms = ["plain", "router"]
@@ -244,24 +252,24 @@ class BlockTuner:
             first = arms[0]
             self._set(params, start)
             kept[first], info[first], history[first] = self._loop(q, reference, heldout, params, train,
-                                                                  first == "router")
+                                                                  first == "router", offset)
             decision = RouterDecision.UNGATED if arms[0] == "router" else RouterDecision.NONE
             if len(arms) == 2:
                 # the plain arm's held-out errors with its kept parameters (the loop ends on the last iteration's):
                 # used by the headroom rule and by the gate
                 self._set(params, kept["plain"])
                 plain = heldout.errors()
-                info["plain"]["downstream_heldout"] = global_mean_of(plain)
+                info["plain"]["downstream_heldout"] = mean_of(plain)
                 headroom = self._headroom(heldout, plain)
                 if headroom is not None and not headroom["keep"]:
                     gate, decision = {"keep": False, "headroom": headroom}, RouterDecision.NOT_TRIED
                 else:
                     self._set(params, start)
                     kept["router"], info["router"], history["router"] = self._loop(q, reference, heldout, params,
-                                                                                   train, True)
+                                                                                   train, True, offset)
                     self._set(params, kept["router"])
                     router = heldout.errors()
-                    info["router"]["downstream_heldout"] = global_mean_of(router)
+                    info["router"]["downstream_heldout"] = mean_of(router)
                     gate = {**paired_gate(router - plain, cfg.router_gate_z), "headroom": headroom}
                     decision = RouterDecision.KEPT if gate["keep"] else RouterDecision.DROPPED
         chosen = "router" if decision.router_used else "plain"
@@ -278,8 +286,7 @@ class BlockTuner:
                 and any(where == "next" for where, _ in self.scoped)):
             return None
         forced = heldout.errors(forced=True)
-        return {**paired_gate(forced - own, cfg.router_gate_z), "own": global_mean_of(own),
-                "forced": global_mean_of(forced)}
+        return {**paired_gate(forced - own, cfg.router_gate_z), "own": mean_of(own), "forced": mean_of(forced)}
 
     # -- the loop -----------------------------------------------------------------------------------------
     @staticmethod
@@ -318,9 +325,10 @@ class BlockTuner:
         return loss, router
 
     def _loop(self, q: BlockInputs, reference: Reference, heldout: HeldOut, params: list[torch.Tensor],
-              train: torch.Tensor, use_router: bool) -> tuple[list[torch.Tensor], dict, list[float]]:
-        """Signed gradient descent on minibatches of ``train``; returns the parameters of the iteration with the
-        lowest held-out loss (lowest training loss when nothing is held out), a summary and the training losses."""
+              train: torch.Tensor, use_router: bool, offset: int = 0) -> tuple[list[torch.Tensor], dict, list[float]]:
+        """Signed gradient descent on minibatches of ``train`` (global indices; this rank's sequences are
+        ``offset`` onwards); returns the parameters of the iteration with the lowest held-out loss (lowest training
+        loss when nothing is held out), a summary and the training losses."""
         cfg = self.config
         batches = CyclicBatches(train, cfg.batch_size, torch.Generator().manual_seed(cfg.seed))
         best_loss, best, best_it = math.inf, None, -1
@@ -334,9 +342,9 @@ class BlockTuner:
                         best_loss, best_it, best = curve[-1][1], it, [p.detach().clone() for p in params]
                 if it == cfg.iters:
                     break
-                loss, router = self.step_losses(q, reference, batches.next(), use_router)
-                total = loss + cfg.router_weight * router if router is not None else loss
-                value = global_mean(total.detach())
+                loss, router = self._minibatch_losses(q, reference, batches.next(), use_router, offset)
+                total = None if loss is None else loss + cfg.router_weight * router if router is not None else loss
+                (value,) = all_sum([0.0 if total is None else float(total.detach())])
                 if not math.isfinite(value):
                     last = (f"last finite loss {best_loss:.6g} at iteration {best_it}" if best is not None
                             else "no finite loss yet")
@@ -354,20 +362,45 @@ class BlockTuner:
                 "heldout_best": best_loss if curve else None, "heldout_curve": curve}
         return best, info, history
 
-    def _step(self, params: list[torch.Tensor], loss: torch.Tensor, router: torch.Tensor | None,
-              total: torch.Tensor, it: int) -> None:
+    def _minibatch_losses(self, q: BlockInputs, reference: Reference, batch: torch.Tensor, use_router: bool,
+                          offset: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """:meth:`step_losses` of minibatch ``batch`` (global indices). Under torch.distributed: of this rank's
+        sequences of it, each loss weighted by this rank's share of the minibatch's real tokens (both losses are
+        means over real tokens), so the sums over ranks of the losses and of their gradients are one process's;
+        ``(None, None)`` where this rank holds none of the minibatch."""
+        if world_size() == 1:
+            return self.step_losses(q, reference, batch, use_router)
+        mine = (batch >= offset) & (batch < offset + q.hidden.shape[0])
+        local = batch[mine] - offset
+        valid = reference.valid(local)
+        tokens = float(local.numel() * q.hidden.shape[1] if valid is None else valid.sum())
+        (everyone,) = all_sum([tokens])
+        if not local.numel():
+            return None, None
+        loss, router = self.step_losses(q, reference, local, use_router)
+        share = tokens / everyone
+        return loss * share, None if router is None else router * share
+
+    def _step(self, params: list[torch.Tensor], loss: torch.Tensor | None, router: torch.Tensor | None,
+              total: torch.Tensor | None, it: int) -> None:
         """One signed step: gradients (balanced with ``router_balance``), summed over ranks, then
-        ``p -= lr_t * sign(grad)`` and the parameters clamped to their ranges."""
+        ``p -= lr_t * sign(grad)`` and the parameters clamped to their ranges. ``loss`` is None on a rank that holds
+        none of the minibatch (it contributes zero gradients)."""
         cfg = self.config
         for p in params:
             p.grad = None
-        # a router term that reaches no tuned weight (unreachable, reported) has no gradient to combine
+        # a router term that reaches no tuned weight (unreachable, reported) has no gradient to combine; every rank
+        # takes the same branch (the ranks' collectives must match)
         combine = router is not None and router.requires_grad
+        if world_size() > 1:
+            (flag,) = all_reduce([torch.tensor([float(combine)])], op="max")
+            combine = bool(flag)
         if combine and (cfg.router_balance != "none" or it == 0):
             self._combine_gradients(params, loss, router, measure_only=cfg.router_balance == "none")
         if not combine or cfg.router_balance == "none":
-            total.backward()
-        all_reduce_grads(params)
+            if total is not None and total.requires_grad:
+                total.backward()
+            all_reduce_grads(params)
         lr = cfg.learning_rate * (1 - it / cfg.iters)
         with torch.no_grad():
             for w in self.weights:
@@ -380,20 +413,28 @@ class BlockTuner:
                 w.clip_lo.clamp_(0.0, 1.0)
                 w.clip_hi.clamp_(0.0, 1.0)
 
-    def _combine_gradients(self, params: list[torch.Tensor], mse: torch.Tensor, router: torch.Tensor,
+    def _combine_gradients(self, params: list[torch.Tensor], mse: torch.Tensor | None, router: torch.Tensor | None,
                            measure_only: bool) -> None:
-        """Separate MSE and router gradients; records at the first call how they compare (``router_scale``: loss
-        ratio, gradient-norm ratio and the fraction of coordinates whose step sign the weighted router gradient
-        changes); unless ``measure_only``, sets ``p.grad`` to the MSE gradient plus the router gradient rescaled
-        per tensor to ``router_weight`` times the MSE gradient's norm."""
+        """Separate MSE and router gradients (each summed over ranks); records at the first call how they compare
+        (``router_scale``: loss ratio, gradient-norm ratio and the fraction of coordinates whose step sign the
+        weighted router gradient changes); unless ``measure_only``, sets ``p.grad`` to the MSE gradient plus the
+        router gradient rescaled per tensor to ``router_weight`` times the MSE gradient's norm. ``mse`` and
+        ``router`` are None on a rank that holds none of the minibatch."""
         lam = self.config.router_weight
-        g_mse = torch.autograd.grad(mse, params, retain_graph=True, allow_unused=True)
-        g_rt = torch.autograd.grad(router, params, retain_graph=measure_only, allow_unused=True)
+        if mse is None:
+            g_mse = g_rt = [None] * len(params)
+        else:
+            g_mse = torch.autograd.grad(mse, params, retain_graph=True, allow_unused=True)
+            g_rt = torch.autograd.grad(router, params, retain_graph=measure_only, allow_unused=True) \
+                if router.requires_grad else [None] * len(params)
+        g_mse = [torch.zeros_like(p) if g is None else g for p, g in zip(params, g_mse)]
+        g_rt = [torch.zeros_like(p) if g is None else g for p, g in zip(params, g_rt)]
+        if world_size() > 1:
+            reduced = all_reduce(g_mse + g_rt)
+            g_mse, g_rt = reduced[: len(params)], reduced[len(params):]
         flips = total = 0
         norm_m = norm_r = 0.0
         for p, gm, gr in zip(params, g_mse, g_rt):
-            gm = torch.zeros_like(p) if gm is None else gm
-            gr = torch.zeros_like(p) if gr is None else gr
             nm, nr = gm.norm(), gr.norm()
             norm_m += float(nm) ** 2
             norm_r += float(nr) ** 2
@@ -403,7 +444,13 @@ class BlockTuner:
             if not measure_only:
                 p.grad = gm + lam * gr * (nm / nr.clamp_min(1e-30))
         if self._router_scale is None:
-            self._router_scale = {"loss_ratio": float(lam * router.detach() / mse.detach().clamp_min(1e-30)),
+            if world_size() == 1:
+                ratio = float(lam * router.detach() / mse.detach().clamp_min(1e-30))
+            else:
+                mse_value, router_value = all_sum([0.0 if mse is None else float(mse.detach()),
+                                                   0.0 if router is None else float(router.detach())])
+                ratio = lam * router_value / max(mse_value, 1e-30)
+            self._router_scale = {"loss_ratio": ratio,
                                   "grad_norm_ratio": lam * (norm_r ** 0.5) / max(norm_m ** 0.5, 1e-30),
                                   "sign_flip_fraction": flips / max(total, 1)}
 

@@ -14,7 +14,7 @@ from llmcompressor.core import Event, State
 from llmcompressor.modifiers import Modifier
 from llmcompressor.modifiers.utils.hooks import HooksMixin
 
-from ...distributed import world_size
+from ...distributed import refuse_disk_offload
 from ...errors import InputError, NotMoEError
 from ...routing import MoELayer, find_moe_layers
 from ...schemes import WeightQuantizer
@@ -141,15 +141,7 @@ class ExpertAwareSmoothingModifier(Modifier):
         where = type(self).__name__
         if self.s_min >= self.s_max:
             raise InputError(f"{where}: s_min ({self.s_min}) must be below s_max ({self.s_max})")
-        if world_size() > 1:
-            # each rank would smooth from its own share of the calibration samples (different scales and search
-            # choices), and the folds read-modify-write weights that compressed-tensors' distributed offload
-            # shares between ranks
-            raise InputError(
-                f"{where}: llm-compressor's distributed mode ({world_size()} ranks) is not supported by the smoothing; "
-                "run it in one process (oneshot with this modifier only, save_compressed=False), then quantize the "
-                "saved model under torchrun"
-            )
+        refuse_disk_offload(model, where)
         wants_moe = {"moe_input", "expert_down"} & set(self.mappings)
         layers = find_moe_layers(model, require=False)
         if wants_moe and not layers:
@@ -219,7 +211,10 @@ class ExpertAwareSmoothingModifier(Modifier):
         """Layer ``name`` on the modifier's own causal stream (routealign.streams: the model's own masks and
         attention); with ``record`` only the statistics hooks fire, otherwise no hook does. Returns its output."""
         if self._hidden is None:
-            self._hidden = self._calibration.first_inputs()
+            # in a canonical order (the token sample of the search is the stream's first tokens, so it depends only
+            # on the set of sequences); under torch.distributed every rank smooths on the whole set (gathered when
+            # drawn): every rank computes the same statistics, searches and scales, with no reduction to get wrong
+            self._hidden = self._calibration.first_inputs(canonical=True)
         inputs = self._calibration.inputs(name, self._hidden)
         block = model.get_submodule(name)
         out = torch.zeros_like(self._hidden)

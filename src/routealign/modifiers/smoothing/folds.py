@@ -40,6 +40,7 @@ from typing import Callable, Literal
 
 import torch
 
+from ...distributed import write_parameters
 from ...schemes import WeightQuantizer
 
 __all__ = [
@@ -91,10 +92,11 @@ def aggregate_scales(scales: torch.Tensor, counts: torch.Tensor) -> torch.Tensor
 
 
 def _set(module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
-    from compressed_tensors.utils import update_offload_parameter
-
+    """Write a folded tensor (``value`` computed from the current one): through
+    :func:`routealign.distributed.write_parameters`, so that under torch.distributed, where every rank folds the
+    same scales, a tensor the ranks share is read by all of them before one rank writes it (not folded twice)."""
     current = getattr(module, name)
-    update_offload_parameter(module, name, value.to(current.dtype))
+    write_parameters([(module, name, value.to(current.dtype))])
 
 
 @torch.no_grad()
