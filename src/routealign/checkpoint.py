@@ -332,6 +332,13 @@ def _finish(model, staging: Path, out: Path, tokenizer) -> None:
         shutil.rmtree(replaced, ignore_errors=True)
 
 
+def _new_staging(out: Path) -> Path:
+    """A fresh staging folder beside ``out`` (stale ones of killed runs removed first)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(out)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}{_INCOMPLETE}{os.getpid()}-", dir=out.parent))
+
+
 def _save_distributed(model, out: Path, tokenizer, **save_kwargs) -> Path:
     import torch.distributed as dist
 
@@ -339,9 +346,7 @@ def _save_distributed(model, out: Path, tokenizer, **save_kwargs) -> Path:
     source = rank() == 0
     box: list = [None]
     if source:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_staging(out)
-        box[0] = tempfile.mkdtemp(prefix=f".{out.name}{_INCOMPLETE}{os.getpid()}-", dir=out.parent)
+        box[0] = str(_new_staging(out))
     dist.broadcast_object_list(box, src=0)
     staging = Path(box[0])
     failure = None
@@ -453,9 +458,7 @@ def save_compressed(model, out: str | Path, tokenizer=None, overwrite: bool = Fa
     out = check_output_folder(out, overwrite, input_dir, _input_folder(model))
     if world_size() > 1:
         return _save_distributed(model, out, tokenizer, **save_kwargs)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_staging(out)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}{_INCOMPLETE}{os.getpid()}-", dir=out.parent))
+    staging = _new_staging(out)
     try:
         model.save_pretrained(str(staging), save_compressed=True, **save_kwargs)
         _finish(model, staging, out, tokenizer)

@@ -152,7 +152,7 @@ class HeldOut:
         value = sq / max(elems, 1)
         if chunks:
             value += self.router_weight * router / chunks
-        return float(torch.tensor(value))
+        return float(torch.tensor(value))  # rounded to float32, as the loss was before ranks were summed
 
     def errors(self, forced: bool = False) -> torch.Tensor:
         """Per held-out sequence, what the router gate and the headroom rule compare: :meth:`lm_head_errors` with
