@@ -50,7 +50,9 @@ def _downstream(tuner, q, held):
 
 
 def _state(tuner):
-    return [p.detach().clone() for w in tuner.weights for p in w.parameters()]
+    """The kept rounding decisions: per tuned weight its codes and clip factors."""
+    return [t.clone() for w in tuner.weights for snap in [w.snapshot()] for t in (snap.codes, snap.clip_lo,
+                                                                                  snap.clip_hi)]
 
 
 def test_split_is_seeded_disjoint_and_complete():
@@ -276,16 +278,20 @@ def test_mse_init_starts_every_tuned_weight_at_its_reconstruction_optimal_clip()
         tuner, result = _tune(block, nxt, targets, q, nkw, "none", iters=1, holdout=0.0, init=init)
         assert result.arms["plain"]["best_iter"] == 0
         starts.append(_state(tuner))
-    expected = []
+    expected, rtn = [], []
     for w in tuner.weights:
-        fresh = TunedWeight(w.name, w.module, w.quantizer, w.global_scale, w.expert)
+        fresh = TunedWeight(w.name, w.modules if w.stacked else w.module, w.quantizer, w.global_scale, w.expert,
+                            w.experts, w.projection)
+        rtn.append(fresh.snapshot().codes)  # offsets zero, clip 1
         fresh.mse_clip(CLIP_GRID)
-        expected += [p.detach() for p in fresh.parameters()]
+        snap = fresh.snapshot()
+        expected += [snap.codes, snap.clip_lo, snap.clip_hi]
     assert len(starts[0]) == len(expected)
     assert all(torch.equal(a, b) for a, b in zip(starts[0], expected))
     clips = torch.cat([t.flatten() for t in starts[0][1::3]])
     assert float(clips.min()) < 1.0 and bool((clips <= 1).all())  # not a no-op
-    assert all(bool((t == 1).all()) for t in starts[1][1::3]) and all(not t.any() for t in starts[1][0::3])
+    assert all(bool((t == 1).all()) for t in starts[1][1::3])
+    assert all(torch.equal(a, b) for a, b in zip(starts[1][0::3], rtn))  # minmax: the RTN decisions
 
 
 def test_amp_runs_the_tuning_matmuls_in_bfloat16_and_keeps_losses_and_targets_float32():

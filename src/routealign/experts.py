@@ -3,10 +3,10 @@
 llm-compressor's ``LinearExperts2D.forward`` loops over the experts in Python: per expert a ``torch.where``, a
 gather, three ``Linear`` calls and an ``index_add_`` (forward and backward), i.e. ~10 small kernels per expert per
 layer per iteration. :func:`batched_forward` computes the same thing with the experts stacked: tokens sorted by
-expert and padded into ``[E, C, h]`` (C = the largest expert's token count), three batched matmuls against the
-stacked ``[E, out, in]`` weights, one scatter-add. The per-expert weights are read from the expert modules, so under
-``torch.func.functional_call`` they are the fake-quantized tensors the tuner substituted, and gradients flow back to
-each expert's rounding parameters.
+expert once, one grouped GEMM per projection over the sorted tokens (or, where torch's grouped GEMM would loop, a
+batched matmul over tokens padded to ``[E, C, h]``; :func:`layout`), one scatter-add. The stacked ``[E, out, in]``
+weights are the tuner's (its fake-quantized stacks, set on the container by :func:`batched_experts`) or the experts'
+own; gradients flow back to the stacks. The number of operations does not grow with the number of experts.
 
 Used only where no hook needs to see the per-expert ``Linear`` calls (the tuning iterations, the unquantized
 targets, the propagation); statistics that hook expert modules keep llm-compressor's loop. Simulated input-activation
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 __all__ = ["batched_forward", "batched_experts", "input_quantizers", "input_quantization_plans",
-           "StackedInputQuantizer", "supports_batching"]
+           "StackedInputQuantizer", "supports_batching", "layout"]
 
 _PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
@@ -99,63 +99,77 @@ def _stack(experts, proj: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     return weight, bias
 
 
-def _bmm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    out = torch.bmm(x, weight.transpose(1, 2).to(x.dtype))
-    return out if bias is None else out + bias[:, None, :].to(x.dtype)
+def _grouped_mm_available() -> bool:
+    return hasattr(torch, "_grouped_mm")
 
 
-def _segments(x: torch.Tensor, counts: list[int], weights: list[torch.Tensor],
-              biases: list[torch.Tensor | None]) -> torch.Tensor:
-    """Contiguous per-expert segments of expert-sorted tokens, one matmul each (no padding)."""
-    outs = []
-    for part, w, b in zip(torch.split(x, counts), weights, biases):
-        if part.shape[0]:
-            outs.append(torch.nn.functional.linear(part, w.to(part.dtype), None if b is None else b.to(part.dtype)))
-        else:  # keeps the (zero) gradient of an expert without tokens, as the loop does
-            outs.append(part.new_zeros(0, w.shape[0]) + 0 * w.sum() + (0 if b is None else 0 * b.sum()))
-    return torch.cat(outs)
+def layout(x: torch.Tensor, dtype: torch.dtype) -> str:
+    """How the experts' matmuls run for tokens ``x`` computed in ``dtype``: ``grouped`` (one grouped GEMM per
+    projection over the expert-sorted tokens, jagged offsets on the device: no padding, no host synchronisation;
+    torch's CPU kernel, and CUDA's for bfloat16 on compute capability 9 and 10) or ``padded`` (tokens padded to
+    the busiest expert's count, ``[E, C, h]``, one batched matmul: CUDA in float32, where torch's grouped GEMM
+    would loop over the experts; C is read once per forward). :data:`PADDED` forces either."""
+    if PADDED is not None:
+        return "padded" if PADDED else "grouped"
+    if not _grouped_mm_available():
+        return "padded"
+    if x.device.type == "cpu":
+        return "grouped"
+    if x.device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] in (9, 10):
+        return "grouped"
+    return "padded"
 
 
-def _projections(self, proj: str) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
-    mods = [getattr(self[e], proj) for e in range(self.num_experts)]
-    return [m.weight for m in mods], [m.bias for m in mods]
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The matmuls' dtype: autocast's where it is on (``amp``), else the tokens'."""
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return x.dtype
 
 
 def batched_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                     top_k_weights: torch.Tensor) -> torch.Tensor:
-    """Drop-in for ``LinearExperts2D.forward`` (routed tokens only). Tokens are gathered once in expert order;
-    on a GPU the experts run as three padded batched matmuls (``[E, C, h]``, C = the busiest expert's count: one
-    kernel per projection), on a CPU as contiguous per-expert segments (compute-bound there: padding would cost
-    more than the saved dispatch)."""
+    """Drop-in for ``LinearExperts2D.forward`` (routed tokens only). Tokens are gathered once in expert order and each
+    projection runs as one grouped or padded batched matmul (:func:`layout`) against the stacked ``[E, out, in]``
+    weights: those set on the container (``_routealign_weights``: the tuner's fake-quantized stacks, no re-stacking),
+    else the experts' own. No operation here runs per expert, and in the grouped layout nothing waits for the
+    device (expert counts by ``scatter_add``, offsets by ``cumsum``)."""
     num_experts = self.num_experts
     k = top_k_index.shape[1]
     flat = top_k_index.reshape(-1)
+    if flat.numel() == 0:
+        return torch.zeros_like(hidden_states)
     with torch.no_grad():
         order = torch.argsort(flat, stable=True)
         sorted_experts = flat[order]
-        counts = torch.bincount(flat, minlength=num_experts)
+        counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(
+            0, flat, torch.ones_like(flat))
     token = order // k
     slot = order % k
-    if flat.numel() == 0:
-        return torch.zeros_like(hidden_states)
     x = hidden_states[token]
-    padded = PADDED if PADDED is not None else hidden_states.is_cuda
+    dtype = _compute_dtype(x)
+    padded = layout(x, dtype) == "padded"
+    given = getattr(self, "_routealign_weights", None) or {}
     if padded:
         with torch.no_grad():
             starts = torch.cumsum(counts, 0) - counts
             position = torch.arange(flat.numel(), device=flat.device) - starts[sorted_experts]
-            capacity = int(counts.max())
+            capacity = -(-int(counts.max()) // 16) * 16  # the one host read; rounded up for the allocator's reuse
         xp = x.new_zeros(num_experts, capacity, x.shape[-1]).index_put((sorted_experts, position), x)
-
-        def project(inp, proj):
-            w, b = _stack(self, proj)
-            return _bmm(inp, w, b)
     else:
-        sizes = counts.tolist()
+        with torch.no_grad():
+            offsets = torch.cumsum(counts, 0).to(torch.int32)
         xp = x
 
-        def project(inp, proj):
-            return _segments(inp, sizes, *_projections(self, proj))
+    def project(inp, proj):
+        w, b = given[proj] if proj in given else _stack(self, proj)
+        if padded:
+            out = torch.bmm(inp, w.transpose(1, 2).to(inp.dtype))
+            return out if b is None else out + b[:, None, :].to(out.dtype)
+        out = torch._grouped_mm(inp.to(dtype), w.transpose(1, 2).to(dtype), offs=offsets)
+        return out if b is None else out + b[sorted_experts].to(out.dtype)
+
     quant = getattr(self, "_routealign_input_quantizers", None) or {}
 
     def quantized(inp, proj):
@@ -174,14 +188,16 @@ def batched_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
     return torch.zeros_like(hidden_states).index_add_(0, token, out.to(hidden_states.dtype))
 
 
-PADDED: bool | None = None  # None: padded batched matmuls on CUDA, segments on CPU (tests force either)
+PADDED: bool | None = None  # None: :func:`layout` decides (tests force either)
 
 
 @contextlib.contextmanager
-def batched_experts(module: torch.nn.Module, plans: dict | None = None):
+def batched_experts(module: torch.nn.Module, plans: dict | None = None, weights: dict | None = None):
     """Inside, every batchable linearized experts container under ``module`` uses :func:`batched_forward`.
     ``plans`` (:func:`input_quantization_plans`) are the input-activation quantizers the batched forward applies;
-    a container whose quantizers it cannot apply exactly (plan ``None``) keeps llm-compressor's loop."""
+    a container whose quantizers it cannot apply exactly (plan ``None``) keeps llm-compressor's loop. ``weights`` maps
+    containers to ``{projection: (stacked weight [E, out, in], stacked bias or None)}`` used instead of the experts'
+    own weights."""
     patched = []
     for sub in module.modules():
         if supports_batching(sub) and "forward" not in sub.__dict__:
@@ -190,6 +206,7 @@ def batched_experts(module: torch.nn.Module, plans: dict | None = None):
                 continue
             sub.forward = types.MethodType(batched_forward, sub)
             sub._routealign_input_quantizers = quant
+            sub._routealign_weights = (weights or {}).get(sub)
             patched.append(sub)
     try:
         yield
@@ -197,3 +214,4 @@ def batched_experts(module: torch.nn.Module, plans: dict | None = None):
         for sub in patched:
             del sub.forward
             del sub._routealign_input_quantizers
+            del sub._routealign_weights

@@ -96,11 +96,26 @@ class BlockRunner:
 
     # -- forwards -----------------------------------------------------------------------------------------
     def run(self, module, params, hidden, kwargs, layers, stop_after: bool = False, all_experts: bool = False,
-            batched: bool | None = None, force: dict[str, torch.Tensor] | None = None):
+            batched: bool | None = None, force: dict[str, torch.Tensor] | None = None, stacked: dict | None = None):
         """Forward ``module`` with ``params`` (:func:`routealign.streams.run_block`); returns (output, or None when
-        stopped after the last of ``layers``' routers, and their logits by layer name, with gradients)."""
+        stopped after the last of ``layers``' routers, and their logits by layer name, with gradients). ``stacked``
+        maps experts containers to ``{projection: (stacked weight, stacked bias or None)}``: the batched experts use
+        them as they are; a container that runs llm-compressor's per-expert loop gets them as per-expert views."""
         batched = self.batched if batched is None else batched
         acting = module is self.block and bool(self._quantizers)
+        if stacked:
+            looped = [c for c in stacked if not (batched and not all_experts
+                                                  and (not acting or self._plans.get(c, {}) is not None))]
+            if looped:
+                params = dict(params)
+                names = {id(m): n for n, m in module.named_modules()}
+                for container in looped:
+                    prefix = names[id(container)]
+                    for proj, (weight, _) in stacked[container].items():
+                        weight = weight if weight.dtype == hidden.dtype or torch.is_autocast_enabled(
+                            hidden.device.type) else weight.to(hidden.dtype)
+                        for e, view in enumerate(weight.unbind(0)):
+                            params[f"{prefix}.{e}.{proj}.weight" if prefix else f"{e}.{proj}.weight"] = view
 
         @contextlib.contextmanager
         def extra():
@@ -108,7 +123,7 @@ class BlockRunner:
                 if batched and not all_experts:
                     # the batched experts bypass the expert Linear modules where the activation hooks sit, so they
                     # apply those quantizers themselves
-                    stack.enter_context(batched_experts(module, self._plans if acting else None))
+                    stack.enter_context(batched_experts(module, self._plans if acting else None, stacked))
                 if acting:
                     stack.enter_context(self._activation_hooks())
                 yield

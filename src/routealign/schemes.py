@@ -50,6 +50,74 @@ class _RoundSTE(torch.autograd.Function):
         return grad * inside, None, None, None
 
 
+# rows of a weight processed at once by :class:`_OffsetFakeQuant` (bounds its temporaries to a few bytes per row
+# element of the chunk; a weight smaller than this takes one chunk)
+CHUNK_ELEMENTS = 1 << 26
+
+
+class _OffsetFakeQuant(torch.autograd.Function):
+    """Learned-rounding fake quantization of weight rows ``x`` ``[R, g]`` (one quantization group per row) with
+    per-row ``scale`` ``[R, 1]`` (already divided by any global scale), integer ``zp`` ``[R, 1]`` or None and
+    rounding ``offset`` ``[R, g]``:
+
+        out = (round(clamp(x / scale + zp + offset)) - zp) * scale
+
+    with a straight-through rounding (gradient 1 inside the clamp range, 0 outside). The values and gradients are
+    those of that expression written as separate autograd operations (the division's gradient to ``scale``
+    ``-grad * ((x / scale) / scale)``, the product's ``grad * dq``), computed in the same order, so they are equal bit
+    for bit. Nothing of ``x``'s size is saved for the backward: it recomputes the rounding in chunks of rows
+    (:data:`CHUNK_ELEMENTS`), and the offset's gradient is formed in the incoming gradient's buffer."""
+
+    @staticmethod
+    def _rounded(x, scale, zp, offset, args, q_min, q_max):
+        scaled = x / scale
+        if zp is not None:
+            scaled = scaled + zp.to(scaled.dtype)
+        scaled = scaled + offset.to(scaled.dtype)
+        q = round_to_quantized_type_args(tensor=scaled, args=args, min=q_min, max=q_max)
+        dq = q.to(scale.dtype)
+        if zp is not None:
+            dq = dq - zp.to(scale.dtype)
+        return scaled, dq
+
+    @staticmethod
+    def _chunks(rows: int, size: int):
+        step = max(1, CHUNK_ELEMENTS // max(size, 1))
+        return [(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+    @staticmethod
+    def forward(ctx, x, scale, zp, offset, args, q_min, q_max, out_dtype):
+        ctx.save_for_backward(x, scale, offset, zp)
+        ctx.args, ctx.q_min, ctx.q_max = args, q_min, q_max
+        out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+        for a, b in _OffsetFakeQuant._chunks(*x.shape):
+            z = None if zp is None else zp[a:b]
+            _, dq = _OffsetFakeQuant._rounded(x[a:b], scale[a:b], z, offset[a:b], args, q_min, q_max)
+            out[a:b] = dq * scale[a:b]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, scale, offset, zp = ctx.saved_tensors
+        # float32, contiguous (an expanded gradient gets storage of its own): the offset's gradient is formed in it
+        grad = grad.to(torch.float32).contiguous()
+        grad_scale = torch.empty_like(scale) if ctx.needs_input_grad[1] else None
+        for a, b in _OffsetFakeQuant._chunks(*x.shape):
+            z = None if zp is None else zp[a:b]
+            s = scale[a:b]
+            scaled, dq = _OffsetFakeQuant._rounded(x[a:b], s, z, offset[a:b], ctx.args, ctx.q_min, ctx.q_max)
+            g = grad[a:b]
+            if grad_scale is not None:
+                from_product = (g * dq).sum(-1, keepdim=True)
+            inside = (scaled >= ctx.q_min) & (scaled <= ctx.q_max)
+            del scaled, dq
+            g.mul_(s).mul_(inside)  # the gradient reaching the rounded value, then the offset
+            if grad_scale is not None:
+                from_division = (-g * ((x[a:b] / s) / s)).sum(-1, keepdim=True)
+                grad_scale[a:b] = from_product + from_division
+        return None, grad_scale, None, grad if ctx.needs_input_grad[3] else None, None, None, None, None
+
+
 def _value_with_grad(exact: torch.Tensor, continuous: torch.Tensor) -> torch.Tensor:
     """``exact``'s value with ``continuous``'s gradient (exact when no gradient is taken)."""
     if not continuous.requires_grad:
@@ -200,29 +268,84 @@ class WeightQuantizer:
             global_scale = self.global_scale(w)
         return self.qparams(*self.group_minmax(w.detach()), global_scale)
 
-    def fake_quant(self, w: torch.Tensor, qp: QParams, offset: torch.Tensor | None = None) -> torch.Tensor:
+    def fake_quant(self, w: torch.Tensor, qp: QParams, offset: torch.Tensor | None = None,
+                   out_dtype: torch.dtype | None = None) -> torch.Tensor:
         """Quantize-dequantize ``w`` (with an optional rounding ``offset`` added before rounding, in grid units).
 
         With ``offset=None`` the value equals compressed-tensors' ``fake_quantize(w, scale, zero_point, args,
-        global_scale)`` bit for bit; gradients reach ``w``, ``offset`` and ``qp``'s scale/zero-point.
-        """
-        q_min, q_max = calculate_range(self.args, w.device)
-        x = self._grouped(w)
+        global_scale)`` bit for bit; gradients reach ``w`` and ``qp``'s scale/zero-point.
+
+        With an ``offset`` (learned rounding) the result is float32 (``out_dtype``: cast to it at the end) and
+        gradients reach ``offset`` and the scale (straight-through rounding) but not ``w``: one autograd node
+        (:class:`_OffsetFakeQuant`) that keeps no tensor of ``w``'s size for the backward (it recomputes what it
+        needs, in row chunks) and computes the same values and gradients, bit for bit, as the composition of
+        elementwise operations it replaces. ``w`` may be in a lower precision than float32 (the division promotes
+        it exactly)."""
         scale = qp.scale.unsqueeze(-1)
         zp = qp.zero_point.unsqueeze(-1) if qp.zero_point is not None else None
         if qp.global_scale is not None:
             gs = qp.global_scale if qp.global_scale.ndim <= 1 else qp.global_scale.unsqueeze(-1)
             scale = scale / gs
+        if offset is not None:
+            return self._offset_fake_quant(w, scale, zp, offset, out_dtype)
+        q_min, q_max = calculate_range(self.args, w.device)
+        x = self._grouped(w)
         scaled = x / scale
         if zp is not None:
             scaled = scaled + zp.to(x.dtype)
-        if offset is not None:
-            scaled = scaled + self._grouped(offset).to(scaled.dtype)
         q = _RoundSTE.apply(scaled, self.args, q_min, q_max)
         dq = q.to(scale.dtype)
         if zp is not None:
             dq = dq - zp.to(scale.dtype)
         return (dq * scale).flatten(start_dim=-2).to(w.dtype)
+
+    def _offset_fake_quant(self, w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None,
+                           offset: torch.Tensor, out_dtype: torch.dtype | None) -> torch.Tensor:
+        if zp is not None and zp.is_floating_point() and zp.requires_grad:
+            raise ValueError("learned rounding needs integer zero-points (no gradient to the zero-point)")
+        size = self.group_size(w.shape[-1])
+        q_min, q_max = calculate_range(self.args, w.device)
+        rows = w.numel() // size
+        scale = scale.expand(*w.shape[:-1], w.shape[-1] // size, 1).reshape(rows, 1)
+        zp = None if zp is None else zp.expand(*w.shape[:-1], w.shape[-1] // size, 1).reshape(rows, 1)
+        out = _OffsetFakeQuant.apply(w.reshape(rows, size), scale, zp, offset.reshape(rows, size), self.args, q_min,
+                                     q_max, out_dtype or torch.float32)
+        return out.reshape(w.shape)
+
+    def codes(self, w: torch.Tensor, qp: QParams, offset: torch.Tensor | None = None) -> torch.Tensor:
+        """The integers (int) or FP4 values (NVFP4, as ``int8`` of twice the value) that :meth:`fake_quant` rounds
+        ``w`` to: 1 byte per weight, exact, for keeping a rounding decision (:meth:`dequantize`)."""
+        with torch.no_grad():
+            q_min, q_max = calculate_range(self.args, w.device)
+            scale = qp.scale.unsqueeze(-1)
+            zp = qp.zero_point.unsqueeze(-1) if qp.zero_point is not None else None
+            if qp.global_scale is not None:
+                gs = qp.global_scale if qp.global_scale.ndim <= 1 else qp.global_scale.unsqueeze(-1)
+                scale = scale / gs
+            scaled = self._grouped(w) / scale
+            if zp is not None:
+                scaled = scaled + zp.to(scaled.dtype)
+            if offset is not None:
+                scaled = scaled + self._grouped(offset).to(scaled.dtype)
+            q = round_to_quantized_type_args(tensor=scaled, args=self.args, min=q_min, max=q_max)
+            if self.is_fp4:
+                q = q * 2
+            return q.flatten(start_dim=-2).to(torch.int8)
+
+    def dequantize(self, codes: torch.Tensor, qp: QParams, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``(codes - zero_point) * scale`` in float32 (NVFP4: under the global scale), cast to ``dtype``: exactly
+        what :meth:`fake_quant` returns for the weight and offset the codes were taken from."""
+        scale = qp.scale.unsqueeze(-1)
+        zp = qp.zero_point.unsqueeze(-1) if qp.zero_point is not None else None
+        if qp.global_scale is not None:
+            gs = qp.global_scale if qp.global_scale.ndim <= 1 else qp.global_scale.unsqueeze(-1)
+            scale = scale / gs
+        dq = self._grouped(codes).to(scale.dtype)
+        if self.is_fp4:
+            dq = dq / 2
+        if zp is not None:
+            dq = dq - zp.to(scale.dtype)
+        return (dq * scale).flatten(start_dim=-2).to(dtype)
 
 
 class ActivationQuantizer:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from typing import ClassVar
 
 import torch
 from compressed_tensors.quantization import QuantizationStrategy
@@ -25,7 +26,8 @@ from ...routing import find_moe_layers
 from ...runner import LMTail
 from ...schemes import WeightQuantizer, input_global_scale
 from ...validation import check_group_sizes, check_router_settings
-from ..common import CausalCalibration, decoder_layer_order, final_norm
+from ..common import (CausalCalibration, decoder_layer_order, final_norm, keep_pipeline_passes_skipped,
+                      restore_pipeline_passes, skip_pipeline_passes)
 from .config import TuningConfig
 from .tune import BlockTuner, RouterDecision, TuneResult
 from .weights import TunedWeight, quantized_writes
@@ -116,6 +118,7 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
     """
 
     requires_calibration_data: bool = True
+    routealign_own_streams: ClassVar[bool] = True  # nothing taken from llm-compressor's pipeline passes
 
     # every algorithm field (and its default and range) is declared once, in TuningConfig and RouterLossConfig
 
@@ -205,6 +208,9 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
                 )
 
     def on_calibration_start(self, state: State, event: Event, **kwargs):
+        if skip_pipeline_passes(state.model, self._layer_order):
+            logger.info("RouterAlignedRoundingModifier: llm-compressor's calibration and propagation passes skip the "
+                        "decoder layers (every modifier of the recipe computes its own causal streams)")
         head = state.model.get_output_embeddings()
         if head is not None and any(state.model.get_submodule(n) is head for n in self._outside) and getattr(
                 state.model.config, "tie_word_embeddings", False):
@@ -221,6 +227,7 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
                              f"{[self._layer_names[id(m)] for m in layers]} (sequential_targets_per_subgraph=1)")
         for block in layers:
             self._tune_layer(state.model, block)
+        keep_pipeline_passes_skipped(state.model)  # putting offloading back reset the layers' forwards
 
     def _tune_layer(self, model: torch.nn.Module, block: torch.nn.Module) -> None:
         name = self._layer_names[id(block)]
@@ -346,6 +353,7 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
                         f"decoder layers: {', '.join(self._outside[:5])}")
 
     def on_calibration_end(self, state: State, event: Event, **kwargs):
+        restore_pipeline_passes(state.model)
         self._quantize_outside(state.model)
         QuantizationMixin.end_calibration(self, state.model)
         self.remove_hooks()

@@ -68,6 +68,9 @@ class TuningConfig(BaseModel):
     # ``lm_head``, the KL divergence of the model's next-token distribution on the held-out sequences with every
     # later layer unquantized, against the unquantized model's (what held-out perplexity sees)
     decide_on: Literal["next_router", "lm_head"] = "next_router"
+    # keep a layer's calibration streams (the quantized and unquantized inputs, the unquantized outputs) in host
+    # memory instead of on the block's device during its tuning: minibatches are then copied in each iteration
+    offload_activations: bool = False
 
     @property
     def learning_rate(self) -> float:

@@ -121,11 +121,12 @@ class HeldOut:
         """Per chunk: ``(indices, block output, router logits of layers, unquantized target, float32 kwargs)``."""
         runner = self.runner
         kwargs = runner.kwargs32(self.q.kwargs)
-        params = self._params()
-        for start in range(0, self.held.numel(), self.chunk):
-            idx = self.held[start : start + self.chunk]
+        params, stacked = self._params()
+        held = self.held.to(self.q.hidden.device)
+        for start in range(0, held.numel(), self.chunk):
+            idx = held[start : start + self.chunk]
             y, logits = runner.run(runner.block, params, self.q.hidden[idx].to(runner.device, torch.float32),
-                                   kwargs, layers)
+                                   kwargs, layers, stacked=stacked)
             yield idx, y, logits, self.reference.output(idx, y.device), kwargs
 
     @torch.no_grad()
@@ -136,18 +137,23 @@ class HeldOut:
         if self.lm_head:
             return mean_of(self.lm_head_errors())
         runner = self.runner
-        sq, elems, router, chunks = 0.0, 0, 0.0, 0
+        sq, elems, router, chunks = [], 0, [], 0
         with self._autocast():
             for idx, y, logits, target, kwargs in self._outputs(runner.own_layers):
                 y = y.float()
                 err = runner.normed(y) - runner.normed(target)
                 valid = self.reference.valid(idx)
                 err = err if valid is None else err[valid]
-                sq += float(err.pow(2).sum())
+                sq.append(err.pow(2).sum())
                 elems += err.numel()
                 if use_router and self._router_loss is not None:
-                    router += float(self._router_loss(y, logits, kwargs, idx)) * idx.numel()
+                    router.append((self._router_loss(y, logits, kwargs, idx).float(), idx.numel()))
                     chunks += idx.numel()
+        # read once (one wait for the device), each chunk's value as it was computed
+        values = torch.stack(sq + [r for r, _ in router]).tolist() if sq or router else []
+        n_sq = len(sq)
+        sq = sum(values[:n_sq], 0.0)
+        router = sum((v * n for v, (_, n) in zip(values[n_sq:], router)), 0.0)
         sq, elems, router, chunks = all_sum([sq, float(elems), router, float(chunks)])
         value = sq / max(elems, 1)
         if chunks:

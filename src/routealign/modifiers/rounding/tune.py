@@ -57,7 +57,7 @@ from ...streams import BlockInputs
 from ...validation import check_finite
 from .config import TuningConfig
 from .heldout import HeldOut, Reference, masked_mse, mean_of, paired_gate
-from .weights import CLIP_GRID, CyclicBatches, TunedWeight, quantized_writes, tuned_weights
+from .weights import CLIP_GRID, CyclicBatches, Snapshot, TunedWeight, quantized_writes, tuned_weights
 
 __all__ = ["BlockTuner", "TuneResult", "RouterDecision"]
 
@@ -130,7 +130,10 @@ class BlockTuner:
         if scope in ("next", "both"):
             self.scoped += [("next", l) for l in self.next_layers]
         self.losses = {(where, l.name): RouterLoss(loss_config, l.family, l.router) for where, l in self.scoped}
-        self._params32 = float_params(block)
+        self._names = {id(m): n for n, m in block.named_modules()}
+        tuned = {f"{self._names[id(m)]}.weight" for w in self.weights for m in w.modules}
+        # float32 copies of what is not tuned (the tuned weights are bound per forward: fake-quantized or unquantized)
+        self._params32 = {n: t for n, t in float_params(block).items() if n not in tuned}
         self._router_scale: dict | None = None
 
     @property
@@ -144,8 +147,9 @@ class BlockTuner:
         runner = self.runner
         outs, own, nxt = [], {l.name: [] for l in self.own_layers}, {l.name: [] for l in self.next_layers}
         mask = fp.mask()
+        params, stacked = self.bind(quantized=False)
         for h, kwargs, valid in runner.chunks(fp, chunk):
-            y, logits = runner.run(self.block, self._params32, h, kwargs, self.own_layers)
+            y, logits = runner.run(self.block, params, h, kwargs, self.own_layers, stacked=stacked)
             outs.append(y if valid is None else y.masked_fill(~valid.unsqueeze(-1), 0))  # padded: zeros
             for n in own:
                 own[n].append(logits[n].float())
@@ -163,8 +167,10 @@ class BlockTuner:
     def expert_token_counts(self, q: BlockInputs, chunk: int = 8) -> dict[str, torch.Tensor]:
         """Routed calibration tokens per expert of each MoE layer in the block, on the quantized stream."""
         counts = {l.name: torch.zeros(l.num_experts, dtype=torch.long) for l in self.own_layers}
+        params, stacked = self.bind(quantized=False)
         for h, kwargs, valid in (self.runner.chunks(q, chunk) if self.own_layers else ()):
-            _, logits = self.runner.run(self.block, self._params32, h, kwargs, self.own_layers, stop_after=True)
+            _, logits = self.runner.run(self.block, params, h, kwargs, self.own_layers, stop_after=True,
+                                        stacked=stacked)
             for l in self.own_layers:
                 z = logits[l.name] if valid is None else logits[l.name][valid.reshape(-1).to(logits[l.name].device)]
                 idx = l.family.route(l.router, z).indices
@@ -181,7 +187,15 @@ class BlockTuner:
                     starving[e] = c
         fallback = {}
         for w in self.weights:
-            if w.expert is not None and w.expert in starving:
+            if w.stacked:
+                frozen = [e for e in range(len(w.modules)) if e in starving]
+                if frozen:
+                    w.mse_clip_fallback(CLIP_GRID, frozen)
+                    container = w.name.rpartition(".")[0]
+                    for e in frozen:
+                        fallback[f"{container}.{e}.{w.projection}" if container else f"{e}.{w.projection}"] = \
+                            starving[e]
+            elif w.expert is not None and w.expert in starving:
                 w.mse_clip_fallback(CLIP_GRID)
                 fallback[w.name] = starving[w.expert]
         if starving:
@@ -205,7 +219,7 @@ class BlockTuner:
         sequences are ``offset`` onwards) of ``q``."""
         router = (lambda y, logits, kwargs, idx: self._router_loss(reference, y, logits, kwargs, idx)) \
             if self.scoped else None
-        return HeldOut(self.runner, reference, q, held, self._block_params, router, self.config.router_weight,
+        return HeldOut(self.runner, reference, q, held, self.bind, router, self.config.router_weight,
                        lm_head=self.runner.lm_tail is not None, autocast=self._autocast, offset=offset)
 
     def tune(self, q: BlockInputs, fp: BlockInputs, offset: int = 0, total: int | None = None) -> TuneResult:
@@ -223,6 +237,9 @@ class BlockTuner:
         every rank takes the same steps and the same decisions."""
         check_finite(q.hidden, f"{self.name}: calibration activations entering the layer (quantized stream)")
         check_finite(fp.hidden, f"{self.name}: calibration activations entering the layer (unquantized stream)")
+        if not self.config.offload_activations:  # the minibatches are then sliced on the device
+            q = q.with_hidden(q.hidden.to(self.device))
+            fp = q if fp.hidden is q.hidden else fp.with_hidden(fp.hidden.to(self.device))
         reference = self.reference(fp)
         outputs = reference.outputs.to(fp.hidden.dtype)
         check_finite(reference.outputs, f"{self.name}: the unquantized layer's output")
@@ -234,7 +251,8 @@ class BlockTuner:
             for w in self.weights:
                 if w.trainable:
                     w.mse_clip(CLIP_GRID)
-        params = [p for w in self.weights if w.trainable for p in w.parameters()]
+        tuned = [w for w in self.weights if w.trainable]
+        params = [p for w in tuned for p in w.parameters()]
         total = q.hidden.shape[0] if total is None else total
         train, held = self.split(total)
         heldout = self.heldout(q, reference, held, offset)
@@ -242,38 +260,38 @@ class BlockTuner:
         if self.scoped and cfg.router_gate and held.numel() and cfg.router_weight > 0:
             arms = ["plain", "router"]
         simulate = cfg.quantize_activations and bool(self.activations)
-        start = [p.detach().clone() for p in params]
-        kept: dict[str, list[torch.Tensor]] = {}
+        start = [w.start() for w in tuned]
+        kept: dict[str, list[Snapshot]] = {}
         info: dict[str, dict] = {}
         history: dict[str, list[float]] = {}
         gate = headroom = None
         all_tokens = cfg.activation_scale_tokens == "all"
         with self.runner.simulating(self.runner.activation_quantizers(q, all_tokens=all_tokens) if simulate else {}):
             first = arms[0]
-            self._set(params, start)
-            kept[first], info[first], history[first] = self._loop(q, reference, heldout, params, train,
+            _reset(tuned, start)
+            kept[first], info[first], history[first] = self._loop(q, reference, heldout, tuned, train,
                                                                   first == "router", offset)
             decision = RouterDecision.UNGATED if arms[0] == "router" else RouterDecision.NONE
             if len(arms) == 2:
                 # the plain arm's held-out errors with its kept parameters (the loop ends on the last iteration's):
                 # used by the headroom rule and by the gate
-                self._set(params, kept["plain"])
+                _restore(tuned, kept["plain"])
                 plain = heldout.errors()
                 info["plain"]["downstream_heldout"] = mean_of(plain)
                 headroom = self._headroom(heldout, plain)
                 if headroom is not None and not headroom["keep"]:
                     gate, decision = {"keep": False, "headroom": headroom}, RouterDecision.NOT_TRIED
                 else:
-                    self._set(params, start)
-                    kept["router"], info["router"], history["router"] = self._loop(q, reference, heldout, params,
+                    _reset(tuned, start)
+                    kept["router"], info["router"], history["router"] = self._loop(q, reference, heldout, tuned,
                                                                                    train, True, offset)
-                    self._set(params, kept["router"])
+                    _restore(tuned, kept["router"])
                     router = heldout.errors()
                     info["router"]["downstream_heldout"] = mean_of(router)
                     gate = {**paired_gate(router - plain, cfg.router_gate_z), "headroom": headroom}
                     decision = RouterDecision.KEPT if gate["keep"] else RouterDecision.DROPPED
         chosen = "router" if decision.router_used else "plain"
-        self._set(params, kept[chosen])
+        _restore(tuned, kept[chosen])
         return TuneResult(outputs, self._writes(), history[chosen], info, decision, gate, headroom,
                           self._router_scale, fallback)
 
@@ -289,18 +307,21 @@ class BlockTuner:
         return {**paired_gate(forced - own, cfg.router_gate_z), "own": mean_of(own), "forced": mean_of(forced)}
 
     # -- the loop -----------------------------------------------------------------------------------------
-    @staticmethod
-    @torch.no_grad()
-    def _set(params: list[torch.Tensor], values: list[torch.Tensor]) -> None:
-        for p, v in zip(params, values):
-            p.copy_(v)
-            p.grad = None
-
-    def _block_params(self) -> dict[str, torch.Tensor]:
-        params = dict(self._params32)
+    def bind(self, quantized: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+        """The block's float32 parameters for a forward and the stacked expert weights (``{container: {projection:
+        (weight, bias)}}``) of :meth:`BlockRunner.run`: the tuned weights fake-quantized with the current rounding
+        parameters (``quantized``; gradients to them; bfloat16 under ``amp`` inside autocast) or unquantized."""
+        kind = self.device.type
+        dtype = torch.get_autocast_dtype(kind) if quantized and self.config.amp and torch.is_autocast_enabled(kind) \
+            else None
+        params, stacked = dict(self._params32), {}
         for w in self.weights:
-            params[f"{w.name}.weight"] = w.fake_weight()
-        return params
+            value = w.fake_weight(dtype) if quantized else (w.weight if w.stacked else w.weight.float())
+            if w.stacked:
+                stacked.setdefault(w.experts, {})[w.projection] = (value, w.bias)
+            else:
+                params[f"{self._names[id(w.module)]}.weight"] = value
+        return params, stacked
 
     def _autocast(self):
         """bfloat16 autocast on the block's device when ``amp`` (else nothing)."""
@@ -314,9 +335,11 @@ class BlockTuner:
         parameters, with gradients to them (when grads are enabled)."""
         runner = self.runner
         kwargs = runner.kwargs32(q.kwargs)
-        h = q.hidden[idx].to(self.device, torch.float32)
+        idx = idx.to(q.hidden.device)
+        h = q.hidden[idx].to(self.device, torch.float32, non_blocking=True)
         with self._autocast():
-            y, logits = runner.run(self.block, self._block_params(), h, kwargs, self.own_layers)
+            params, stacked = self.bind()
+            y, logits = runner.run(self.block, params, h, kwargs, self.own_layers, stacked=stacked)
         y = y.float()
         target = reference.output(idx, y.device)
         loss = masked_mse(runner.normed(y), runner.normed(target), reference.valid(idx))
@@ -324,43 +347,71 @@ class BlockTuner:
             router = self._router_loss(reference, y, logits, kwargs, idx) if use_router else None
         return loss, router
 
-    def _loop(self, q: BlockInputs, reference: Reference, heldout: HeldOut, params: list[torch.Tensor],
-              train: torch.Tensor, use_router: bool, offset: int = 0) -> tuple[list[torch.Tensor], dict, list[float]]:
+    def _loop(self, q: BlockInputs, reference: Reference, heldout: HeldOut, tuned: list[TunedWeight],
+              train: torch.Tensor, use_router: bool, offset: int = 0) -> tuple[list[Snapshot], dict, list[float]]:
         """Signed gradient descent on minibatches of ``train`` (global indices; this rank's sequences are
-        ``offset`` onwards); returns the parameters of the iteration with the lowest held-out loss (lowest training
-        loss when nothing is held out), a summary and the training losses."""
+        ``offset`` onwards); returns the decisions of the iteration with the lowest held-out loss (lowest training
+        loss when nothing is held out), a summary and the training losses.
+
+        Nothing in an iteration waits for the device (one process): the minibatch order is drawn up front and
+        copied once, the training losses stay on the device and are read, and checked finite, at the held-out
+        evaluations and at the end; with nothing held out the lowest loss and its decisions are tracked on the
+        device."""
         cfg = self.config
+        params = [p for w in tuned for p in w.parameters()]
         batches = CyclicBatches(train, cfg.batch_size, torch.Generator().manual_seed(cfg.seed))
+        order = [batches.next() for _ in range(cfg.iters)]
+        local = world_size() == 1
+        if local and order:
+            order = torch.stack(order).to(q.hidden.device, non_blocking=True)
+        losses = torch.full((cfg.iters,), math.nan, dtype=torch.float64, device=self.device)
         best_loss, best, best_it = math.inf, None, -1
+        tracked = None  # nothing held out: (lowest loss, its iteration, its decisions), on the device
         curve: list[tuple[int, float]] = []
-        history: list[float] = []
         with torch.enable_grad():
             for it in range(cfg.iters + 1):
                 if heldout and (it % cfg.holdout_every == 0 or it == cfg.iters):
+                    self._check_finite(losses, it, best_loss, best_it)
                     curve.append((it, heldout.loss(use_router)))
                     if curve[-1][1] < best_loss:
-                        best_loss, best_it, best = curve[-1][1], it, [p.detach().clone() for p in params]
+                        best_loss, best_it, best = curve[-1][1], it, [w.snapshot() for w in tuned]
                 if it == cfg.iters:
                     break
-                loss, router = self._minibatch_losses(q, reference, batches.next(), use_router, offset)
+                loss, router = self._minibatch_losses(q, reference, order[it], use_router, offset)
                 total = None if loss is None else loss + cfg.router_weight * router if router is not None else loss
-                (value,) = all_sum([0.0 if total is None else float(total.detach())])
-                if not math.isfinite(value):
-                    last = (f"last finite loss {best_loss:.6g} at iteration {best_it}" if best is not None
-                            else "no finite loss yet")
-                    raise NonFiniteError(
-                        f"{self.name}: tuning loss is {value} at iteration {it} ({last}); the run stops: layers "
-                        f"before {self.name} are quantized, {self.name} and later layers are unchanged"
-                    )
-                history.append(value)
-                if not heldout and value < best_loss:
-                    best_loss, best_it, best = value, it, [p.detach().clone() for p in params]
+                if local:
+                    value = total.detach().double()
+                    losses[it] = value
+                else:
+                    (value,) = all_sum([0.0 if total is None else float(total.detach())])
+                    losses[it] = value
+                    value = losses[it]
+                if not heldout:
+                    tracked = _track(tracked, value, it, tuned)
                 self._step(params, loss, router, total, it)
+        self._check_finite(losses, cfg.iters, best_loss, best_it)
+        history = losses.tolist()
+        if not heldout and tracked is not None:
+            best_loss, best_it, best = float(tracked[0]), int(tracked[1]), tracked[2]
         info = {"best_iter": best_it, "train_first": history[0] if history else None,
                 "train_best": min(history) if history else None,
                 "heldout_first": curve[0][1] if curve else None,
                 "heldout_best": best_loss if curve else None, "heldout_curve": curve}
         return best, info, history
+
+    def _check_finite(self, losses: torch.Tensor, upto: int, best_loss: float, best_it: int) -> None:
+        """:class:`NonFiniteError` at the first non-finite training loss before iteration ``upto``."""
+        if upto == 0 or bool(torch.isfinite(losses[:upto]).all()):
+            return
+        values = losses[:upto].tolist()
+        it = next(i for i, v in enumerate(values) if not math.isfinite(v))
+        if best_it < 0 and it > 0:
+            best_loss, best_it = min((v, i) for i, v in enumerate(values[:it]))
+        last = f"last finite loss {best_loss:.6g} at iteration {best_it}" if best_it >= 0 else "no finite loss yet"
+        raise NonFiniteError(
+            f"{self.name}: tuning loss is {values[it]} at iteration {it} ({last}); the run stops: layers "
+            f"before {self.name} are quantized, {self.name} and later layers are unchanged"
+        )
 
     def _minibatch_losses(self, q: BlockInputs, reference: Reference, batch: torch.Tensor, use_router: bool,
                           offset: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -384,7 +435,8 @@ class BlockTuner:
     def _step(self, params: list[torch.Tensor], loss: torch.Tensor | None, router: torch.Tensor | None,
               total: torch.Tensor | None, it: int) -> None:
         """One signed step: gradients (balanced with ``router_balance``), summed over ranks, then
-        ``p -= lr_t * sign(grad)`` and the parameters clamped to their ranges. ``loss`` is None on a rank that holds
+        ``p -= lr_t * sign(grad)`` and the parameters clamped to their ranges, for every tuned tensor at once (a few
+        ``torch._foreach_*`` calls; frozen experts of a stack do not move). ``loss`` is None on a rank that holds
         none of the minibatch (it contributes zero gradients)."""
         cfg = self.config
         for p in params:
@@ -403,23 +455,35 @@ class BlockTuner:
             all_reduce_grads(params)
         lr = cfg.learning_rate * (1 - it / cfg.iters)
         with torch.no_grad():
+            moved, grads, bounded = [], [], {(-0.5, 0.5): [], (0.0, 1.0): []}
             for w in self.weights:
                 if not w.trainable:
                     continue
                 for p in w.parameters():
                     if p.grad is not None:
-                        p.add_(p.grad.sign(), alpha=-lr)
-                w.offset.clamp_(-0.5, 0.5)
-                w.clip_lo.clamp_(0.0, 1.0)
-                w.clip_hi.clamp_(0.0, 1.0)
+                        moved.append(p)
+                        grads.append(p.grad)
+                        if w.step_mask is not None:  # frozen experts of a stack: no step (sign 0)
+                            p.grad.mul_(w.step_mask)
+                bounded[(-0.5, 0.5)].append(w.offset)
+                bounded[(0.0, 1.0)] += [w.clip_lo, w.clip_hi]
+            if moved:
+                torch._foreach_sign_(grads)
+                torch._foreach_add_(moved, grads, alpha=-lr)
+            for (low, high), tensors in bounded.items():
+                if tensors:
+                    torch._foreach_clamp_min_(tensors, low)
+                    torch._foreach_clamp_max_(tensors, high)
+        for p in params:
+            p.grad = None
 
     def _combine_gradients(self, params: list[torch.Tensor], mse: torch.Tensor | None, router: torch.Tensor | None,
                            measure_only: bool) -> None:
         """Separate MSE and router gradients (each summed over ranks); records at the first call how they compare
         (``router_scale``: loss ratio, gradient-norm ratio and the fraction of coordinates whose step sign the
         weighted router gradient changes); unless ``measure_only``, sets ``p.grad`` to the MSE gradient plus the
-        router gradient rescaled per tensor to ``router_weight`` times the MSE gradient's norm. ``mse`` and
-        ``router`` are None on a rank that holds none of the minibatch."""
+        router gradient rescaled per tensor (per expert in a stack) to ``router_weight`` times the MSE gradient's
+        norm. ``mse`` and ``router`` are None on a rank that holds none of the minibatch."""
         lam = self.config.router_weight
         if mse is None:
             g_mse = g_rt = [None] * len(params)
@@ -432,18 +496,25 @@ class BlockTuner:
         if world_size() > 1:
             reduced = all_reduce(g_mse + g_rt)
             g_mse, g_rt = reduced[: len(params)], reduced[len(params):]
-        flips = total = 0
-        norm_m = norm_r = 0.0
+        record = self._router_scale is None
+        owners = {id(p): w for w in self.weights for p in w.parameters()}
+        sums = []  # recorded once: squared norms, sign flips and coordinates per tensor, read together
         for p, gm, gr in zip(params, g_mse, g_rt):
-            nm, nr = gm.norm(), gr.norm()
-            norm_m += float(nm) ** 2
-            norm_r += float(nr) ** 2
-            if self._router_scale is None:
-                flips += int((gm.sign() != (gm + lam * gr).sign()).sum())
-                total += gm.numel()
+            w = owners[id(p)]
+            if w.stacked:  # one norm per expert
+                nm = torch.linalg.vector_norm(gm, dim=(-2, -1), keepdim=True)
+                nr = torch.linalg.vector_norm(gr, dim=(-2, -1), keepdim=True)
+            else:
+                nm, nr = gm.norm(), gr.norm()
+            if record:
+                mask = w.step_mask if w.step_mask is not None else torch.ones((), device=gm.device)
+                changed = (gm.sign() != (gm + lam * gr).sign()) * mask  # frozen experts left out
+                sums.append(torch.stack([(nm.double().pow(2) * mask).sum(), (nr.double().pow(2) * mask).sum(),
+                                         changed.sum().double(), mask.expand_as(gm).sum().double()]))
             if not measure_only:
-                p.grad = gm + lam * gr * (nm / nr.clamp_min(1e-30))
-        if self._router_scale is None:
+                p.grad = gm.add_(gr.mul_(lam).mul_(nm / nr.clamp_min(1e-30)))
+        if record:
+            norm_m, norm_r, flips, total = torch.stack(sums).sum(0).tolist() if sums else (0.0, 0.0, 0.0, 0.0)
             if world_size() == 1:
                 ratio = float(lam * router.detach() / mse.detach().clamp_min(1e-30))
             else:
@@ -452,7 +523,7 @@ class BlockTuner:
                 ratio = lam * router_value / max(mse_value, 1e-30)
             self._router_scale = {"loss_ratio": ratio,
                                   "grad_norm_ratio": lam * (norm_r ** 0.5) / max(norm_m ** 0.5, 1e-30),
-                                  "sign_flip_fraction": flips / max(total, 1)}
+                                  "sign_flip_fraction": flips / max(total, 1.0)}
 
     def _router_loss(self, reference: Reference, y, logits, kwargs, idx):
         if not self.scoped:
@@ -471,3 +542,32 @@ class BlockTuner:
 
     def _writes(self) -> list[tuple[torch.nn.Module, str, torch.Tensor]]:
         return [item for w in self.weights for item in quantized_writes(w, f"{self.name}.{w.name}")]
+
+
+def _reset(weights: list[TunedWeight], start: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    for w, clips in zip(weights, start):
+        w.reset(clips)
+
+
+def _restore(weights: list[TunedWeight], snapshots: list[Snapshot]) -> None:
+    for w, snap in zip(weights, snapshots):
+        w.restore(snap)
+
+
+@torch.no_grad()
+def _track(tracked, value: torch.Tensor, it: int, weights: list[TunedWeight]):
+    """AutoRound's rule with nothing held out, without reading the loss: ``(lowest loss, its iteration, the
+    decisions it was measured with)`` updated on the device with iteration ``it``'s ``value`` (taken before its
+    step; a NaN loss never counts as lower)."""
+    current = [w.snapshot() for w in weights]
+    if tracked is None:
+        lowest = torch.full_like(value, math.inf)
+        better = value < lowest
+        return (torch.where(better, value, lowest), torch.where(better, it, -1), current)
+    lowest, at, kept = tracked
+    better = value < lowest
+    merged = [Snapshot(*(torch.where(better, new, old) for new, old in
+                         zip((c.codes, c.clip_lo, c.clip_hi, c.zero_offset), (k.codes, k.clip_lo, k.clip_hi,
+                                                                             k.zero_offset))))
+              for c, k in zip(current, kept)]
+    return torch.where(better, value, lowest), torch.where(better, it, at), merged

@@ -1,18 +1,20 @@
-"""The weights one block tunes: per targeted Linear its rounding offsets and clip factors
-(:class:`TunedWeight`), the NVFP4 global scales fused projections share, the quantize-dequantized writes, and
-AutoRound's minibatch order (:class:`CyclicBatches`)."""
+"""The weights one block tunes: per targeted Linear, or per projection of all experts of a MoE layer stacked, the
+rounding offsets and clip factors (:class:`TunedWeight`) and the decisions kept at an iteration (:class:`Snapshot`),
+the NVFP4 global scales fused projections share, the quantize-dequantized writes, and AutoRound's minibatch order
+(:class:`CyclicBatches`)."""
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ...schemes import QParams, WeightQuantizer
 from ...validation import check_finite
 
-__all__ = ["TunedWeight", "tuned_weights", "quantized_writes", "CyclicBatches", "FUSED_GROUPS", "CLIP_GRID"]
+__all__ = ["TunedWeight", "Snapshot", "tuned_weights", "quantized_writes", "CyclicBatches", "FUSED_GROUPS",
+           "CLIP_GRID"]
 
 # weights that must share one NVFP4 global scale (vLLM fuses them), as llm-compressor's observers do
 FUSED_GROUPS: tuple[tuple[str, ...], ...] = (
@@ -29,65 +31,171 @@ CLIP_GRID: tuple[float, ...] = tuple(1.0 - 0.05 * i for i in range(11))  # RTN-f
 
 
 @dataclass
+class Snapshot:
+    """A tuned weight's rounding decision, kept at an iteration: the codes it rounds to (1 byte per weight), its
+    clip factors and, per expert, whether its offsets were all zero (such a weight is written as plain RTN)."""
+
+    codes: torch.Tensor
+    clip_lo: torch.Tensor
+    clip_hi: torch.Tensor
+    zero_offset: torch.Tensor
+
+
 class TunedWeight:
-    """One targeted Linear weight and its rounding parameters."""
+    """One targeted Linear weight, or one projection of every expert of an experts container stacked into one tensor
+    (``[E, out, in]``), and its rounding parameters: offsets (``[..., out, in]``, float32, grid units) and per-group
+    clip factors (``[..., out, groups]``).
 
-    name: str  # relative to the block
-    module: torch.nn.Module
-    quantizer: WeightQuantizer
-    global_scale: torch.Tensor | None
-    expert: int | None
-    offset: torch.Tensor = field(init=False)
-    clip_lo: torch.Tensor = field(init=False)
-    clip_hi: torch.Tensor = field(init=False)
-    trainable: bool = True
-    _frozen: torch.Tensor | None = field(default=None, init=False, repr=False)  # fake weight once not trainable
+    A stack is tuned as one tensor: one fake quantization per iteration and one signed step for all its experts.
+    Experts can be frozen (starved experts: MSE-clipped RTN); their parameters then never move (``step_mask``).
+    The weight is kept in the model's dtype, a copy that is never re-read from the module (the ranks of a
+    distributed run may share the module's storage); the arithmetic is float32 (exact promotion)."""
 
-    def __post_init__(self):
-        w = self.module.weight.detach()
-        self.dtype = w.dtype
-        self.weight32 = w.to(torch.float32, copy=True)  # never the module's storage (float32 models; shared ranks)
-        wmin, wmax = self.quantizer.group_minmax(self.weight32)
+    def __init__(self, name: str, modules: torch.nn.Module | list[torch.nn.Module], quantizer: WeightQuantizer,
+                 global_scale: torch.Tensor | None, expert: int | None = None,
+                 experts: torch.nn.Module | None = None, projection: str | None = None):
+        self.name = name  # relative to the block; a stack is named by its container and projection
+        self.stacked = isinstance(modules, (list, tuple))
+        self.modules = list(modules) if self.stacked else [modules]
+        self.quantizer = quantizer
+        self.global_scale = global_scale
+        self.expert = expert  # a single expert's weight (not stacked)
+        self.experts, self.projection = experts, projection  # a stack's container and projection name
+        with torch.no_grad():
+            weights = [m.weight.detach() for m in self.modules]
+            self.dtype = weights[0].dtype
+            self.weight = torch.stack(weights) if self.stacked else weights[0].clone()
+            wmin, wmax = quantizer.group_minmax(self.weight.float())
         self._min32, self._max32 = wmin, wmax
-        self.offset = torch.zeros_like(self.weight32, requires_grad=True)
+        self.offset = torch.zeros(self.weight.shape, dtype=torch.float32, device=self.weight.device,
+                                  requires_grad=True)
         self.clip_lo = torch.ones_like(wmin, requires_grad=True)
         self.clip_hi = torch.ones_like(wmax, requires_grad=True)
-        self._gs32 = self.global_scale.float() if self.global_scale is not None else None
+        self._gs32 = global_scale.float() if global_scale is not None else None
+        self.active = torch.ones(len(self.modules) if self.stacked else (), dtype=torch.bool)
+        self._step_mask: torch.Tensor | None = None
+        self._trainable = True
+        self._codes: torch.Tensor | None = None  # set while a snapshot is restored
+        self._zero_offset: torch.Tensor | None = None
+        self._frozen: torch.Tensor | None = None  # fake weight of a frozen single weight, computed once
+        self.bias = (torch.stack([m.bias.detach().float() for m in self.modules])
+                     if self.stacked and self.modules[0].bias is not None else None)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The Linear of a single (not stacked) weight."""
+        return self.modules[0]
+
+    @property
+    def weight32(self) -> torch.Tensor:
+        """The weight in float32 (a copy for lower-precision models)."""
+        return self.weight.float()
+
+    @property
+    def trainable(self) -> bool:
+        """Whether any of its weights (experts) is tuned."""
+        return self._trainable
+
+    @property
+    def step_mask(self) -> torch.Tensor | None:
+        """``[E, 1, 1]`` (1.0 for experts being tuned) where some experts of a stack are frozen, else None."""
+        return self._step_mask
 
     def parameters(self) -> list[torch.Tensor]:
         return [self.offset, self.clip_lo, self.clip_hi]
 
-    def fake_weight(self) -> torch.Tensor:
-        """float32 fake-quantized weight with gradients to the rounding parameters; once the weight is no longer
-        trainable (RTN fallback), computed once, without a graph, and reused by every iteration."""
+    def qparams(self) -> QParams:
+        """The scale (with gradients to the clip factors) of the current clip factors."""
+        return self.quantizer.qparams(self._min32 * self.clip_lo, self._max32 * self.clip_hi, self._gs32)
+
+    def fake_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The fake-quantized weight (float32, or ``dtype``) with gradients to the rounding parameters; the restored
+        snapshot's decision when one is restored (no gradients); a frozen single weight's computed once."""
+        if self._codes is not None:
+            with torch.no_grad():
+                return self.quantizer.dequantize(self._codes, self.qparams(), dtype or torch.float32)
         if not self.trainable:
             if self._frozen is None:
                 with torch.no_grad():
-                    self._frozen = self._fake_weight()
-            return self._frozen
-        return self._fake_weight()
+                    self._frozen = self.quantizer.fake_quant(self.weight, self.qparams(), self.offset)
+            return self._frozen if dtype is None else self._frozen.to(dtype)
+        return self.quantizer.fake_quant(self.weight, self.qparams(), self.offset, out_dtype=dtype)
 
-    def _fake_weight(self) -> torch.Tensor:
-        qp = self.quantizer.qparams(self._min32 * self.clip_lo, self._max32 * self.clip_hi, self._gs32)
-        return self.quantizer.fake_quant(self.weight32, qp, self.offset)
+    # -- snapshots --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def snapshot(self) -> Snapshot:
+        """The current rounding decision (restored with :meth:`restore`; tuning never resumes from one)."""
+        if self._codes is not None:
+            return Snapshot(self._codes, self.clip_lo.detach().clone(), self.clip_hi.detach().clone(),
+                            self._zero_offset)
+        codes = self.quantizer.codes(self.weight, self.qparams(), self.offset)
+        zero = ~self.offset.detach().flatten(start_dim=-2).any(-1) if self.stacked else ~self.offset.detach().any()
+        return Snapshot(codes, self.clip_lo.detach().clone(), self.clip_hi.detach().clone(), zero)
 
     @torch.no_grad()
-    def mse_clip_fallback(self, grid: tuple[float, ...]) -> None:
-        """RTN with, per group, the clip factor on ``grid`` that minimises the weight reconstruction error; the
-        weight is no longer tuned."""
-        self.mse_clip(grid)
-        self.trainable = False
+    def restore(self, snap: Snapshot) -> None:
+        self.clip_lo.copy_(snap.clip_lo)
+        self.clip_hi.copy_(snap.clip_hi)
+        self._codes, self._zero_offset = snap.codes, snap.zero_offset
         self._frozen = None
+        for p in self.parameters():
+            p.grad = None
+
+    @torch.no_grad()
+    def start(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The clip factors tuning starts from (offsets start at zero)."""
+        return self.clip_lo.detach().clone(), self.clip_hi.detach().clone()
+
+    @torch.no_grad()
+    def reset(self, start: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Back to the start: offsets zero, the clip factors of :meth:`start`, no snapshot restored."""
+        self.offset.zero_()
+        self.clip_lo.copy_(start[0])
+        self.clip_hi.copy_(start[1])
+        self._codes = self._zero_offset = None
+        self._frozen = None
+        for p in self.parameters():
+            p.grad = None
+
+    def release(self) -> None:
+        """Drop the tuning state (after the writes are computed)."""
+        self.offset = self.clip_lo = self.clip_hi = None
+        self._codes = self._frozen = None
+
+    # -- starting points ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def mse_clip_fallback(self, grid: tuple[float, ...], experts: list[int] | None = None) -> None:
+        """RTN with, per group, the clip factor on ``grid`` that minimises the weight reconstruction error; the
+        weight (a stack: the ``experts`` listed) is no longer tuned."""
+        if not self.stacked or experts is None:
+            self.mse_clip(grid)
+            self.active.fill_(False)
+            self._trainable = False
+            self._frozen = None
+            return
+        lo, hi = self.clip_lo.detach().clone(), self.clip_hi.detach().clone()
+        offset = self.offset.detach().clone()
+        self.mse_clip(grid)
+        keep = torch.ones(len(self.modules), dtype=torch.bool)
+        keep[list(experts)] = False
+        k = keep.to(lo.device)
+        self.clip_lo.copy_(torch.where(k.view(-1, 1, 1), lo, self.clip_lo))
+        self.clip_hi.copy_(torch.where(k.view(-1, 1, 1), hi, self.clip_hi))
+        self.offset.copy_(torch.where(k.view(-1, 1, 1), offset, self.offset))
+        self.active &= keep
+        self._trainable = bool(self.active.any())
+        self._step_mask = self.active.to(self.offset.device, torch.float32).view(-1, 1, 1)
 
     @torch.no_grad()
     def mse_clip(self, grid: tuple[float, ...]) -> None:
         """Per group, the clip factor on ``grid`` that minimises the weight reconstruction error (symmetric clip),
         as the clip ranges; rounding offsets zero."""
         best_err, best_c = None, None
+        w32 = self.weight.float()
         for c in grid:
             lo = torch.full_like(self.clip_lo, c)
             qp = self.quantizer.qparams(self._min32 * lo, self._max32 * lo, self._gs32)
-            err = (self.quantizer.fake_quant(self.weight32, qp) - self.weight32).pow(2)
+            err = (self.quantizer.fake_quant(w32, qp) - w32).pow(2)
             err = err.unflatten(-1, (lo.shape[-1], -1)).sum(-1)
             if best_err is None:
                 best_err, best_c = err, lo.clone()
@@ -99,44 +207,55 @@ class TunedWeight:
         self.clip_hi.copy_(best_c)
         self.offset.zero_()
 
+    # -- the result ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def final(self) -> tuple[torch.Tensor, QParams]:
-        """Quantize-dequantized weight in the model's dtype and its parameters.
+        """Quantize-dequantized weight in the model's dtype (``[..., out, in]``) and its parameters.
 
         Scales are computed as llm-compressor's observers compute them (from the clipped group range, in the
-        weight's dtype). Untuned weights (offset 0, clip 1) are quantized with compressed-tensors' own arithmetic:
-        exactly RTN. Tuned weights take their integers from the float32 arithmetic they were tuned in: signed
-        gradient descent leaves many offsets just across a rounding boundary, and re-deriving the integers in bf16
-        (relative error 2^-9) would undo those decisions at random. The dequantized value ``(q - zp) * scale`` is
-        then rounded once to the model's dtype; compressed-tensors re-quantizes it to the same integers (<= 4 bits).
-        """
-        # the weight as it was when tuning started, never re-read from the module: under torch.distributed another
-        # rank may already have written its (identical) result into storage the ranks share
-        w = self.weight32.to(self.dtype)
+        weight's dtype). Untuned weights (offset 0, clip 1; per expert in a stack) are quantized with
+        compressed-tensors' own arithmetic: exactly RTN. Tuned weights keep the integers their float32 tuning
+        arithmetic rounded to (the restored snapshot's codes): signed gradient descent leaves many offsets just across
+        a rounding boundary, and re-deriving the integers from a scale rounded to the model's dtype (relative error
+        2^-9 in bf16) would undo those decisions at random. The dequantized value ``(q - zp) * scale`` is rounded
+        once to the model's dtype; compressed-tensors re-quantizes it to the same integers (<= 4 bits)."""
+        w = self.weight
         wmin, wmax = self.quantizer.group_minmax(w)
         lo = (wmin.float() * self.clip_lo).to(w.dtype)
         hi = (wmax.float() * self.clip_hi).to(w.dtype)
         qp = self.quantizer.qparams(lo, hi, self.global_scale)
-        if not bool(self.offset.any()) and bool((self.clip_lo == 1).all() and (self.clip_hi == 1).all()):
-            return self.quantizer.fake_quant(w, qp), qp
+        rtn = self.quantizer.fake_quant(w, qp)
+        zero = self._zero_offset if self._codes is not None else (
+            ~self.offset.flatten(start_dim=-2).any(-1) if self.stacked else ~self.offset.any())
+        untouched = zero & (self.clip_lo == 1).flatten(start_dim=-2).all(-1) & (
+            self.clip_hi == 1).flatten(start_dim=-2).all(-1)
+        if bool(untouched.all()):
+            return rtn, qp
+        codes = self._codes if self._codes is not None else self.quantizer.codes(w, self.qparams(), self.offset)
         qp32 = QParams(qp.scale.float(), qp.zero_point, qp.global_scale)
-        return self.quantizer.fake_quant(self.weight32, qp32, self.offset).to(w.dtype), qp
+        tuned = self.quantizer.dequantize(codes, qp32, w.dtype)
+        if not self.stacked:
+            return tuned, qp
+        return torch.where(untouched.view(-1, 1, 1).to(w.device), rtn, tuned), qp
 
 
 @torch.no_grad()
 def quantized_writes(w: TunedWeight, where: str) -> list[tuple[torch.nn.Module, str, torch.Tensor]]:
-    """``(module, name, value)`` writes of ``w``'s quantize-dequantized weight and quantization parameters, each
-    checked finite (:class:`NonFiniteError` naming ``where``)."""
+    """``(module, name, value)`` writes of ``w``'s quantize-dequantized weight and quantization parameters (per
+    expert module for a stack), each checked finite (:class:`NonFiniteError` naming ``where``)."""
     weight, qp = w.final()
     for what, value in (("weight", weight), ("weight_scale", qp.scale), ("weight_global_scale", qp.global_scale)):
         if value is not None:
             check_finite(value, f"{where}: quantized {what}")
-    writes = [(w.module, "weight", weight)]
-    for key, value in (("weight_scale", qp.scale), ("weight_zero_point", qp.zero_point),
-                       ("weight_global_scale", qp.global_scale)):
-        current = getattr(w.module, key, None)
-        if value is not None and current is not None:
-            writes.append((w.module, key, value.to(current.dtype).reshape(current.shape)))
+    writes = []
+    for e, module in enumerate(w.modules):
+        pick = (lambda t: t[e]) if w.stacked else (lambda t: t)  # noqa: E731
+        writes.append((module, "weight", pick(weight)))
+        for key, value in (("weight_scale", qp.scale), ("weight_zero_point", qp.zero_point),
+                           ("weight_global_scale", qp.global_scale)):
+            current = getattr(module, key, None)
+            if value is not None and current is not None:
+                writes.append((module, key, pick(value).to(current.dtype).reshape(current.shape)))
     return writes
 
 
@@ -160,27 +279,69 @@ class CyclicBatches:
         return batch
 
 
-
-
 def tuned_weights(block: torch.nn.Module, targets: dict, full_range: bool) -> list[TunedWeight]:
-    """A :class:`TunedWeight` per target of ``block`` (names relative to it, compressed-tensors weight
-    ``QuantizationArgs``), in ``targets``' order; fused projections (:data:`FUSED_GROUPS`, siblings under one
-    parent) share one NVFP4 global scale, as llm-compressor's observers and vLLM's fused kernels do."""
+    """The :class:`TunedWeight` of ``block``'s targets (names relative to it, compressed-tensors weight
+    ``QuantizationArgs``), in ``targets``' order. Each projection of a linearized experts container whose experts are
+    all targeted with the same arguments is one stack (tuned as one ``[E, out, in]`` tensor); every other target is
+    its own. Fused projections (:data:`FUSED_GROUPS`, siblings under one parent) share one NVFP4 global scale (per
+    expert in a stack), as llm-compressor's observers and vLLM's fused kernels do."""
+    from ...experts import supports_batching
+
     modules = dict(block.named_modules())
+    stacks: dict[str, tuple[str, str, list[str]]] = {}  # member name -> (stack name, projection, members)
+    for cname, container in modules.items():
+        if not supports_batching(container):
+            continue
+        found, targeted = {}, set()
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            members = [f"{cname}.{e}.{proj}" if cname else f"{e}.{proj}" for e in range(container.num_experts)]
+            if any(m in targets for m in members):
+                targeted.add(proj)
+            if all(m in targets for m in members) and all(targets[m] == targets[members[0]] for m in members):
+                found[proj] = members
+        if set(found) != targeted:  # some experts' projections excluded: each weight on its own, as before
+            continue
+        for proj, members in found.items():
+            for m in members:
+                stacks[m] = (f"{cname}.{proj}" if cname else proj, proj, members)
     quantizers = {n: WeightQuantizer(args, full_range=full_range) for n, args in targets.items()}
+
+    def stacked(name: str) -> torch.Tensor:
+        members = stacks[name][2] if name in stacks else [name]
+        weights = [modules[m].weight.detach() for m in members]
+        return torch.stack(weights) if name in stacks else weights[0]
+
     scales: dict[str, torch.Tensor] = {}
     for name, quantizer in quantizers.items():
         if not quantizer.uses_global_scale or name in scales:
             continue
         parent, _, leaf = name.rpartition(".")
+        if name in stacks:  # the same projection's fused siblings of every expert: stacks of their own
+            container = parent.rpartition(".")[0]
+            group = next((g for g in FUSED_GROUPS if leaf in g), (leaf,))
+            lead = [f"{container}.0.{m}" if container else f"0.{m}" for m in group]
+            lead = [m for m in lead if m in stacks]
+            scale = quantizer.global_scale(*[stacked(m) for m in lead])
+            for m in lead:
+                for member in stacks[m][2]:
+                    scales[member] = scale
+            continue
         group = next((g for g in FUSED_GROUPS if leaf in g), (leaf,))
         members = [f"{parent}.{m}" if parent else m for m in group]
-        members = [m for m in members if m in quantizers]
+        members = [m for m in members if m in quantizers and m not in stacks]
         scale = quantizer.global_scale(*[modules[m].weight.detach() for m in members])
         for m in members:
             scales[m] = scale
-    weights = []
+    weights, done = [], set()
     for n, quantizer in quantizers.items():
+        if n in stacks:
+            stack_name, proj, members = stacks[n]
+            if stack_name not in done:
+                done.add(stack_name)
+                container = modules[stack_name.rpartition(".")[0]] if "." in stack_name else block
+                weights.append(TunedWeight(stack_name, [modules[m] for m in members], quantizer, scales.get(n),
+                                           experts=container, projection=proj))
+            continue
         match = _EXPERT_RE.search(n)
         weights.append(TunedWeight(n, modules[n], quantizer, scales.get(n), int(match.group(1)) if match else None))
     return weights

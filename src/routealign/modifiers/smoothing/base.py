@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from compressed_tensors.quantization.utils import is_module_quantized
@@ -19,7 +19,8 @@ from ...errors import InputError, NotMoEError
 from ...routing import MoELayer, find_moe_layers
 from ...schemes import WeightQuantizer
 from ...streams import run_block
-from ..common import CausalCalibration, decoder_layer_order
+from ..common import (CausalCalibration, decoder_layer_order, keep_pipeline_passes_skipped, restore_pipeline_passes,
+                      skip_pipeline_passes)
 from .folds import (
     MAPPINGS,
     FoldPlan,
@@ -103,6 +104,7 @@ class ExpertAwareSmoothingModifier(Modifier):
     """
 
     requires_calibration_data: bool = True
+    routealign_own_streams: ClassVar[bool] = True  # nothing taken from llm-compressor's pipeline passes
 
     mode: Literal["search", "expertquant"] = "search"
     alpha: float = Field(0.6, ge=0, le=1)
@@ -181,6 +183,7 @@ class ExpertAwareSmoothingModifier(Modifier):
         """Statistics hooks, which record only while the modifier runs a layer on its own causal stream (never
         during llm-compressor's propagation: bidirectional from the second layer on)."""
         model = state.model
+        skip_pipeline_passes(model, self._decoder)
 
         def add(module, hook, kind, **kw):
             def gated(*args, **kwargs):
@@ -284,6 +287,7 @@ class ExpertAwareSmoothingModifier(Modifier):
             # the next layer's input: this layer, folded (exact, so the unquantized function is unchanged)
             self._hidden = self._run_causal(state.model, prefix, record=False)
             self._done.add(prefix)
+        keep_pipeline_passes_skipped(state.model)
 
     def _fold_decoder_layer(self, model, prefix: str) -> None:
         inside = lambda n: n.startswith(prefix + ".")  # noqa: E731
@@ -370,6 +374,7 @@ class ExpertAwareSmoothingModifier(Modifier):
                     f"{_error_ratio(plans)}")
 
     def on_calibration_end(self, state: State, event: Event, **kwargs):
+        restore_pipeline_passes(state.model)
         self.remove_hooks()
         missing = [n for n in self._decoder if n not in self._done]
         if missing and self._stats:

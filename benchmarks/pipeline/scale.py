@@ -1,0 +1,365 @@
+"""Real MoE shapes, one layer at a time: seconds per layer, peak memory, the projected whole-model time, and the aten
+operations and host reads per tuning iteration, for routealign's recipes and llm-compressor's GPTQModifier and
+AutoRoundModifier, each in its own process on the same random-weight model and the same calibration tokens.
+
+    # GPU: a Qwen3-30B-A3B-shaped model (its published config values), 2 decoder layers, 128 x 512 tokens
+    python benchmarks/pipeline/scale.py --preset qwen3-30b-a3b --layers 2 --methods fast default gptq --out /tmp/scale
+    # any config.json (its dimensions; weights random)
+    python benchmarks/pipeline/scale.py --config path/to/config.json --layers 2 --out /tmp/scale
+    # CPU, scaled dimensions (hidden 256, expert 128, 4 heads), the preset's experts and top-k
+    python benchmarks/pipeline/scale.py --preset qwen3-30b-a3b --scaled --samples 16 --seq-len 64 --out /tmp/scale
+    # operations and host reads per tuning iteration at 16 and 128 experts (CPU, scaled; no timing)
+    python benchmarks/pipeline/scale.py --preset qwen3-30b-a3b --scaled --count --experts 16 128 --out /tmp/count
+
+What is measured, per method (one process each, the model loaded before the clock starts):
+
+- ``oneshot_s``: llm-compressor's ``oneshot`` wall time (the pipeline's own passes included);
+- ``layer_s``: routealign's per-layer seconds (tuning, targets, propagation; from the modifier's report) and
+  ``projected_min``: the slowest tuned layer times the real model's layer count (the ``--layers`` built here are
+  all MoE layers of the preset's shape);
+- ``peak_gpu_gib`` (``torch.cuda.max_memory_allocated``) or ``peak_rss_growth_gib`` (CPU: peak RSS minus RSS
+  before ``oneshot``) and per tuned element of one layer (``bytes_per_tuned``);
+- with ``--count``: dispatched aten operations (``TorchDispatchMode``, what the autograd engine and every call
+  send to the kernels: on a GPU each is at least one kernel launch) and host reads (``item``/``float``/``int``,
+  ``nonzero``, ``tolist``: on a GPU each waits for the device) per tuning iteration, from two whole ``oneshot``
+  runs at ``--count-iters`` a and b (the difference divided by (b - a) and the layers). The held-out evaluations
+  cancel out (both runs make the same number).
+
+Nothing here is a test; ``benchmarks/RESULTS.md`` records what it printed, with the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+
+# published config.json values (the real model's layer count is `layers`; the model built has --layers of them)
+PRESETS: dict[str, tuple[str, dict, int]] = {
+    "qwen3-30b-a3b": ("qwen3_moe", dict(hidden_size=2048, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                                        num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+                                        intermediate_size=6144, norm_topk_prob=True, vocab_size=151_936), 48),
+    "glm-4.5-air": ("glm4_moe", dict(hidden_size=4096, num_attention_heads=96, num_key_value_heads=8, head_dim=128,
+                                     n_routed_experts=128, num_experts_per_tok=8, moe_intermediate_size=1408,
+                                     n_shared_experts=1, intermediate_size=10944, first_k_dense_replace=0, n_group=1,
+                                     topk_group=1, partial_rotary_factor=0.5, routed_scaling_factor=1.0,
+                                     norm_topk_prob=True, vocab_size=151_552), 46),
+    "deepseek-v3": ("deepseek_v3", dict(hidden_size=7168, num_attention_heads=128, num_key_value_heads=128,
+                                        n_routed_experts=256, num_experts_per_tok=8, moe_intermediate_size=2048,
+                                        n_shared_experts=1, intermediate_size=18432, first_k_dense_replace=0,
+                                        q_lora_rank=1536, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128,
+                                        v_head_dim=128, head_dim=64, n_group=8, topk_group=4,
+                                        routed_scaling_factor=2.5, norm_topk_prob=True, rope_interleave=False,
+                                        vocab_size=129_280), 61),
+}
+
+# --scaled: dimensions a 2-core CPU affords, multiples of 128 where group-128 schemes need them; experts and top-k
+# (what the operation counts depend on) stay the preset's
+SCALED = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=1, head_dim=64, moe_intermediate_size=128,
+              intermediate_size=512, q_lora_rank=128, kv_lora_rank=128, qk_rope_head_dim=32, qk_nope_head_dim=64,
+              v_head_dim=64, vocab_size=1024)
+
+IGNORE = ["lm_head", "re:.*mlp.gate$", "re:.*shared_expert_gate$"]
+METHODS = ("fast", "default", "plain", "gptq", "autoround")
+RECIPES = {"fast": "vsraq_w4a16_fast.yaml", "default": "vsraq_w4a16.yaml", "plain": "autoround_w4a16.yaml"}
+SYNC_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "equal", "is_nonzero")
+
+
+def build_config(args):
+    from transformers import AutoConfig
+
+    if args.config:
+        raw = json.loads(Path(args.config).read_text())
+        model_type, fields, real_layers = raw.pop("model_type"), raw, raw.get("num_hidden_layers", args.layers)
+        fields.pop("architectures", None)
+        fields.pop("quantization_config", None)
+    else:
+        model_type, fields, real_layers = PRESETS[args.preset]
+        fields = dict(fields)
+    if args.scaled:
+        fields.update({k: v for k, v in SCALED.items() if k in fields or k in ("vocab_size",)})
+        if model_type == "deepseek_v3":
+            fields["num_key_value_heads"] = fields["num_attention_heads"] = 4
+    if args.experts is not None:
+        key = next(k for k in ("num_experts", "n_routed_experts", "num_local_experts") if k in fields)
+        fields[key] = args.experts
+        if "n_group" in fields and fields[key] % fields["n_group"]:
+            fields["n_group"] = fields["topk_group"] = 1
+    if args.vocab:
+        fields["vocab_size"] = args.vocab
+    fields.update(num_hidden_layers=args.layers, max_position_embeddings=max(4096, args.seq_len),
+                  tie_word_embeddings=False)
+    if model_type == "glm4_moe":
+        fields["first_k_dense_replace"] = 0
+    return AutoConfig.for_model(model_type, **fields), real_layers
+
+
+def build_model(args, folder: Path) -> dict:
+    """A random-weight model of the config in ``folder`` (safetensors, a byte-level tokenizer), built once."""
+    from transformers import AutoModelForCausalLM
+
+    from routealign.tiny import byte_tokenizer
+
+    config, real_layers = build_config(args)
+    torch.manual_seed(args.seed)
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.no_grad():  # a router that prefers some experts, as trained ones do
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                p.mul_(8)
+    model.save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    info = {"model_type": config.model_type, "real_layers": real_layers, "layers": args.layers,
+            "params": sum(p.numel() for p in model.parameters())}
+    (folder / "scale.json").write_text(json.dumps(info))
+    return info
+
+
+def modifiers(method: str, iters: int | None):
+    """The recipe of ``method``: routealign's shipped recipe files, llm-compressor's modifiers at W4A16."""
+    if method in RECIPES:
+        import yaml
+
+        from routealign import RouterAlignedRoundingModifier
+
+        stage = yaml.safe_load((ROOT / "recipes" / RECIPES[method]).read_text())["quant_stage"]["quant_modifiers"]
+        fields = dict(stage["RouterAlignedRoundingModifier"])
+        if iters is not None:
+            fields["iters"] = iters
+        return [RouterAlignedRoundingModifier(**fields)]
+    from llmcompressor.modifiers.quantization import GPTQModifier
+
+    if method == "gptq":
+        return [GPTQModifier(scheme="W4A16", targets="Linear", ignore=IGNORE)]
+    from llmcompressor.modifiers.autoround import AutoRoundModifier
+
+    return [AutoRoundModifier(scheme="W4A16", targets="Linear", ignore=IGNORE, iters=iters or 200,
+                              enable_torch_compile=False)]
+
+
+class Counter:
+    """Counts dispatched aten operations and host reads (``TorchDispatchMode``; ``Tensor.tolist`` patched)."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                counter.ops += 1
+                name = func.__name__.split(".")[0]
+                if name in SYNC_OPS:
+                    counter.syncs += 1
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+        self.ops = self.syncs = 0
+
+    def __enter__(self):
+        original = torch.Tensor.tolist
+        counter = self
+
+        def tolist(t):
+            counter.syncs += 1
+            return original(t)
+
+        self._original = original
+        torch.Tensor.tolist = tolist
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+        torch.Tensor.tolist = self._original
+
+
+def worker(args) -> dict:
+    """One method, one process: ``oneshot`` on the model in ``--model-dir``; a JSON row."""
+    torch.set_num_threads(args.threads)
+    import routealign  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    from routealign.calibration import oneshot_windows
+
+    info = json.loads((args.model_dir / "scale.json").read_text())
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(args.model_dir), dtype=dtype)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (args.samples, args.seq_len), generator=torch.Generator().manual_seed(args.seed))
+    first = next(m for n, m in model.named_modules() if n.endswith("layers.0"))
+    tuned = sum(m.weight.numel() for n, m in first.named_modules() if isinstance(m, torch.nn.Linear)
+                and not n.endswith(("mlp.gate", "shared_expert_gate")))
+    del first
+    mods = modifiers(args.worker, args.iters)
+    all_experts = args.worker in ("gptq", "autoround") and not args.routed_only
+    row = {"method": args.worker, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+           "torch": torch.__version__, "threads": args.threads, "dtype": args.dtype, "samples": args.samples,
+           "seq_len": args.seq_len, "layers": info["layers"], "real_layers": info["real_layers"],
+           "tuned_per_layer": tuned, "moe_calibrate_all_experts": all_experts}
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    rss0 = _rss_gib()
+    counter = Counter() if args.count_run else None
+    start = time.perf_counter()
+    if counter is not None:
+        with counter:
+            oneshot_windows(model, mods, ids, moe_calibrate_all_experts=all_experts)
+    else:
+        oneshot_windows(model, mods, ids, moe_calibrate_all_experts=all_experts)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    row["oneshot_s"] = round(time.perf_counter() - start, 3)
+    if device == "cuda":
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+        row["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        row["bytes_per_tuned"] = round(peak * 2**30 / tuned, 2)
+    else:
+        growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20 - rss0
+        row["peak_rss_growth_gib"] = round(growth, 3)
+        row["bytes_per_tuned"] = round(growth * 2**30 / tuned, 2)
+    report = getattr(mods[-1], "report", None)
+    if report:
+        row["layer_s"] = [r["seconds"] for r in report]
+        row["router"] = [r["router"] for r in report]
+        # the last layer has no next router (no router arm): the first is the representative one
+        row["projected_min"] = round(row["layer_s"][0] * info["real_layers"] / 60, 2)
+        row["loops"] = sum(max(len(r.get("arms") or {}), 1) for r in report)  # tuning loops run, all layers
+    else:
+        row["projected_min"] = round(row["oneshot_s"] / info["layers"] * info["real_layers"] / 60, 2)
+    if counter is not None:
+        row["ops"], row["syncs"] = counter.ops, counter.syncs
+    return row
+
+
+def _rss_gib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def run_worker(args, method: str, model_dir: Path, out: Path, iters: int | None = None, count: bool = False) -> dict:
+    cmd = [sys.executable, __file__, "--worker", method, "--model-dir", str(model_dir), "--samples",
+           str(args.samples), "--seq-len", str(args.seq_len), "--threads", str(args.threads), "--dtype", args.dtype,
+           "--seed", str(args.seed), "--row", str(out)]
+    if iters is not None:
+        cmd += ["--iters", str(iters)]
+    if count:
+        cmd.append("--count-run")
+    if args.routed_only:
+        cmd.append("--routed-only")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+    if proc.returncode != 0 or not out.exists():
+        return {"method": method, "error": (proc.stderr or proc.stdout)[-2000:]}
+    return json.loads(out.read_text())
+
+
+def table(rows: list[dict], count: bool) -> str:
+    if count:
+        head = ("| method | experts | tuning loops | ops per loop iteration | host reads per loop iteration |\n"
+                "|---|---|---|---|---|\n")
+        return head + "\n".join(f"| {r['method']} | {r.get('experts')} | {r.get('loops', '-')} | "
+                                f"{r.get('ops_per_iter', r.get('error', '-')[-80:])} | {r.get('syncs_per_iter', '-')} |"
+                                for r in rows)
+    head = ("| method | oneshot s | s per layer | projected whole model, min | peak memory GiB | "
+            "bytes per tuned element |\n|---|---|---|---|---|---|\n")
+    lines = []
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['method']} | failed: {r['error'].splitlines()[-1][:80]} | | | | |")
+            continue
+        mem = r.get("peak_gpu_gib", r.get("peak_rss_growth_gib"))
+        per_layer = ", ".join(f"{s:.1f}" for s in r.get("layer_s", [])) or "-"
+        lines.append(f"| {r['method']} | {r['oneshot_s']:.1f} | {per_layer} | {r['projected_min']} | {mem} | "
+                     f"{r['bytes_per_tuned']} |")
+    return head + "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="qwen3-30b-a3b")
+    parser.add_argument("--config", help="a config.json instead of a preset (its dimensions; random weights)")
+    parser.add_argument("--layers", type=int, default=2, help="decoder layers built (all MoE)")
+    parser.add_argument("--scaled", action="store_true", help="CPU dimensions (hidden 256, expert 128, 4 heads)")
+    parser.add_argument("--experts", type=int, nargs="*", help="override the number of experts (several: one model "
+                                                               "each, e.g. --count --experts 16 128)")
+    parser.add_argument("--vocab", type=int, default=8192, help="vocabulary (0: the preset's); only the LM head "
+                                                                "and embedding depend on it")
+    parser.add_argument("--methods", nargs="+", default=["fast", "default", "gptq"], choices=METHODS)
+    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--iters", type=int, help="override the recipes' iterations")
+    parser.add_argument("--count", action="store_true", help="operations and host reads per tuning iteration")
+    parser.add_argument("--count-iters", type=int, nargs=2, default=(2, 4))
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
+                        help="model dtype (default: bfloat16 on a GPU, float32 on the CPU)")
+    parser.add_argument("--routed-only", action="store_true",
+                        help="llm-compressor's baselines without moe_calibrate_all_experts (default: with it, as "
+                             "its MoE examples run them)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=int, default=3600)
+    parser.add_argument("--out", type=Path, required=False)
+    parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--row", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--count-run", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.dtype is None:
+        args.dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+    if args.worker:
+        row = worker(args)
+        args.row.write_text(json.dumps(row, indent=1))
+        return 0
+    if args.out is None:
+        parser.error("--out is required")
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for experts in (args.experts or [None]):
+        args_e = argparse.Namespace(**{**vars(args), "experts": experts})
+        with tempfile.TemporaryDirectory(dir=args.out) as tmp:
+            folder = Path(tmp) / "model"
+            info = build_model(args_e, folder)
+            print(f"model: {info}", flush=True)
+            for method in args.methods:
+                if args.count:
+                    a, b = args.count_iters
+                    runs = [run_worker(args, method, folder, args.out / f"{method}-{experts}-{i}.json", i, count=True)
+                            for i in (a, b)]
+                    if any("error" in r for r in runs):
+                        row = next(r for r in runs if "error" in r)
+                    else:
+                        # per iteration of one tuning loop (a layer of the default recipe runs two: both arms)
+                        loops = runs[1].get("loops") or info["layers"]
+                        row = {"method": method, "experts": experts or "preset", "loops": loops,
+                               "ops_per_iter": round((runs[1]["ops"] - runs[0]["ops"]) / (b - a) / loops),
+                               "syncs_per_iter": round((runs[1]["syncs"] - runs[0]["syncs"]) / (b - a) / loops, 2),
+                               "runs": runs}
+                else:
+                    row = run_worker(args, method, folder, args.out / f"{method}-{experts}.json", args.iters)
+                    row["experts"] = experts or "preset"
+                rows.append(row)
+                print(json.dumps({k: v for k, v in row.items() if k != "runs"}), flush=True)
+    (args.out / "scale.json").write_text(json.dumps(rows, indent=1))
+    text = table(rows, args.count)
+    (args.out / "scale.md").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

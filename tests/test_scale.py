@@ -1,0 +1,235 @@
+"""Issue 29: experts tuned as one tensor. The learned-rounding fake quantization is one autograd node with the values
+and gradients of the elementwise composition it replaces; a tuning iteration runs the same operations whatever the
+number of experts and reads nothing back from the device; frozen experts of a stack do not move; llm-compressor's
+pipeline passes skip the layers when only routealign's modifiers are in the recipe."""
+
+import contextlib
+import itertools
+
+import pytest
+import torch
+from compressed_tensors.quantization import preset_name_to_scheme
+from compressed_tensors.quantization.utils import calculate_range
+from llmcompressor.modeling.moe.linearize import linearize_moe
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import routealign.schemes as schemes
+from routealign.distributed import suspended_offloading
+from routealign.losses import RouterLossConfig
+from routealign.modifiers.rounding import BlockTuner, TuningConfig
+from routealign.schemes import WeightQuantizer, _RoundSTE
+from routealign.streams import BlockInputs, StreamEngine
+from routealign.tiny import tiny_model
+
+from .conftest import calibration_ids
+
+HOST_READS = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "is_nonzero", "equal")
+
+
+class Dispatches(TorchDispatchMode):
+    """Counts the aten operations dispatched inside, and the reads of tensor values back to the host (operations
+    that need one, and ``Tensor.tolist``, which reads without dispatching)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.reads = 0, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        if func.__name__.split(".")[0] in HOST_READS:
+            self.reads.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        self._tolist = torch.Tensor.tolist
+
+        def tolist(t, original=self._tolist):
+            self.reads.append("tolist")
+            return original(t)
+
+        torch.Tensor.tolist = tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
+
+
+def _composed(quant, w, qp, offset):
+    """The learned-rounding fake quantization as separate autograd operations (the code before issue 29)."""
+    q_min, q_max = calculate_range(quant.args, w.device)
+    x = quant._grouped(w)
+    scale = qp.scale.unsqueeze(-1)
+    zp = qp.zero_point.unsqueeze(-1) if qp.zero_point is not None else None
+    if qp.global_scale is not None:
+        gs = qp.global_scale if qp.global_scale.ndim <= 1 else qp.global_scale.unsqueeze(-1)
+        scale = scale / gs
+    scaled = x / scale
+    if zp is not None:
+        scaled = scaled + zp.to(x.dtype)
+    scaled = scaled + quant._grouped(offset).to(scaled.dtype)
+    q = _RoundSTE.apply(scaled, quant.args, q_min, q_max)
+    dq = q.to(scale.dtype)
+    if zp is not None:
+        dq = dq - zp.to(scale.dtype)
+    return (dq * scale).flatten(start_dim=-2)
+
+
+@pytest.mark.parametrize("name,full_range,shape,chunk", list(itertools.product(
+    ["W4A16", "W4A16_ASYM", "W3A16", "NVFP4"], [False, True], [(48, 256), (3, 16, 256)], [1 << 26, 37])))
+def test_offset_fake_quant_equals_the_composition_bit_for_bit(name, full_range, shape, chunk, monkeypatch):
+    monkeypatch.setattr(schemes, "CHUNK_ELEMENTS", chunk)  # 37: many row chunks, one not full
+    quant = WeightQuantizer(preset_name_to_scheme(name, ["Linear"]).weights, full_range=full_range)
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.05
+    w[..., 3] = 0.9
+    gs = quant.global_scale(w) if quant.uses_global_scale else None
+    results = []
+    for composed in (True, False):
+        wmin, wmax = quant.group_minmax(w)
+        lo = (torch.rand(wmin.shape, generator=torch.Generator().manual_seed(1)) * 0.5 + 0.5).requires_grad_()
+        hi = (torch.rand(wmin.shape, generator=torch.Generator().manual_seed(2)) * 0.5 + 0.5).requires_grad_()
+        offset = (torch.rand(w.shape, generator=torch.Generator().manual_seed(3)) - 0.5).requires_grad_()
+        qp = quant.qparams(wmin * lo, wmax * hi, gs)
+        out = _composed(quant, w, qp, offset) if composed else quant.fake_quant(w, qp, offset)
+        (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(4))).sum().backward()
+        results.append((out.detach(), offset.grad, lo.grad, hi.grad))
+        # the codes it rounds to give the same values back
+        if not composed:
+            codes = quant.codes(w, qp, offset)
+            assert codes.dtype == torch.int8
+            assert torch.equal(quant.dequantize(codes, qp), out.detach())
+    for ours, theirs in zip(*results):
+        assert torch.equal(ours, theirs)
+    assert bool((results[1][1] != 0).any()) and bool((results[1][2] != 0).any())
+
+
+def _block(num_experts: int, seed: int = 4):
+    model = tiny_model("qwen3_moe", seed=seed, num_experts=num_experts)
+    linearize_moe(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = [f"model.layers.{i}" for i in range(len(model.model.layers))]
+    h, kwargs = StreamEngine(model, names).capture(calibration_ids(rows=8, seq_len=24, seed=seed))
+    block, nxt = model.model.layers[0], model.model.layers[1]
+    args = preset_name_to_scheme("W4A16", ["Linear"]).weights
+    targets = {n: args for n, m in block.named_modules() if isinstance(m, torch.nn.Linear) and n != "mlp.gate"}
+    return block, nxt, targets, BlockInputs(h, kwargs[names[0]]), kwargs[names[1]]
+
+
+def _iteration_dispatches(num_experts: int, objective: str, holdout: float):
+    """(operations, host reads) of the tuning iterations of one block (minibatch losses and signed steps)."""
+    block, nxt, targets, q, nkw = _block(num_experts)
+    counts = []
+    with suspended_offloading(block, nxt):
+        tuner = BlockTuner(block, targets, RouterLossConfig(objective=objective),
+                           TuningConfig(iters=3, batch_size=2, min_expert_tokens=0, holdout=holdout, holdout_every=10,
+                                        router_gate=False), [nxt], next_kwargs=[nkw])
+        losses, step = tuner._minibatch_losses, tuner._step
+
+        def counted(fn):
+            def run(*args, **kwargs):
+                with Dispatches() as mode:
+                    out = fn(*args, **kwargs)
+                counts.append((mode.ops, mode.reads))
+                return out
+            return run
+
+        tuner._minibatch_losses, tuner._step = counted(losses), counted(step)
+        tuner.tune(q, q)
+    per_iteration = [a[0] + b[0] for a, b in zip(counts[0::2], counts[1::2])]
+    reads = [a[1] + b[1] for a, b in zip(counts[0::2], counts[1::2])]
+    stacks = [w for w in tuner.weights if w.stacked]
+    return per_iteration, reads, stacks
+
+
+@pytest.mark.parametrize("objective,holdout", [("none", 0.25), ("vsraq", 0.25), ("none", 0.0)])
+def test_an_iteration_runs_the_same_operations_whatever_the_number_of_experts(objective, holdout):
+    few, reads_few, stacks = _iteration_dispatches(4, objective, holdout)
+    many, reads_many, _ = _iteration_dispatches(32, objective, holdout)
+    assert len(stacks) == 3 and all(len(w.modules) == 4 for w in stacks)  # gate, up, down: one tensor each
+    assert few[1:] == many[1:]  # the first iteration may differ (the router term's scale is recorded once)
+    # nothing waits for the device inside an iteration (losses are read at held-out evaluations only); the first
+    # iteration of a router objective reads its recorded scale once
+    assert all(r == [] for r in reads_few[1:] + reads_many[1:]), (reads_few, reads_many)
+    assert len(reads_few[0]) <= (2 if objective != "none" else 0)
+
+
+def test_frozen_experts_of_a_stack_keep_their_mse_clipped_rtn():
+    """An expert routed too few tokens is frozen inside its stack: its rounding never moves while the others do."""
+    from routealign.modifiers.rounding.weights import CLIP_GRID, TunedWeight
+
+    block, nxt, targets, q, nkw = _block(8)
+    with suspended_offloading(block, nxt):
+        tuner = BlockTuner(block, targets, RouterLossConfig(objective="none"),
+                           TuningConfig(iters=4, batch_size=2, lr=0.05, holdout=0.0), [nxt], next_kwargs=[nkw])
+        counts = tuner.expert_token_counts(q)
+        # expert 2 starves (no routed token), every other one has enough
+        starved = {n: torch.where(torch.arange(8) == 2, 0, v + 100) for n, v in counts.items()}
+        tuner.expert_token_counts = lambda inputs: starved
+        result = tuner.tune(q, q)
+    assert list(counts) == ["mlp"]
+    assert set(result.fallback) == {f"mlp.experts.2.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
+    written = {id(m): v for m, n, v in result.writes if n == "weight"}
+    for w in tuner.weights:
+        if not w.stacked:
+            continue
+        lone = TunedWeight("x", w.modules[2], w.quantizer, None, expert=2)
+        lone.mse_clip_fallback(CLIP_GRID)
+        expected, _ = lone.final()
+        assert torch.equal(written[id(w.modules[2])], expected), w.name
+        # the live parameters after the last step: expert 2's never moved, the others' did
+        assert not bool(w.offset[2].any()) and torch.equal(w.clip_lo[2], lone.clip_lo)
+        assert all(bool(w.offset[e].any()) for e in range(8) if e != 2)
+
+
+def test_pipeline_passes_skip_the_layers_only_when_every_modifier_streams_its_own(tmp_path):
+    """With only routealign's modifiers the decoder layers never run inside llm-compressor's calibration and
+    propagation passes (routealign's own forwards run them); with GPTQ in the recipe they do, as before."""
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier
+    from transformers import AutoModelForCausalLM
+
+    import routealign.streams as streams
+    from routealign import RouterAlignedRoundingModifier
+    from routealign.tiny import save_tiny
+
+    save_tiny("qwen3_moe", tmp_path / "m", seed=3)
+    ids = calibration_ids(rows=4, seq_len=16)
+    outside = []
+
+    def run(recipe):
+        model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"), dtype=torch.float32)
+        layer_cls = type(model.model.layers[0])
+        original_forward, original_plain = layer_cls.forward, streams.plain_forwards
+        inside = [0]
+
+        def forward(self, *args, **kwargs):
+            if not inside[0] and not torch.fx._symbolic_trace.is_fx_tracing():  # tracing computes nothing
+                outside.append(1)
+            return original_forward(self, *args, **kwargs)
+
+        @contextlib.contextmanager
+        def plain_forwards(*args, **kwargs):  # every forward of routealign's own runs the layer inside this
+            inside[0] += 1
+            try:
+                with original_plain(*args, **kwargs):
+                    yield
+            finally:
+                inside[0] -= 1
+
+        layer_cls.forward, streams.plain_forwards = forward, plain_forwards
+        try:
+            oneshot(model=model, dataset=Dataset.from_dict({"input_ids": ids.tolist()}), recipe=recipe,
+                    num_calibration_samples=4, max_seq_length=16)
+        finally:
+            layer_cls.forward, streams.plain_forwards = original_forward, original_plain
+        assert all("_routealign_pipeline_forward" not in l.__dict__ for l in model.model.layers)  # undone
+        return model
+
+    ours = dict(iters=2, batch_size=2, scheme="W4A16", targets="Linear", ignore=["lm_head"], objective="none")
+    run(RouterAlignedRoundingModifier(**ours))
+    assert outside == []
+    run([GPTQModifier(scheme="W4A16", targets="re:.*self_attn.*_proj$"),
+         RouterAlignedRoundingModifier(**{**ours, "targets": "re:.*mlp.experts.*"})])
+    assert len(outside) > 0
