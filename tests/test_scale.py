@@ -13,7 +13,6 @@ from compressed_tensors.quantization.utils import calculate_range
 from llmcompressor.modeling.moe.linearize import linearize_moe
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import routealign.schemes as schemes
 from routealign.distributed import suspended_offloading
 from routealign.losses import RouterLossConfig
 from routealign.modifiers.rounding import BlockTuner, TuningConfig
@@ -78,7 +77,7 @@ def _composed(quant, w, qp, offset):
 @pytest.mark.parametrize("name,full_range,shape,chunk", list(itertools.product(
     ["W4A16", "W4A16_ASYM", "W3A16", "NVFP4"], [False, True], [(48, 256), (3, 16, 256)], [1 << 26, 37])))
 def test_offset_fake_quant_equals_the_composition_bit_for_bit(name, full_range, shape, chunk, monkeypatch):
-    monkeypatch.setattr(schemes, "CHUNK_ELEMENTS", chunk)  # 37: many row chunks, one not full
+    monkeypatch.setenv("ROUTEALIGN_CHUNK_ELEMENTS", str(chunk))  # 37: many row chunks, one not full
     quant = WeightQuantizer(preset_name_to_scheme(name, ["Linear"]).weights, full_range=full_range)
     w = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.05
     w[..., 3] = 0.9
@@ -143,7 +142,9 @@ def _iteration_dispatches(num_experts: int, objective: str, holdout: float):
 
 
 @pytest.mark.parametrize("objective,holdout", [("none", 0.25), ("vsraq", 0.25), ("none", 0.0)])
-def test_an_iteration_runs_the_same_operations_whatever_the_number_of_experts(objective, holdout):
+def test_an_iteration_runs_the_same_operations_whatever_the_number_of_experts(objective, holdout, monkeypatch):
+    # an accelerator's chunking of the elementwise passes (the CPU's is cache-sized: more pieces for more experts)
+    monkeypatch.setenv("ROUTEALIGN_CHUNK_ELEMENTS", str(1 << 26))
     few, reads_few, stacks = _iteration_dispatches(4, objective, holdout)
     many, reads_many, _ = _iteration_dispatches(32, objective, holdout)
     assert len(stacks) == 3 and all(len(w.modules) == 4 for w in stacks)  # gate, up, down: one tensor each
@@ -154,10 +155,11 @@ def test_an_iteration_runs_the_same_operations_whatever_the_number_of_experts(ob
     assert len(reads_few[0]) <= (2 if objective != "none" else 0)
 
 
-def test_frozen_experts_of_a_stack_keep_their_mse_clipped_rtn():
+def test_frozen_experts_of_a_stack_keep_their_mse_clipped_rtn(monkeypatch):
     """An expert routed too few tokens is frozen inside its stack: its rounding never moves while the others do."""
     from routealign.modifiers.rounding.weights import CLIP_GRID, TunedWeight
 
+    monkeypatch.setattr(TunedWeight, "drop_offsets", lambda self: None)  # keep the last step's offsets to look at
     block, nxt, targets, q, nkw = _block(8)
     with suspended_offloading(block, nxt):
         tuner = BlockTuner(block, targets, RouterLossConfig(objective="none"),
@@ -233,3 +235,40 @@ def test_pipeline_passes_skip_the_layers_only_when_every_modifier_streams_its_ow
     run([GPTQModifier(scheme="W4A16", targets="re:.*self_attn.*_proj$"),
          RouterAlignedRoundingModifier(**{**ours, "targets": "re:.*mlp.experts.*"})])
     assert len(outside) > 0
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("name", ["W4A16", "NVFP4"])
+def test_fake_quant_matmul_equals_fake_quant_then_matmul(name, padded):
+    """Experts' fake quantization fused with their grouped matmul (nothing of the weight's size kept between forward
+    and backward): the values and gradients of the two operations in a row (grouped: bit for bit, the same GEMM
+    calls; padded: the weight gradient's product is taken the other way round, equal to float rounding)."""
+    quant = WeightQuantizer(preset_name_to_scheme(name, ["Linear"]).weights)
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(5, 32, 256, generator=gen) * 0.05
+    gs = quant.global_scale(w) if quant.uses_global_scale else None
+    counts = torch.tensor([3, 0, 7, 1, 4])
+    tokens = torch.randn(int(counts.sum()), 256, generator=gen)
+    if padded:
+        tokens = torch.stack([torch.cat([tokens[:c], tokens.new_zeros(7 - c, 256)]) for c in counts])
+    offsets = None if padded else torch.cumsum(counts, 0).to(torch.int32)
+    results = []
+    for fused in (False, True):
+        wmin, wmax = quant.group_minmax(w)
+        lo = torch.full_like(wmin, 0.9).requires_grad_()
+        offset = ((torch.rand(w.shape, generator=torch.Generator().manual_seed(3)) - 0.5) * 0.6).requires_grad_()
+        x = tokens.clone().requires_grad_()
+        qp = quant.qparams(wmin * lo, wmax * lo, gs)
+        if fused:
+            y = quant.fake_quant_matmul(w, qp, offset, x, offsets, torch.float32)
+        else:
+            fw = quant.fake_quant(w, qp, offset)
+            y = torch.bmm(x, fw.transpose(1, 2)) if padded else torch._grouped_mm(x, fw.transpose(1, 2), offs=offsets)
+        (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(4))).sum().backward()
+        results.append((y.detach(), x.grad, offset.grad, lo.grad))
+    for ours, theirs in zip(results[1], results[0]):
+        if padded:
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(ours, theirs)
+    assert bool(results[1][2].any()) and bool(results[1][3].any())

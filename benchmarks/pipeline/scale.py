@@ -98,6 +98,9 @@ def build_config(args):
             fields["n_group"] = fields["topk_group"] = 1
     if args.vocab:
         fields["vocab_size"] = args.vocab
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        fields[key] = json.loads(value)
     fields.update(num_hidden_layers=args.layers, max_position_embeddings=max(4096, args.seq_len),
                   tie_word_embeddings=False)
     if model_type == "glm4_moe":
@@ -201,10 +204,16 @@ def worker(args) -> dict:
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (args.samples, args.seq_len), generator=torch.Generator().manual_seed(args.seed))
     first = next(m for n, m in model.named_modules() if n.endswith("layers.0"))
-    tuned = sum(m.weight.numel() for n, m in first.named_modules() if isinstance(m, torch.nn.Linear)
-                and not n.endswith(("mlp.gate", "shared_expert_gate")))
+    # the layer's weight matrices (fused 3-D experts included: linearized inside oneshot), routers left out
+    tuned = sum(p.numel() for n, p in first.named_parameters() if p.ndim >= 2
+                and not n.endswith(("mlp.gate.weight", "shared_expert_gate.weight", "router.weight")))
     del first
     mods = modifiers(args.worker, args.iters)
+    memory = LayerMemory()
+    if args.worker in RECIPES:
+        from routealign import RouterAlignedRoundingModifier
+
+        memory.wrap(RouterAlignedRoundingModifier)
     all_experts = args.worker in ("gptq", "autoround") and not args.routed_only
     row = {"method": args.worker, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
            "torch": torch.__version__, "threads": args.threads, "dtype": args.dtype, "samples": args.samples,
@@ -243,7 +252,60 @@ def worker(args) -> dict:
         row["projected_min"] = round(row["oneshot_s"] / info["layers"] * info["real_layers"] / 60, 2)
     if counter is not None:
         row["ops"], row["syncs"] = counter.ops, counter.syncs
+    if memory.rows:
+        row["tuning_memory"] = memory.rows
+        row["tuning_bytes_per_tuned"] = max(r["bytes_per_tuned"] for r in memory.rows)
     return row
+
+
+class LayerMemory:
+    """Peak memory of each layer's tuning above what was allocated when it started: CUDA's allocator statistics, or
+    on the CPU the resident set sampled every millisecond (the worker runs with glibc's mmap threshold at 64 KiB, so
+    freed tensors leave the resident set at once and it follows the live tensors)."""
+
+    def __init__(self):
+        self.rows = []
+
+    def wrap(self, modifier_cls):
+        original = modifier_cls._tune_layer
+        monitor = self
+
+        def tune_layer(mod, model, block):
+            tuned = sum(m.weight.numel() for n, m in block.named_modules()
+                        if isinstance(m, torch.nn.Linear) and not n.endswith(("mlp.gate", "shared_expert_gate")))
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                start = torch.cuda.memory_allocated()
+                original(mod, model, block)
+                torch.cuda.synchronize()
+                peak = torch.cuda.max_memory_allocated() - start
+            else:
+                import threading
+
+                start, peak, done = _rss_bytes(), [0], threading.Event()
+
+                def sample():
+                    while not done.is_set():
+                        peak[0] = max(peak[0], _rss_bytes())
+                        done.wait(0.001)
+
+                thread = threading.Thread(target=sample, daemon=True)
+                thread.start()
+                try:
+                    original(mod, model, block)
+                finally:
+                    done.set()
+                    thread.join()
+                peak = max(peak[0], _rss_bytes()) - start
+            monitor.rows.append({"tuned": tuned, "peak_bytes": peak, "bytes_per_tuned": round(peak / tuned, 2)})
+
+        modifier_cls._tune_layer = tune_layer
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _rss_gib() -> float:
@@ -261,7 +323,10 @@ def run_worker(args, method: str, model_dir: Path, out: Path, iters: int | None 
         cmd.append("--count-run")
     if args.routed_only:
         cmd.append("--routed-only")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+               MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    if count:  # the operations a GPU run dispatches: its chunking of the elementwise passes over tuned weights
+        env["ROUTEALIGN_CHUNK_ELEMENTS"] = str(1 << 26)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
     if proc.returncode != 0 or not out.exists():
         return {"method": method, "error": (proc.stderr or proc.stdout)[-2000:]}
@@ -276,16 +341,17 @@ def table(rows: list[dict], count: bool) -> str:
                                 f"{r.get('ops_per_iter', r.get('error', '-')[-80:])} | {r.get('syncs_per_iter', '-')} |"
                                 for r in rows)
     head = ("| method | oneshot s | s per layer | projected whole model, min | peak memory GiB | "
-            "bytes per tuned element |\n|---|---|---|---|---|---|\n")
+            "bytes per tuned element (whole run) | tuning peak, bytes per tuned element |\n"
+            "|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['method']} | failed: {r['error'].splitlines()[-1][:80]} | | | | |")
+            lines.append(f"| {r['method']} | failed: {r['error'].splitlines()[-1][:80]} | | | | | |")
             continue
         mem = r.get("peak_gpu_gib", r.get("peak_rss_growth_gib"))
         per_layer = ", ".join(f"{s:.1f}" for s in r.get("layer_s", [])) or "-"
         lines.append(f"| {r['method']} | {r['oneshot_s']:.1f} | {per_layer} | {r['projected_min']} | {mem} | "
-                     f"{r['bytes_per_tuned']} |")
+                     f"{r['bytes_per_tuned']} | {r.get('tuning_bytes_per_tuned', '-')} |")
     return head + "\n".join(lines)
 
 
@@ -299,6 +365,8 @@ def main() -> int:
                                                                "each, e.g. --count --experts 16 128)")
     parser.add_argument("--vocab", type=int, default=8192, help="vocabulary (0: the preset's); only the LM head "
                                                                 "and embedding depend on it")
+    parser.add_argument("--set", action="append", metavar="KEY=JSON",
+                        help="override a config field, e.g. --set hidden_size=512 --set moe_intermediate_size=256")
     parser.add_argument("--methods", nargs="+", default=["fast", "default", "gptq"], choices=METHODS)
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=512)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 __all__ = ["batched_forward", "batched_experts", "input_quantizers", "input_quantization_plans",
-           "StackedInputQuantizer", "supports_batching", "layout"]
+           "StackedInputQuantizer", "supports_batching", "layout", "Stacked"]
 
 _PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
@@ -92,11 +92,33 @@ def input_quantization_plans(module: torch.nn.Module, quantizers: dict) -> dict[
     return {sub: input_quantizers(sub, quantizers) for sub in module.modules() if supports_batching(sub)}
 
 
-def _stack(experts, proj: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+@dataclass
+class Stacked:
+    """One projection of every expert, as :func:`batched_forward` multiplies it: the weights ``[E, out, in]`` and
+    biases ``[E, out]`` (or None). Subclasses compute the weights inside the product (the tuner's fake-quantized
+    stacks)."""
+
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None = None
+
+    def matmul(self, tokens: torch.Tensor, offsets: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """Expert-sorted ``tokens`` ``[T, in]`` with jagged ``offsets`` (one grouped GEMM), or with ``offsets`` None
+        tokens padded per expert ``[E, C, in]`` (one batched matmul), times each expert's weight, in ``dtype``."""
+        w = self.weight.transpose(1, 2)
+        if offsets is None:
+            return torch.bmm(tokens, w.to(tokens.dtype))
+        return torch._grouped_mm(tokens.to(dtype), w.to(dtype), offs=offsets)
+
+    def dense(self) -> torch.Tensor:
+        """The stacked weights as one tensor (for llm-compressor's per-expert loop)."""
+        return self.weight
+
+
+def _stack(experts, proj: str) -> Stacked:
     mods = [getattr(experts[e], proj) for e in range(experts.num_experts)]
     weight = torch.stack([m.weight for m in mods])
     bias = torch.stack([m.bias for m in mods]) if mods[0].bias is not None else None
-    return weight, bias
+    return Stacked(weight, bias)
 
 
 def _grouped_mm_available() -> bool:
@@ -163,12 +185,11 @@ def batched_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
         xp = x
 
     def project(inp, proj):
-        w, b = given[proj] if proj in given else _stack(self, proj)
-        if padded:
-            out = torch.bmm(inp, w.transpose(1, 2).to(inp.dtype))
-            return out if b is None else out + b[:, None, :].to(out.dtype)
-        out = torch._grouped_mm(inp.to(dtype), w.transpose(1, 2).to(dtype), offs=offsets)
-        return out if b is None else out + b[sorted_experts].to(out.dtype)
+        stacked = given[proj] if proj in given else _stack(self, proj)
+        out, b = stacked.matmul(inp, None if padded else offsets, dtype), stacked.bias
+        if b is None:
+            return out
+        return out + (b[:, None, :] if padded else b[sorted_experts]).to(out.dtype)
 
     quant = getattr(self, "_routealign_input_quantizers", None) or {}
 
@@ -196,8 +217,7 @@ def batched_experts(module: torch.nn.Module, plans: dict | None = None, weights:
     """Inside, every batchable linearized experts container under ``module`` uses :func:`batched_forward`.
     ``plans`` (:func:`input_quantization_plans`) are the input-activation quantizers the batched forward applies;
     a container whose quantizers it cannot apply exactly (plan ``None``) keeps llm-compressor's loop. ``weights`` maps
-    containers to ``{projection: (stacked weight [E, out, in], stacked bias or None)}`` used instead of the experts'
-    own weights."""
+    containers to ``{projection: Stacked}`` used instead of the experts' own weights."""
     patched = []
     for sub in module.modules():
         if supports_batching(sub) and "forward" not in sub.__dict__:

@@ -99,8 +99,8 @@ class BlockRunner:
             batched: bool | None = None, force: dict[str, torch.Tensor] | None = None, stacked: dict | None = None):
         """Forward ``module`` with ``params`` (:func:`routealign.streams.run_block`); returns (output, or None when
         stopped after the last of ``layers``' routers, and their logits by layer name, with gradients). ``stacked``
-        maps experts containers to ``{projection: (stacked weight, stacked bias or None)}``: the batched experts use
-        them as they are; a container that runs llm-compressor's per-expert loop gets them as per-expert views."""
+        maps experts containers to ``{projection:`` :class:`~routealign.experts.Stacked` ``}``: the batched experts
+        use them as they are; a container that runs llm-compressor's per-expert loop gets per-expert views."""
         batched = self.batched if batched is None else batched
         acting = module is self.block and bool(self._quantizers)
         if stacked:
@@ -111,7 +111,8 @@ class BlockRunner:
                 names = {id(m): n for n, m in module.named_modules()}
                 for container in looped:
                     prefix = names[id(container)]
-                    for proj, (weight, _) in stacked[container].items():
+                    for proj, projection in stacked[container].items():
+                        weight = projection.dense()
                         weight = weight if weight.dtype == hidden.dtype or torch.is_autocast_enabled(
                             hidden.device.type) else weight.to(hidden.dtype)
                         for e, view in enumerate(weight.unbind(0)):

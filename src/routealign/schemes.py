@@ -23,7 +23,8 @@ from compressed_tensors.quantization import QuantizationArgs, QuantizationStrate
 from compressed_tensors.quantization.quant_args import FP4_E2M1_DATA, FP8_E4M3_DATA, round_to_quantized_type_args
 from compressed_tensors.quantization.utils import calculate_qparams, calculate_range
 
-__all__ = ["ActivationQuantizer", "WeightQuantizer", "QParams", "nvfp4_global_scale", "input_global_scale"]
+__all__ = ["ActivationQuantizer", "WeightQuantizer", "QParams", "nvfp4_global_scale", "input_global_scale",
+           "chunk_elements", "row_chunks"]
 
 
 @dataclass
@@ -50,9 +51,68 @@ class _RoundSTE(torch.autograd.Function):
         return grad * inside, None, None, None
 
 
-# rows of a weight processed at once by :class:`_OffsetFakeQuant` (bounds its temporaries to a few bytes per row
-# element of the chunk; a weight smaller than this takes one chunk)
-CHUNK_ELEMENTS = 1 << 26
+# elements of a weight processed at once by the elementwise passes over tuned weights (:class:`_OffsetFakeQuant`,
+# the clip search): on an accelerator large (few kernels; temporaries bounded to a few bytes per element of a chunk),
+# on the CPU the size of a core's cache, where those chains of elementwise operations are memory-bound (a stacked
+# tensor of all experts streamed through memory once per operation ran 2-3x slower than cache-sized pieces).
+# ``ROUTEALIGN_CHUNK_ELEMENTS`` overrides both (the scale benchmark counts a GPU run's operations on the CPU with it)
+CHUNK_ELEMENTS = {"cpu": 1 << 18, "other": 1 << 26}
+
+
+def chunk_elements(device: torch.device) -> int:
+    """Elements per piece of the elementwise passes over tuned weights on ``device`` (:data:`CHUNK_ELEMENTS`)."""
+    import os
+
+    forced = os.environ.get("ROUTEALIGN_CHUNK_ELEMENTS")
+    if forced:
+        return int(forced)
+    return CHUNK_ELEMENTS["cpu" if device.type == "cpu" else "other"]
+
+
+def row_chunks(rows: int, size: int, device: torch.device) -> list[tuple[int, int]]:
+    """``[start, end)`` ranges of ``rows`` rows of ``size`` elements, a :func:`chunk_elements` piece each."""
+    step = max(1, chunk_elements(device) // max(size, 1))
+    return [(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def _rounded(x, scale, zp, offset, args, q_min, q_max):
+    """``(x / scale + zp + offset`` before rounding, ``round(clamp(.)) - zp``) of weight rows."""
+    scaled = x / scale
+    if zp is not None:
+        scaled = scaled + zp.to(scaled.dtype)
+    scaled = scaled + offset.to(scaled.dtype)
+    q = round_to_quantized_type_args(tensor=scaled, args=args, min=q_min, max=q_max)
+    dq = q.to(scale.dtype)
+    if zp is not None:
+        dq = dq - zp.to(scale.dtype)
+    return scaled, dq
+
+
+def _fake_rows(x, scale, zp, offset, args, q_min, q_max, out: torch.Tensor) -> torch.Tensor:
+    """The learned-rounding fake quantization of weight rows ``x`` written into ``out`` (its dtype), in chunks."""
+    for a, b in row_chunks(*x.shape, x.device):
+        _, dq = _rounded(x[a:b], scale[a:b], None if zp is None else zp[a:b], offset[a:b], args, q_min, q_max)
+        out[a:b] = dq * scale[a:b]
+    return out
+
+
+def _fake_rows_backward(grad, x, scale, zp, offset, args, q_min, q_max, need_scale: bool):
+    """Gradients of :func:`_fake_rows` for the incoming float32 ``grad`` ``[R, g]`` (overwritten: it becomes the
+    offset's gradient) and, with ``need_scale``, the scale's ``[R, 1]``; the rounding recomputed in chunks."""
+    grad_scale = torch.empty_like(scale) if need_scale else None
+    for a, b in row_chunks(*x.shape, x.device):
+        s = scale[a:b]
+        scaled, dq = _rounded(x[a:b], s, None if zp is None else zp[a:b], offset[a:b], args, q_min, q_max)
+        g = grad[a:b]
+        if need_scale:
+            from_product = (g * dq).sum(-1, keepdim=True)
+        inside = (scaled >= q_min) & (scaled <= q_max)
+        del scaled, dq
+        g.mul_(s).mul_(inside)  # the gradient reaching the rounded value, then the offset
+        if need_scale:
+            from_division = (-g * ((x[a:b] / s) / s)).sum(-1, keepdim=True)
+            grad_scale[a:b] = from_product + from_division
+    return grad, grad_scale
 
 
 class _OffsetFakeQuant(torch.autograd.Function):
@@ -66,56 +126,69 @@ class _OffsetFakeQuant(torch.autograd.Function):
     those of that expression written as separate autograd operations (the division's gradient to ``scale``
     ``-grad * ((x / scale) / scale)``, the product's ``grad * dq``), computed in the same order, so they are equal bit
     for bit. Nothing of ``x``'s size is saved for the backward: it recomputes the rounding in chunks of rows
-    (:data:`CHUNK_ELEMENTS`), and the offset's gradient is formed in the incoming gradient's buffer."""
-
-    @staticmethod
-    def _rounded(x, scale, zp, offset, args, q_min, q_max):
-        scaled = x / scale
-        if zp is not None:
-            scaled = scaled + zp.to(scaled.dtype)
-        scaled = scaled + offset.to(scaled.dtype)
-        q = round_to_quantized_type_args(tensor=scaled, args=args, min=q_min, max=q_max)
-        dq = q.to(scale.dtype)
-        if zp is not None:
-            dq = dq - zp.to(scale.dtype)
-        return scaled, dq
-
-    @staticmethod
-    def _chunks(rows: int, size: int):
-        step = max(1, CHUNK_ELEMENTS // max(size, 1))
-        return [(start, min(start + step, rows)) for start in range(0, rows, step)]
+    (:func:`chunk_elements`), and the offset's gradient is formed in the incoming gradient's buffer."""
 
     @staticmethod
     def forward(ctx, x, scale, zp, offset, args, q_min, q_max, out_dtype):
         ctx.save_for_backward(x, scale, offset, zp)
         ctx.args, ctx.q_min, ctx.q_max = args, q_min, q_max
-        out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-        for a, b in _OffsetFakeQuant._chunks(*x.shape):
-            z = None if zp is None else zp[a:b]
-            _, dq = _OffsetFakeQuant._rounded(x[a:b], scale[a:b], z, offset[a:b], args, q_min, q_max)
-            out[a:b] = dq * scale[a:b]
-        return out
+        return _fake_rows(x, scale, zp, offset, args, q_min, q_max,
+                          torch.empty(x.shape, dtype=out_dtype, device=x.device))
 
     @staticmethod
     def backward(ctx, grad):
         x, scale, offset, zp = ctx.saved_tensors
         # float32, contiguous (an expanded gradient gets storage of its own): the offset's gradient is formed in it
         grad = grad.to(torch.float32).contiguous()
-        grad_scale = torch.empty_like(scale) if ctx.needs_input_grad[1] else None
-        for a, b in _OffsetFakeQuant._chunks(*x.shape):
-            z = None if zp is None else zp[a:b]
-            s = scale[a:b]
-            scaled, dq = _OffsetFakeQuant._rounded(x[a:b], s, z, offset[a:b], ctx.args, ctx.q_min, ctx.q_max)
-            g = grad[a:b]
-            if grad_scale is not None:
-                from_product = (g * dq).sum(-1, keepdim=True)
-            inside = (scaled >= ctx.q_min) & (scaled <= ctx.q_max)
-            del scaled, dq
-            g.mul_(s).mul_(inside)  # the gradient reaching the rounded value, then the offset
-            if grad_scale is not None:
-                from_division = (-g * ((x[a:b] / s) / s)).sum(-1, keepdim=True)
-                grad_scale[a:b] = from_product + from_division
+        grad, grad_scale = _fake_rows_backward(grad, x, scale, zp, offset, ctx.args, ctx.q_min, ctx.q_max,
+                                               ctx.needs_input_grad[1])
         return None, grad_scale, None, grad if ctx.needs_input_grad[3] else None, None, None, None, None
+
+
+class _FakeQuantMatmul(torch.autograd.Function):
+    """``tokens`` times every expert's learned-rounding fake-quantized weight, in one node: the fake quantization
+    of :class:`_OffsetFakeQuant` (weight rows ``x`` of the stack ``shape`` ``[E, out, in]``) followed by the grouped
+    GEMM over expert-sorted tokens ``[T, in]`` with jagged ``offsets`` (torch's ``_grouped_mm``), or with ``offsets``
+    None the batched matmul over tokens padded per expert ``[E, C, in]``, in ``dtype``.
+
+    The fake-quantized stack exists only inside the forward and again, recomputed, inside the backward: nothing of
+    the weight's size is kept between them (a separate fake-quantization node would have the matmul keep it). The
+    gradients are the ones torch's autograd gives the two operations (the same grouped GEMM calls), then
+    :func:`_fake_rows_backward` in the weight gradient's buffer."""
+
+    @staticmethod
+    def forward(ctx, tokens, offsets, x, scale, zp, offset, args, q_min, q_max, shape, dtype):
+        fw = _fake_rows(x, scale, zp, offset, args, q_min, q_max,
+                        torch.empty(x.shape, dtype=dtype, device=x.device)).view(shape)
+        ctx.save_for_backward(tokens, offsets, x, scale, zp, offset)
+        ctx.args, ctx.q_min, ctx.q_max, ctx.shape, ctx.dtype = args, q_min, q_max, shape, dtype
+        inp = tokens.to(dtype)
+        if offsets is None:
+            return torch.bmm(inp, fw.transpose(1, 2))
+        return torch._grouped_mm(inp, fw.transpose(1, 2), offs=offsets)
+
+    @staticmethod
+    def backward(ctx, grad):
+        tokens, offsets, x, scale, zp, offset = ctx.saved_tensors
+        args, q_min, q_max, dtype = ctx.args, ctx.q_min, ctx.q_max, ctx.dtype
+        grad = grad.to(dtype)
+        inp = tokens.to(dtype)
+        grad_tokens = None
+        if ctx.needs_input_grad[0]:
+            fw = _fake_rows(x, scale, zp, offset, args, q_min, q_max,
+                            torch.empty(x.shape, dtype=dtype, device=x.device)).view(ctx.shape)
+            grad_tokens = (torch.bmm(grad, fw) if offsets is None
+                           else torch._grouped_mm(grad, fw, offs=offsets)).to(tokens.dtype)
+            del fw
+        if offsets is None:
+            grad_weight = torch.bmm(grad.transpose(1, 2), inp)
+        else:
+            grad_weight = torch._grouped_mm(grad.transpose(0, 1), inp, offs=offsets)
+        grad_weight = grad_weight.reshape(x.shape).to(torch.float32).contiguous()
+        grad_offset, grad_scale = _fake_rows_backward(grad_weight, x, scale, zp, offset, args, q_min, q_max,
+                                                      ctx.needs_input_grad[3])
+        return (grad_tokens, None, None, grad_scale, None, grad_offset if ctx.needs_input_grad[5] else None,
+                None, None, None, None, None)
 
 
 def _value_with_grad(exact: torch.Tensor, continuous: torch.Tensor) -> torch.Tensor:
@@ -281,11 +354,7 @@ class WeightQuantizer:
         needs, in row chunks) and computes the same values and gradients, bit for bit, as the composition of
         elementwise operations it replaces. ``w`` may be in a lower precision than float32 (the division promotes
         it exactly)."""
-        scale = qp.scale.unsqueeze(-1)
-        zp = qp.zero_point.unsqueeze(-1) if qp.zero_point is not None else None
-        if qp.global_scale is not None:
-            gs = qp.global_scale if qp.global_scale.ndim <= 1 else qp.global_scale.unsqueeze(-1)
-            scale = scale / gs
+        scale, zp = self._effective(qp)
         if offset is not None:
             return self._offset_fake_quant(w, scale, zp, offset, out_dtype)
         q_min, q_max = calculate_range(self.args, w.device)
@@ -299,53 +368,79 @@ class WeightQuantizer:
             dq = dq - zp.to(scale.dtype)
         return (dq * scale).flatten(start_dim=-2).to(w.dtype)
 
-    def _offset_fake_quant(self, w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None,
-                           offset: torch.Tensor, out_dtype: torch.dtype | None) -> torch.Tensor:
-        if zp is not None and zp.is_floating_point() and zp.requires_grad:
-            raise ValueError("learned rounding needs integer zero-points (no gradient to the zero-point)")
+    def _rows(self, w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None):
+        """``w`` as rows of one quantization group ``[R, g]`` with the per-row scale and zero-point ``[R, 1]``."""
         size = self.group_size(w.shape[-1])
-        q_min, q_max = calculate_range(self.args, w.device)
         rows = w.numel() // size
-        scale = scale.expand(*w.shape[:-1], w.shape[-1] // size, 1).reshape(rows, 1)
-        zp = None if zp is None else zp.expand(*w.shape[:-1], w.shape[-1] // size, 1).reshape(rows, 1)
-        out = _OffsetFakeQuant.apply(w.reshape(rows, size), scale, zp, offset.reshape(rows, size), self.args, q_min,
-                                     q_max, out_dtype or torch.float32)
-        return out.reshape(w.shape)
+        shape = (*w.shape[:-1], w.shape[-1] // size, 1)
+        return (w.reshape(rows, size), scale.expand(*shape).reshape(rows, 1),
+                None if zp is None else zp.expand(*shape).reshape(rows, 1))
 
-    def codes(self, w: torch.Tensor, qp: QParams, offset: torch.Tensor | None = None) -> torch.Tensor:
-        """The integers (int) or FP4 values (NVFP4, as ``int8`` of twice the value) that :meth:`fake_quant` rounds
-        ``w`` to: 1 byte per weight, exact, for keeping a rounding decision (:meth:`dequantize`)."""
-        with torch.no_grad():
-            q_min, q_max = calculate_range(self.args, w.device)
-            scale = qp.scale.unsqueeze(-1)
-            zp = qp.zero_point.unsqueeze(-1) if qp.zero_point is not None else None
-            if qp.global_scale is not None:
-                gs = qp.global_scale if qp.global_scale.ndim <= 1 else qp.global_scale.unsqueeze(-1)
-                scale = scale / gs
-            scaled = self._grouped(w) / scale
-            if zp is not None:
-                scaled = scaled + zp.to(scaled.dtype)
-            if offset is not None:
-                scaled = scaled + self._grouped(offset).to(scaled.dtype)
-            q = round_to_quantized_type_args(tensor=scaled, args=self.args, min=q_min, max=q_max)
-            if self.is_fp4:
-                q = q * 2
-            return q.flatten(start_dim=-2).to(torch.int8)
-
-    def dequantize(self, codes: torch.Tensor, qp: QParams, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``(codes - zero_point) * scale`` in float32 (NVFP4: under the global scale), cast to ``dtype``: exactly
-        what :meth:`fake_quant` returns for the weight and offset the codes were taken from."""
+    def _effective(self, qp: QParams) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The scale under any global scale, and the zero-point, ``[..., groups, 1]``."""
         scale = qp.scale.unsqueeze(-1)
         zp = qp.zero_point.unsqueeze(-1) if qp.zero_point is not None else None
         if qp.global_scale is not None:
             gs = qp.global_scale if qp.global_scale.ndim <= 1 else qp.global_scale.unsqueeze(-1)
             scale = scale / gs
-        dq = self._grouped(codes).to(scale.dtype)
-        if self.is_fp4:
-            dq = dq / 2
-        if zp is not None:
-            dq = dq - zp.to(scale.dtype)
-        return (dq * scale).flatten(start_dim=-2).to(dtype)
+        return scale, zp
+
+    def _offset_fake_quant(self, w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None,
+                           offset: torch.Tensor, out_dtype: torch.dtype | None) -> torch.Tensor:
+        if zp is not None and zp.is_floating_point() and zp.requires_grad:
+            raise ValueError("learned rounding needs integer zero-points (no gradient to the zero-point)")
+        q_min, q_max = calculate_range(self.args, w.device)
+        x, scale, zp = self._rows(w, scale, zp)
+        out = _OffsetFakeQuant.apply(x, scale, zp, offset.reshape(x.shape), self.args, q_min, q_max,
+                                     out_dtype or torch.float32)
+        return out.reshape(w.shape)
+
+    def fake_quant_matmul(self, w: torch.Tensor, qp: QParams, offset: torch.Tensor, tokens: torch.Tensor,
+                          offsets: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """``tokens`` times the stacked weights ``w`` ``[E, out, in]`` fake-quantized with ``offset`` (what
+        :meth:`fake_quant` gives) in one autograd node that keeps no tensor of the weight's size
+        (:class:`_FakeQuantMatmul`): a grouped GEMM over expert-sorted ``tokens`` ``[T, in]`` with jagged
+        ``offsets``, or with ``offsets`` None a batched matmul over padded ``tokens`` ``[E, C, in]``, in ``dtype``."""
+        scale, zp = self._effective(qp)
+        if zp is not None and zp.is_floating_point() and zp.requires_grad:
+            raise ValueError("learned rounding needs integer zero-points (no gradient to the zero-point)")
+        q_min, q_max = calculate_range(self.args, w.device)
+        x, scale, zp = self._rows(w, scale, zp)
+        return _FakeQuantMatmul.apply(tokens, offsets, x, scale, zp, offset.reshape(x.shape), self.args, q_min,
+                                      q_max, tuple(w.shape), dtype)
+
+    @torch.no_grad()
+    def codes(self, w: torch.Tensor, qp: QParams, offset: torch.Tensor | None = None) -> torch.Tensor:
+        """The integers (int) or FP4 values (NVFP4, as ``int8`` of twice the value) that :meth:`fake_quant` rounds
+        ``w`` to: 1 byte per weight, exact, for keeping a rounding decision (:meth:`dequantize`)."""
+        q_min, q_max = calculate_range(self.args, w.device)
+        x, scale, zp = self._rows(w, *self._effective(qp))
+        off = None if offset is None else offset.reshape(x.shape)
+        out = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+        for a, b in row_chunks(*x.shape, x.device):
+            scaled = x[a:b] / scale[a:b]
+            if zp is not None:
+                scaled = scaled + zp[a:b].to(scaled.dtype)
+            if off is not None:
+                scaled = scaled + off[a:b].to(scaled.dtype)
+            q = round_to_quantized_type_args(tensor=scaled, args=self.args, min=q_min, max=q_max)
+            out[a:b] = q * 2 if self.is_fp4 else q
+        return out.reshape(w.shape)
+
+    @torch.no_grad()
+    def dequantize(self, codes: torch.Tensor, qp: QParams, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``(codes - zero_point) * scale`` in float32 (NVFP4: under the global scale), cast to ``dtype``: exactly
+        what :meth:`fake_quant` returns for the weight and offset the codes were taken from."""
+        c, scale, zp = self._rows(codes, *self._effective(qp))
+        out = torch.empty(c.shape, dtype=dtype, device=c.device)
+        for a, b in row_chunks(*c.shape, c.device):
+            dq = c[a:b].to(scale.dtype)
+            if self.is_fp4:
+                dq = dq / 2
+            if zp is not None:
+                dq = dq - zp[a:b].to(scale.dtype)
+            out[a:b] = dq * scale[a:b]
+        return out.reshape(codes.shape)
 
 
 class ActivationQuantizer:

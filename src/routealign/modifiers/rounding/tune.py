@@ -53,6 +53,7 @@ from ...errors import NonFiniteError
 from ...losses import RouterLoss
 from ...routing import MoELayer
 from ...runner import BlockRunner, LMTail, float_params
+from ...schemes import row_chunks
 from ...streams import BlockInputs
 from ...validation import check_finite
 from .config import TuningConfig
@@ -252,7 +253,6 @@ class BlockTuner:
                 if w.trainable:
                     w.mse_clip(CLIP_GRID)
         tuned = [w for w in self.weights if w.trainable]
-        params = [p for w in tuned for p in w.parameters()]
         total = q.hidden.shape[0] if total is None else total
         train, held = self.split(total)
         heldout = self.heldout(q, reference, held, offset)
@@ -292,6 +292,8 @@ class BlockTuner:
                     decision = RouterDecision.KEPT if gate["keep"] else RouterDecision.DROPPED
         chosen = "router" if decision.router_used else "plain"
         _restore(tuned, kept[chosen])
+        for w in tuned:
+            w.drop_offsets()
         return TuneResult(outputs, self._writes(), history[chosen], info, decision, gate, headroom,
                           self._router_scale, fallback)
 
@@ -316,11 +318,10 @@ class BlockTuner:
             else None
         params, stacked = dict(self._params32), {}
         for w in self.weights:
-            value = w.fake_weight(dtype) if quantized else (w.weight if w.stacked else w.weight.float())
             if w.stacked:
-                stacked.setdefault(w.experts, {})[w.projection] = (value, w.bias)
+                stacked.setdefault(w.experts, {})[w.projection] = w.as_stacked(quantized, dtype)
             else:
-                params[f"{self._names[id(w.module)]}.weight"] = value
+                params[f"{self._names[id(w.module)]}.weight"] = w.fake_weight(dtype) if quantized else w.weight.float()
         return params, stacked
 
     def _autocast(self):
@@ -483,24 +484,20 @@ class BlockTuner:
         (``router_scale``: loss ratio, gradient-norm ratio and the fraction of coordinates whose step sign the
         weighted router gradient changes); unless ``measure_only``, sets ``p.grad`` to the MSE gradient plus the
         router gradient rescaled per tensor (per expert in a stack) to ``router_weight`` times the MSE gradient's
-        norm. ``mse`` and ``router`` are None on a rank that holds none of the minibatch."""
+        norm. ``mse`` and ``router`` are None on a rank that holds none of the minibatch.
+
+        In one process the router gradient is taken first and kept, and each tensor's MSE gradient is combined with
+        it as the backward reaches that tensor (a hook): one set of gradients is alive, not two."""
         lam = self.config.router_weight
-        if mse is None:
-            g_mse = g_rt = [None] * len(params)
-        else:
-            g_mse = torch.autograd.grad(mse, params, retain_graph=True, allow_unused=True)
-            g_rt = torch.autograd.grad(router, params, retain_graph=measure_only, allow_unused=True) \
-                if router.requires_grad else [None] * len(params)
-        g_mse = [torch.zeros_like(p) if g is None else g for p, g in zip(params, g_mse)]
-        g_rt = [torch.zeros_like(p) if g is None else g for p, g in zip(params, g_rt)]
-        if world_size() > 1:
-            reduced = all_reduce(g_mse + g_rt)
-            g_mse, g_rt = reduced[: len(params)], reduced[len(params):]
         record = self._router_scale is None
         owners = {id(p): w for w in self.weights for p in w.parameters()}
-        sums = []  # recorded once: squared norms, sign flips and coordinates per tensor, read together
-        for p, gm, gr in zip(params, g_mse, g_rt):
+        order = {id(p): i for i, p in enumerate(params)}
+        sums: list[tuple[int, torch.Tensor]] = []  # recorded once, per tensor, read together in the params' order
+
+        def combine(p: torch.Tensor, gm: torch.Tensor | None, gr: torch.Tensor | None) -> torch.Tensor | None:
             w = owners[id(p)]
+            gm = torch.zeros_like(p) if gm is None else gm
+            gr = torch.zeros_like(p) if gr is None else gr
             if w.stacked:  # one norm per expert
                 nm = torch.linalg.vector_norm(gm, dim=(-2, -1), keepdim=True)
                 nr = torch.linalg.vector_norm(gr, dim=(-2, -1), keepdim=True)
@@ -508,13 +505,49 @@ class BlockTuner:
                 nm, nr = gm.norm(), gr.norm()
             if record:
                 mask = w.step_mask if w.step_mask is not None else torch.ones((), device=gm.device)
-                changed = (gm.sign() != (gm + lam * gr).sign()) * mask  # frozen experts left out
-                sums.append(torch.stack([(nm.double().pow(2) * mask).sum(), (nr.double().pow(2) * mask).sum(),
-                                         changed.sum().double(), mask.expand_as(gm).sum().double()]))
-            if not measure_only:
-                p.grad = gm.add_(gr.mul_(lam).mul_(nm / nr.clamp_min(1e-30)))
+                sums.append((order[id(p)], torch.stack([
+                    (nm.double().pow(2) * mask).sum(), (nr.double().pow(2) * mask).sum(),
+                    _sign_flips(gm, gr, lam, mask), mask.expand_as(gm).sum().double()])))
+            if measure_only:
+                return None
+            return gm.add_(gr.mul_(lam).mul_(nm / nr.clamp_min(1e-30)))
+
+        if world_size() == 1 and mse is not None and not measure_only:
+            g_rt = torch.autograd.grad(router, params, retain_graph=True, allow_unused=True) \
+                if router.requires_grad else [None] * len(params)
+            pending = {id(p): g for p, g in zip(params, g_rt)}
+            del g_rt  # each router gradient is freed once combined
+            handles = [p.register_hook(lambda gm, p=p: combine(p, gm, pending.pop(id(p)))) for p in params]
+            try:
+                mse.backward()
+            finally:
+                for handle in handles:
+                    handle.remove()
+            for p in params:  # not reached by the MSE: its gradient is zero, and so is the combination's
+                if id(p) in pending:
+                    pending.pop(id(p))
+                    if record:
+                        combine(p, None, None)
+        else:
+            if mse is None:
+                g_mse = g_rt = [None] * len(params)
+            else:
+                g_mse = torch.autograd.grad(mse, params, retain_graph=True, allow_unused=True)
+                g_rt = torch.autograd.grad(router, params, retain_graph=measure_only, allow_unused=True) \
+                    if router.requires_grad else [None] * len(params)
+            g_mse = [torch.zeros_like(p) if g is None else g for p, g in zip(params, g_mse)]
+            g_rt = [torch.zeros_like(p) if g is None else g for p, g in zip(params, g_rt)]
+            if world_size() > 1:
+                reduced = all_reduce(g_mse + g_rt)
+                g_mse, g_rt = reduced[: len(params)], reduced[len(params):]
+            for p, gm, gr in zip(params, g_mse, g_rt):
+                combined = combine(p, gm, gr)
+                if combined is not None:
+                    p.grad = combined
         if record:
-            norm_m, norm_r, flips, total = torch.stack(sums).sum(0).tolist() if sums else (0.0, 0.0, 0.0, 0.0)
+            sums.sort(key=lambda item: item[0])
+            norm_m, norm_r, flips, total = (torch.stack([t for _, t in sums]).sum(0).tolist() if sums
+                                            else (0.0, 0.0, 0.0, 0.0))
             if world_size() == 1:
                 ratio = float(lam * router.detach() / mse.detach().clamp_min(1e-30))
             else:
@@ -571,3 +604,17 @@ def _track(tracked, value: torch.Tensor, it: int, weights: list[TunedWeight]):
                                                                              k.zero_offset))))
               for c, k in zip(current, kept)]
     return torch.where(better, value, lowest), torch.where(better, it, at), merged
+
+
+@torch.no_grad()
+def _sign_flips(gm: torch.Tensor, gr: torch.Tensor, lam: float, mask: torch.Tensor) -> torch.Tensor:
+    """How many coordinates' step sign the weighted router gradient changes (``mask``: experts counted), in pieces
+    (:func:`~routealign.schemes.row_chunks`: no temporary of the gradient's size)."""
+    rows = gm.reshape(-1, gm.shape[-1])
+    weights = mask.expand(*gm.shape[:-1], 1).reshape(-1, 1)
+    total = torch.zeros((), dtype=torch.float64, device=gm.device)
+    for a, b in row_chunks(*rows.shape, rows.device):
+        g = rows[a:b]
+        changed = g.sign() != (g + lam * gr.reshape(rows.shape)[a:b]).sign()
+        total += (changed * weights[a:b]).sum().double()
+    return total

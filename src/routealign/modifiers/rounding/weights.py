@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ...schemes import QParams, WeightQuantizer
+from ...experts import Stacked
+from ...schemes import QParams, WeightQuantizer, chunk_elements
 from ...validation import check_finite
 
 __all__ = ["TunedWeight", "Snapshot", "tuned_weights", "quantized_writes", "CyclicBatches", "FUSED_GROUPS",
@@ -121,6 +122,14 @@ class TunedWeight:
             return self._frozen if dtype is None else self._frozen.to(dtype)
         return self.quantizer.fake_quant(self.weight, self.qparams(), self.offset, out_dtype=dtype)
 
+    def as_stacked(self, quantized: bool, dtype: torch.dtype | None = None) -> Stacked:
+        """A stack as the batched experts multiply it: unquantized, or fake-quantized with the current rounding
+        parameters (gradients to them; the fake-quantized weights computed inside the product, never kept: the
+        restored snapshot's or a frozen stack's computed once, without gradients)."""
+        if not quantized:
+            return Stacked(self.weight, self.bias)
+        return _FakeQuantized(None, self.bias, self, dtype)
+
     # -- snapshots --------------------------------------------------------------------------------------------
     @torch.no_grad()
     def snapshot(self) -> Snapshot:
@@ -157,9 +166,14 @@ class TunedWeight:
         for p in self.parameters():
             p.grad = None
 
+    def drop_offsets(self) -> None:
+        """Free the offsets once a snapshot is restored for good (its codes carry the decision)."""
+        if self._codes is not None:
+            self.offset = torch.zeros((), device=self.weight.device).expand(self.weight.shape)
+
     def release(self) -> None:
-        """Drop the tuning state (after the writes are computed)."""
-        self.offset = self.clip_lo = self.clip_hi = None
+        """Drop the tuning state (after the writes are written)."""
+        self.offset = self.clip_lo = self.clip_hi = self.weight = None
         self._codes = self._frozen = None
 
     # -- starting points ------------------------------------------------------------------------------------------
@@ -189,22 +203,29 @@ class TunedWeight:
     @torch.no_grad()
     def mse_clip(self, grid: tuple[float, ...]) -> None:
         """Per group, the clip factor on ``grid`` that minimises the weight reconstruction error (symmetric clip),
-        as the clip ranges; rounding offsets zero."""
-        best_err, best_c = None, None
-        w32 = self.weight.float()
-        for c in grid:
-            lo = torch.full_like(self.clip_lo, c)
-            qp = self.quantizer.qparams(self._min32 * lo, self._max32 * lo, self._gs32)
-            err = (self.quantizer.fake_quant(w32, qp) - w32).pow(2)
-            err = err.unflatten(-1, (lo.shape[-1], -1)).sum(-1)
-            if best_err is None:
-                best_err, best_c = err, lo.clone()
-            else:
-                better = err < best_err
-                best_err = torch.where(better, err, best_err)
-                best_c = torch.where(better, lo, best_c)
-        self.clip_lo.copy_(best_c)
-        self.clip_hi.copy_(best_c)
+        as the clip ranges; rounding offsets zero. A stack is searched a few experts at a time
+        (:func:`~routealign.schemes.chunk_elements`)."""
+        per = self.weight[0].numel() if self.stacked else self.weight.numel()
+        step = max(1, chunk_elements(self.weight.device) // per) if self.stacked else 1
+        parts = [slice(a, a + step) for a in range(0, len(self.modules), step)] if self.stacked else [slice(None)]
+        for part in parts:
+            gs = None if self._gs32 is None else (self._gs32[part] if self.stacked else self._gs32)
+            w32 = self.weight[part].float()
+            wmin, wmax = self._min32[part], self._max32[part]
+            best_err, best_c = None, None
+            for c in grid:
+                lo = torch.full_like(wmin, c)
+                qp = self.quantizer.qparams(wmin * lo, wmax * lo, gs)
+                err = (self.quantizer.fake_quant(w32, qp) - w32).pow(2)
+                err = err.unflatten(-1, (lo.shape[-1], -1)).sum(-1)
+                if best_err is None:
+                    best_err, best_c = err, lo.clone()
+                else:
+                    better = err < best_err
+                    best_err = torch.where(better, err, best_err)
+                    best_c = torch.where(better, lo, best_c)
+            self.clip_lo[part] = best_c
+            self.clip_hi[part] = best_c
         self.offset.zero_()
 
     # -- the result ---------------------------------------------------------------------------------------------
@@ -224,19 +245,40 @@ class TunedWeight:
         lo = (wmin.float() * self.clip_lo).to(w.dtype)
         hi = (wmax.float() * self.clip_hi).to(w.dtype)
         qp = self.quantizer.qparams(lo, hi, self.global_scale)
-        rtn = self.quantizer.fake_quant(w, qp)
         zero = self._zero_offset if self._codes is not None else (
             ~self.offset.flatten(start_dim=-2).any(-1) if self.stacked else ~self.offset.any())
         untouched = zero & (self.clip_lo == 1).flatten(start_dim=-2).all(-1) & (
             self.clip_hi == 1).flatten(start_dim=-2).all(-1)
         if bool(untouched.all()):
-            return rtn, qp
+            return self.quantizer.fake_quant(w, qp), qp
         codes = self._codes if self._codes is not None else self.quantizer.codes(w, self.qparams(), self.offset)
         qp32 = QParams(qp.scale.float(), qp.zero_point, qp.global_scale)
         tuned = self.quantizer.dequantize(codes, qp32, w.dtype)
-        if not self.stacked:
-            return tuned, qp
-        return torch.where(untouched.view(-1, 1, 1).to(w.device), rtn, tuned), qp
+        if self.stacked and bool(untouched.any()):  # those experts exactly RTN
+            rtn = self.quantizer.fake_quant(w[untouched], QParams(
+                qp.scale[untouched], qp.zero_point[untouched], None if qp.global_scale is None
+                else qp.global_scale[untouched]))
+            tuned[untouched] = rtn
+        return tuned, qp
+
+
+@dataclass
+class _FakeQuantized(Stacked):
+    """A tuned stack multiplied with its fake quantization inside the product
+    (:meth:`~routealign.schemes.WeightQuantizer.fake_quant_matmul`)."""
+
+    tuned: TunedWeight | None = None
+    compute: torch.dtype | None = None
+
+    def matmul(self, tokens: torch.Tensor, offsets: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        w = self.tuned
+        if w._codes is not None or not w.trainable or not torch.is_grad_enabled():
+            # no gradient to take: the fake-quantized weights for this product only
+            return Stacked(w.fake_weight(self.compute), None).matmul(tokens, offsets, dtype)
+        return w.quantizer.fake_quant_matmul(w.weight, w.qparams(), w.offset, tokens, offsets, dtype)
+
+    def dense(self) -> torch.Tensor:
+        return self.tuned.fake_weight(self.compute)
 
 
 @torch.no_grad()
