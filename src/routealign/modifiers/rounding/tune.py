@@ -517,7 +517,12 @@ class BlockTuner:
                 if router.requires_grad else [None] * len(params)
             pending = {id(p): g for p, g in zip(params, g_rt)}
             del g_rt  # each router gradient is freed once combined
-            handles = [p.register_hook(lambda gm, p=p: combine(p, gm, pending.pop(id(p)))) for p in params]
+            # combined in the MSE gradient's own buffer, which the backward then stores as the gradient (returning
+            # a new tensor from the hook would have it copied)
+            def hook(gm: torch.Tensor, p: torch.Tensor) -> None:
+                combine(p, gm, pending.pop(id(p)))
+
+            handles = [p.register_hook(lambda gm, p=p: hook(gm, p)) for p in params]
             try:
                 mse.backward()
             finally:
