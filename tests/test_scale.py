@@ -272,3 +272,52 @@ def test_fake_quant_matmul_equals_fake_quant_then_matmul(name, padded):
         else:
             assert torch.equal(ours, theirs)
     assert bool(results[1][2].any()) and bool(results[1][3].any())
+
+
+def test_experts_tuned_in_chunks_cover_every_expert_once():
+    """expert_chunk: the experts of a layer are tuned a chunk at a time, each against the chunks before it
+    quantized; every expert's weight is written once, the result beats RTN, and a chunk as large as the layer is the
+    unchunked run exactly."""
+    from routealign.runner import float_params
+
+    def tuned(chunk: int, iters: int = 6):
+        block, nxt, targets, q, nkw = _block(8)
+        with suspended_offloading(block, nxt):
+            tuner = BlockTuner(block, targets, RouterLossConfig(objective="none"),
+                               TuningConfig(iters=iters, batch_size=2, holdout=0.25, holdout_every=3,
+                                            expert_chunk=chunk), [nxt], next_kwargs=[nkw])
+            reference = tuner.reference(q).outputs
+            result = tuner.tune(q, q)
+            result.write()
+            with torch.no_grad():
+                y, _ = tuner.runner.run(block, float_params(block), q.hidden.float(), tuner.runner.kwargs32(q.kwargs), [])
+        return tuner, result, float((y - reference).pow(2).mean())
+
+    whole, whole_result, whole_error = tuned(0)
+    same, same_result, _ = tuned(8)
+    assert same.chunks == 1 and same_result.chunks is None
+    assert all(torch.equal(a[2], b[2]) for a, b in zip(whole_result.writes, same_result.writes))
+    chunked, result, error = tuned(3)
+    _, _, rtn_error = tuned(3, iters=0)
+    assert chunked.chunks == 3 and [c["experts"] for c in result.chunks] == [[0, 3], [3, 6], [6, 8]]
+    written = [m for m, n, _ in result.writes if n == "weight"]
+    assert len(written) == len({id(m) for m in written}) == sum(n == "weight" for _, n, _ in whole_result.writes)
+    experts = [m for m in written if m in set(chunked.block.mlp.experts.modules())]
+    assert len(experts) == 8 * 3
+    assert error < rtn_error and error < 2 * whole_error
+
+
+def test_memory_budget_picks_the_largest_chunk_that_fits():
+    from routealign.modifiers.rounding.memory import GIB, expert_chunk, layer_bytes
+
+    block, nxt, targets, q, nkw = _block(8)
+    tuner = BlockTuner(block, targets, RouterLossConfig(objective="none"), TuningConfig(iters=1), [nxt])
+    bases, singles = tuner._bases, tuner._singles
+    per_expert = sum(b.weight[0].numel() for b in bases)
+    other = sum(w.weight.numel() for w in singles)
+    need = {k: layer_bytes(per_expert, 8, other, 4, 2, k) for k in range(1, 9)}
+    assert all(need[k] < need[k + 1] for k in range(1, 8))
+    for budget, expected in ((need[8] * 1.01, 0), (need[5] * 1.001, 5), (need[1] * 1.0001, 1), (need[1] * 0.5, 1)):
+        config = TuningConfig(iters=1, max_tuning_gib=budget / GIB)
+        assert expert_chunk(bases, singles, config) == expected, budget
+    assert expert_chunk(bases, singles, TuningConfig(iters=1, expert_chunk=2, max_tuning_gib=1e-9)) == 2

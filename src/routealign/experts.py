@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 __all__ = ["batched_forward", "batched_experts", "input_quantizers", "input_quantization_plans",
-           "StackedInputQuantizer", "supports_batching", "layout", "Stacked"]
+           "StackedInputQuantizer", "supports_batching", "layout", "Stacked", "Parts"]
 
 _PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
@@ -112,6 +112,35 @@ class Stacked:
     def dense(self) -> torch.Tensor:
         """The stacked weights as one tensor (for llm-compressor's per-expert loop)."""
         return self.weight
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[1]
+
+
+@dataclass
+class Parts(Stacked):
+    """A projection of every expert in consecutive parts ``(first expert, end, Stacked)`` (expert-chunked tuning:
+    the experts tuned before, the chunk being tuned, the experts still unquantized), multiplied part by part. The
+    grouped layout reads the parts' token boundaries back once per product."""
+
+    parts: tuple = ()
+
+    def matmul(self, tokens: torch.Tensor, offsets: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        if offsets is None:  # padded [E, C, in]: the parts are slices of the experts' dimension
+            return torch.cat([part.matmul(tokens[a:b], None, dtype) for a, b, part in self.parts])
+        ends = [0] + offsets.tolist()
+        outs = []
+        for a, b, part in self.parts:
+            start, end = ends[a], ends[b]
+            if start == end:  # no token for these experts in this batch (and no gradient to give them)
+                outs.append(tokens.new_zeros(0, part.out_features, dtype=dtype))
+            else:
+                outs.append(part.matmul(tokens[start:end], offsets[a:b] - start, dtype))
+        return torch.cat([o.to(dtype) for o in outs])
+
+    def dense(self) -> torch.Tensor:
+        return torch.cat([part.dense() for _, _, part in self.parts])
 
 
 def _stack(experts, proj: str) -> Stacked:

@@ -171,7 +171,7 @@ class _FakeQuantMatmul(torch.autograd.Function):
     def backward(ctx, grad):
         tokens, offsets, x, scale, zp, offset = ctx.saved_tensors
         args, q_min, q_max, dtype = ctx.args, ctx.q_min, ctx.q_max, ctx.dtype
-        grad = grad.to(dtype)
+        grad = grad.to(dtype).contiguous()
         inp = tokens.to(dtype)
         grad_tokens = None
         if ctx.needs_input_grad[0]:

@@ -284,7 +284,7 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
     def _report_layer(self, name: str, chain: list[str], samples: int, tuner: BlockTuner, result: TuneResult,
                       unreachable: list[str], seconds: float) -> None:
         history = result.history
-        row = {"layer": name, "samples": samples, "weights": len(tuner.weights), "iters": len(history),
+        row = {"layer": name, "samples": samples, "weights": tuner.tuned_modules, "iters": len(history),
                "loss_first": history[0] if history else None, "loss_best": min(history) if history else None,
                "seconds": round(seconds, 3), "rtn_fallback": dict(result.fallback or {}),
                "router_unreachable": unreachable,
@@ -297,7 +297,7 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
                     RouterDecision.DROPPED: ", router term dropped (held-out)",
                     RouterDecision.NOT_TRIED: ", router term not tried (forcing the unquantized experts gains "
                                               "nothing on held-out)"}.get(result.decision, "")
-            logger.info(f"{name}: tuned {len(tuner.weights)} weights, {len(history)} iters, loss "
+            logger.info(f"{name}: tuned {tuner.tuned_modules} weights, {len(history)} iters, loss "
                         f"{history[0]:.4g} -> best {min(history):.4g}{kept} ({seconds:.1f} s)")
 
     def _downstream(self, model: torch.nn.Module, name: str) -> list[str]:

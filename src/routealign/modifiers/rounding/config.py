@@ -68,6 +68,13 @@ class TuningConfig(BaseModel):
     # ``lm_head``, the KL divergence of the model's next-token distribution on the held-out sequences with every
     # later layer unquantized, against the unquantized model's (what held-out perplexity sees)
     decide_on: Literal["next_router", "lm_head"] = "next_router"
+    # tune a MoE layer's experts in chunks of this many (0: all at once), each chunk for ``iters`` iterations against
+    # the experts before it quantized and those after it unquantized (the attention and shared weights with the
+    # first): the tuning state is then a chunk's, so a layer larger than the accelerator's memory can be tuned, at
+    # the chunks' count times the time. ``max_tuning_gib``: the largest chunk whose predicted memory fits this
+    # budget (modifiers.rounding.memory), when ``expert_chunk`` is 0
+    expert_chunk: int = Field(0, ge=0)
+    max_tuning_gib: float | None = Field(None, gt=0)
     # keep a layer's calibration streams (the quantized and unquantized inputs, the unquantized outputs) in host
     # memory instead of on the block's device during its tuning: minibatches are then copied in each iteration
     offload_activations: bool = False

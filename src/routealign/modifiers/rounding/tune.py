@@ -52,12 +52,14 @@ from ...distributed import all_reduce, all_reduce_counts, all_reduce_grads, all_
 from ...errors import NonFiniteError
 from ...losses import RouterLoss
 from ...routing import MoELayer
+from ...experts import Parts, Stacked
 from ...runner import BlockRunner, LMTail, float_params
 from ...schemes import row_chunks
 from ...streams import BlockInputs
 from ...validation import check_finite
 from .config import TuningConfig
 from .heldout import HeldOut, Reference, masked_mse, mean_of, paired_gate
+from .memory import expert_chunk
 from .weights import CLIP_GRID, CyclicBatches, Snapshot, TunedWeight, quantized_writes, tuned_weights
 
 __all__ = ["BlockTuner", "TuneResult", "RouterDecision"]
@@ -92,6 +94,7 @@ class TuneResult:
     headroom: dict | None = None  # forced-routing statistics of the headroom rule
     router_scale: dict | None = None  # the router term against the MSE at the first router iteration
     fallback: dict[str, int] | None = None  # weights of starved experts (MSE-clipped RTN): routed tokens
+    chunks: list[dict] | None = None  # expert_chunk: per chunk of experts its experts, decision and arms
 
     def write(self) -> None:
         """Write :attr:`writes` into the model (compressed-tensors' ``update_offload_parameter``)."""
@@ -122,7 +125,17 @@ class BlockTuner:
                                   lm_tail if config.decide_on == "lm_head" else None, activations,
                                   config.batched_experts, name)
         self.activations = self.runner.activations
-        self.weights: list[TunedWeight] = tuned_weights(block, targets, config.full_range)
+        # the stacks of expert weights (no tuning state of their own) and the other targets; tuning runs on
+        # `weights`: the other targets and, per stack, the part of its experts being tuned (all of them at once
+        # unless expert_chunk / max_tuning_gib split them)
+        every = tuned_weights(block, targets, config.full_range)
+        self._bases = [w for w in every if w.stacked]
+        self._singles = [w for w in every if not w.stacked]
+        self.chunk = expert_chunk(self._bases, self._singles, config)
+        self.weights: list[TunedWeight] = list(self._singles)
+        self._parts: dict[int, TunedWeight] = {}  # id(base) -> the part being tuned
+        self._span: dict[int, tuple[int, int]] = {}
+        self._select(0)
         self.own_layers, self.next_layers = self.runner.own_layers, self.runner.next_layers
         scope = config.router_scope if loss_config.objective != "none" else None
         self.scoped: list[tuple[str, MoELayer]] = []
@@ -132,7 +145,7 @@ class BlockTuner:
             self.scoped += [("next", l) for l in self.next_layers]
         self.losses = {(where, l.name): RouterLoss(loss_config, l.family, l.router) for where, l in self.scoped}
         self._names = {id(m): n for n, m in block.named_modules()}
-        tuned = {f"{self._names[id(m)]}.weight" for w in self.weights for m in w.modules}
+        tuned = {f"{self._names[id(m)]}.weight" for w in every for m in w.modules}
         # float32 copies of what is not tuned (the tuned weights are bound per forward: fake-quantized or unquantized)
         self._params32 = {n: t for n, t in float_params(block).items() if n not in tuned}
         self._router_scale: dict | None = None
@@ -140,6 +153,11 @@ class BlockTuner:
     @property
     def device(self) -> torch.device:
         return self.runner.device
+
+    @property
+    def tuned_modules(self) -> int:
+        """How many Linear modules the block tunes (each expert's projection counted)."""
+        return len(self._singles) + sum(len(b.modules) for b in self._bases)
 
     # -- the unquantized side and the routed tokens -------------------------------------------------------
     @torch.no_grad()
@@ -186,12 +204,22 @@ class BlockTuner:
             for e, c in enumerate(counts[l.name].tolist()):
                 if c < self.config.min_expert_tokens:
                     starving[e] = c
-        fallback = {}
+        self._starving = starving
+        fallback = self._freeze_starving()
+        if starving:
+            listed = ", ".join(f"experts.{e} ({c} tokens)" for e, c in sorted(starving.items()))
+            logger.info(f"{self.name}: {len(starving)} experts with fewer than {self.config.min_expert_tokens} "
+                        f"routed calibration tokens use MSE-clipped RTN: {listed}")
+        return fallback
+
+    def _freeze_starving(self) -> dict[str, int]:
+        """MSE-clipped RTN for the starving experts among the weights being tuned; returns them with their counts."""
+        starving, fallback = self._starving, {}
         for w in self.weights:
             if w.stacked:
-                frozen = [e for e in range(len(w.modules)) if e in starving]
+                frozen = [e for e in w.expert_ids if e in starving]
                 if frozen:
-                    w.mse_clip_fallback(CLIP_GRID, frozen)
+                    w.mse_clip_fallback(CLIP_GRID, [e - w.first_expert for e in frozen])
                     container = w.name.rpartition(".")[0]
                     for e in frozen:
                         fallback[f"{container}.{e}.{w.projection}" if container else f"{e}.{w.projection}"] = \
@@ -199,11 +227,29 @@ class BlockTuner:
             elif w.expert is not None and w.expert in starving:
                 w.mse_clip_fallback(CLIP_GRID)
                 fallback[w.name] = starving[w.expert]
-        if starving:
-            listed = ", ".join(f"experts.{e} ({c} tokens)" for e, c in sorted(starving.items()))
-            logger.info(f"{self.name}: {len(starving)} experts with fewer than {self.config.min_expert_tokens} "
-                        f"routed calibration tokens use MSE-clipped RTN: {listed}")
         return fallback
+
+    # -- expert chunks --------------------------------------------------------------------------------------
+    @property
+    def chunks(self) -> int:
+        """How many chunks of experts a layer is tuned in (1: all experts at once)."""
+        if not self.chunk or not self._bases:
+            return 1
+        return max(-(-len(b.modules) // self.chunk) for b in self._bases)
+
+    def _select(self, index: int) -> None:
+        """Tune chunk ``index`` of every stack next (the other targets only with the first chunk; afterwards they
+        keep the decision it made)."""
+        for base in self._bases:
+            n = len(base.modules)
+            start, end = (0, n) if self.chunks == 1 else (min(index * self.chunk, n), min((index + 1) * self.chunk, n))
+            self._span[id(base)] = (start, end)
+            if end > start:
+                self._parts[id(base)] = base.part(start, end)
+            else:
+                self._parts.pop(id(base), None)
+        singles = self._singles if index == 0 else []
+        self.weights = singles + [self._parts[id(b)] for b in self._bases if id(b) in self._parts]
 
     # -- the decision -------------------------------------------------------------------------------------
     def split(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,14 +294,38 @@ class BlockTuner:
         cfg = self.config
         if cfg.iters <= 0 or not self.weights:
             return TuneResult(outputs, self._writes(), [], {}, RouterDecision.UNTUNED, fallback=fallback)
+        total = q.hidden.shape[0] if total is None else total
+        train, held = self.split(total)
+        heldout = self.heldout(q, reference, held, offset)
+        chunks, writes, first = [], [], None
+        for index in range(self.chunks):
+            if index:
+                self._select(index)
+                fallback.update(self._freeze_starving())
+            result = self._tune_selected(q, heldout, reference, train, held, offset)
+            writes += self._writes(store=self.chunks > 1)
+            if self.chunks > 1:  # the part's tuning state goes before the next part's is made
+                for w in self.weights:
+                    if w.stacked:
+                        w.release()
+            first = first or result
+            if self.chunks > 1:
+                chunks.append({"experts": list(self._span[id(self._bases[0])]), "router": result[2].value,
+                               "arms": result[1]})
+        history, info, decision, gate, headroom = first
+        return TuneResult(outputs, writes, history, info, decision, gate, headroom, self._router_scale, fallback,
+                          chunks or None)
+
+    def _tune_selected(self, q: BlockInputs, heldout: HeldOut, reference: Reference, train: torch.Tensor,
+                       held: torch.Tensor, offset: int):
+        """The loop or loops (both arms with the router gate) over the weights being tuned; the decision kept is
+        restored. Returns ``(history, arms, decision, gate, headroom)``."""
+        cfg = self.config
         if cfg.init == "mse":
             for w in self.weights:
                 if w.trainable:
                     w.mse_clip(CLIP_GRID)
         tuned = [w for w in self.weights if w.trainable]
-        total = q.hidden.shape[0] if total is None else total
-        train, held = self.split(total)
-        heldout = self.heldout(q, reference, held, offset)
         arms = ["router"] if self.scoped else ["plain"]
         if self.scoped and cfg.router_gate and held.numel() and cfg.router_weight > 0:
             arms = ["plain", "router"]
@@ -294,8 +364,7 @@ class BlockTuner:
         _restore(tuned, kept[chosen])
         for w in tuned:
             w.drop_offsets()
-        return TuneResult(outputs, self._writes(), history[chosen], info, decision, gate, headroom,
-                          self._router_scale, fallback)
+        return history[chosen], info, decision, gate, headroom
 
     def _headroom(self, heldout: HeldOut, own: torch.Tensor) -> dict | None:
         """With the plain arm's kept parameters set and ``own`` its held-out errors: whether forcing the
@@ -317,12 +386,26 @@ class BlockTuner:
         dtype = torch.get_autocast_dtype(kind) if quantized and self.config.amp and torch.is_autocast_enabled(kind) \
             else None
         params, stacked = dict(self._params32), {}
-        for w in self.weights:
-            if w.stacked:
-                stacked.setdefault(w.experts, {})[w.projection] = w.as_stacked(quantized, dtype)
-            else:
-                params[f"{self._names[id(w.module)]}.weight"] = w.fake_weight(dtype) if quantized else w.weight.float()
+        for w in self._singles:
+            params[f"{self._names[id(w.module)]}.weight"] = w.fake_weight(dtype) if quantized else w.weight.float()
+        for base in self._bases:
+            stacked.setdefault(base.experts, {})[base.projection] = self._stack(base, quantized, dtype)
         return params, stacked
+
+    def _stack(self, base: TunedWeight, quantized: bool, dtype: torch.dtype | None) -> Stacked:
+        """A stack of expert weights as the batched experts multiply it: unquantized, or the part being tuned
+        fake-quantized between the experts tuned before (quantized, written into the stack) and after it."""
+        if not quantized:
+            return Stacked(base.weight, base.bias)
+        start, end = self._span[id(base)]
+        count = len(base.modules)
+        part = self._parts.get(id(base))
+        if (start, end) == (0, count):
+            return part.as_stacked(True, dtype)
+        pieces = [(a, b, Stacked(base.weight[a:b])) for a, b in ((0, start), (end, count)) if b > a]
+        if part is not None:
+            pieces.append((start, end, part.as_stacked(True, dtype)))
+        return Parts(None, base.bias, tuple(sorted(pieces, key=lambda piece: piece[0])))
 
     def _autocast(self):
         """bfloat16 autocast on the block's device when ``amp`` (else nothing)."""
@@ -578,8 +661,11 @@ class BlockTuner:
             total = value if total is None else total + value
         return total / len(self.losses)
 
-    def _writes(self) -> list[tuple[torch.nn.Module, str, torch.Tensor]]:
-        return [item for w in self.weights for item in quantized_writes(w, f"{self.name}.{w.name}")]
+    def _writes(self, store: bool = False) -> list[tuple[torch.nn.Module, str, torch.Tensor]]:
+        """The writes of the weights being tuned (``store``: a part's quantized weights also replace its experts'
+        in the stack, for the chunks after it)."""
+        return [item for w in self.weights
+                for item in quantized_writes(w, f"{self.name}.{w.name}", store=store and w.stacked)]
 
 
 def _reset(weights: list[TunedWeight], start: list[tuple[torch.Tensor, torch.Tensor]]) -> None:

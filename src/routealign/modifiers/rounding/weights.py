@@ -54,7 +54,9 @@ class TunedWeight:
 
     def __init__(self, name: str, modules: torch.nn.Module | list[torch.nn.Module], quantizer: WeightQuantizer,
                  global_scale: torch.Tensor | None, expert: int | None = None,
-                 experts: torch.nn.Module | None = None, projection: str | None = None):
+                 experts: torch.nn.Module | None = None, projection: str | None = None,
+                 weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, first_expert: int = 0,
+                 state: bool = True):
         self.name = name  # relative to the block; a stack is named by its container and projection
         self.stacked = isinstance(modules, (list, tuple))
         self.modules = list(modules) if self.stacked else [modules]
@@ -62,25 +64,46 @@ class TunedWeight:
         self.global_scale = global_scale
         self.expert = expert  # a single expert's weight (not stacked)
         self.experts, self.projection = experts, projection  # a stack's container and projection name
+        self.first_expert = first_expert  # a stack's first expert in its container (a part of the experts: chunks)
         with torch.no_grad():
-            weights = [m.weight.detach() for m in self.modules]
-            self.dtype = weights[0].dtype
-            self.weight = torch.stack(weights) if self.stacked else weights[0].clone()
-            wmin, wmax = quantizer.group_minmax(self.weight.float())
-        self._min32, self._max32 = wmin, wmax
-        self.offset = torch.zeros(self.weight.shape, dtype=torch.float32, device=self.weight.device,
-                                  requires_grad=True)
-        self.clip_lo = torch.ones_like(wmin, requires_grad=True)
-        self.clip_hi = torch.ones_like(wmax, requires_grad=True)
+            self.dtype = self.modules[0].weight.dtype
+            if weight is None:  # given: a part of a layer's stack (a view)
+                weights = [m.weight.detach() for m in self.modules]
+                weight = torch.stack(weights) if self.stacked else weights[0].clone()
+            self.weight = weight
+        if bias is None and self.stacked and self.modules[0].bias is not None:
+            bias = torch.stack([m.bias.detach().float() for m in self.modules])
+        self.bias = bias
         self._gs32 = global_scale.float() if global_scale is not None else None
         self.active = torch.ones(len(self.modules) if self.stacked else (), dtype=torch.bool)
         self._step_mask: torch.Tensor | None = None
-        self._trainable = True
+        self._trainable = state
         self._codes: torch.Tensor | None = None  # set while a snapshot is restored
         self._zero_offset: torch.Tensor | None = None
         self._frozen: torch.Tensor | None = None  # fake weight of a frozen single weight, computed once
-        self.bias = (torch.stack([m.bias.detach().float() for m in self.modules])
-                     if self.stacked and self.modules[0].bias is not None else None)
+        self.offset = self.clip_lo = self.clip_hi = None
+        if state:  # a stack that only holds a layer's weights for its chunks (expert_chunk) has none
+            with torch.no_grad():
+                wmin, wmax = quantizer.group_minmax(self.weight.float())
+            self._min32, self._max32 = wmin, wmax
+            self.offset = torch.zeros(self.weight.shape, dtype=torch.float32, device=self.weight.device,
+                                      requires_grad=True)
+            self.clip_lo = torch.ones_like(wmin, requires_grad=True)
+            self.clip_hi = torch.ones_like(wmax, requires_grad=True)
+
+    def part(self, start: int, end: int) -> "TunedWeight":
+        """Experts ``[start, end)`` of a stack as a stack of their own, tuned on their own: its weight a view of this
+        stack's (the experts tuned before are written into it, the later ones still unquantized)."""
+        return TunedWeight(self.name, self.modules[start:end], self.quantizer,
+                           None if self.global_scale is None else self.global_scale[start:end],
+                           experts=self.experts, projection=self.projection, weight=self.weight[start:end],
+                           bias=None if self.bias is None else self.bias[start:end],
+                           first_expert=self.first_expert + start)
+
+    @property
+    def expert_ids(self) -> range:
+        """A stack's experts (their index in the container)."""
+        return range(self.first_expert, self.first_expert + len(self.modules))
 
     @property
     def module(self) -> torch.nn.Module:
@@ -280,12 +303,21 @@ class _FakeQuantized(Stacked):
     def dense(self) -> torch.Tensor:
         return self.tuned.fake_weight(self.compute)
 
+    @property
+    def out_features(self) -> int:
+        return self.tuned.weight.shape[1]
+
 
 @torch.no_grad()
-def quantized_writes(w: TunedWeight, where: str) -> list[tuple[torch.nn.Module, str, torch.Tensor]]:
+def quantized_writes(w: TunedWeight, where: str, store: bool = False) -> list[tuple[torch.nn.Module, str, torch.Tensor]]:
     """``(module, name, value)`` writes of ``w``'s quantize-dequantized weight and quantization parameters (per
-    expert module for a stack), each checked finite (:class:`NonFiniteError` naming ``where``)."""
+    expert module for a stack), each checked finite (:class:`NonFiniteError` naming ``where``). With ``store`` the
+    quantized weight replaces ``w.weight``'s values (a part of a layer's stack: the later parts are tuned against it)
+    and the writes read it there."""
     weight, qp = w.final()
+    if store:
+        w.weight.copy_(weight)
+        weight = w.weight
     for what, value in (("weight", weight), ("weight_scale", qp.scale), ("weight_global_scale", qp.global_scale)):
         if value is not None:
             check_finite(value, f"{where}: quantized {what}")
@@ -324,8 +356,8 @@ class CyclicBatches:
 def tuned_weights(block: torch.nn.Module, targets: dict, full_range: bool) -> list[TunedWeight]:
     """The :class:`TunedWeight` of ``block``'s targets (names relative to it, compressed-tensors weight
     ``QuantizationArgs``), in ``targets``' order. Each projection of a linearized experts container whose experts are
-    all targeted with the same arguments is one stack (tuned as one ``[E, out, in]`` tensor); every other target is
-    its own. Fused projections (:data:`FUSED_GROUPS`, siblings under one parent) share one NVFP4 global scale (per
+    all targeted with the same arguments is one stack (``[E, out, in]``; without tuning state: its experts are tuned
+    as :meth:`TunedWeight.part` of it, all at once or in chunks); every other target is its own. Fused projections (:data:`FUSED_GROUPS`, siblings under one parent) share one NVFP4 global scale (per
     expert in a stack), as llm-compressor's observers and vLLM's fused kernels do."""
     from ...experts import supports_batching
 
@@ -382,7 +414,7 @@ def tuned_weights(block: torch.nn.Module, targets: dict, full_range: bool) -> li
                 done.add(stack_name)
                 container = modules[stack_name.rpartition(".")[0]] if "." in stack_name else block
                 weights.append(TunedWeight(stack_name, [modules[m] for m in members], quantizer, scales.get(n),
-                                           experts=container, projection=proj))
+                                           experts=container, projection=proj, state=False))
             continue
         match = _EXPERT_RE.search(n)
         weights.append(TunedWeight(n, modules[n], quantizer, scales.get(n), int(match.group(1)) if match else None))
