@@ -123,17 +123,28 @@ class Config:
     holdout: float = 0.125
     holdout_every: int = 10
     dtype: str = "fp32"  # bf16: ``amp`` (tuning matmuls on bf16 tensor cores)
-    lm_head: bool = False  # decide_on lm_head: each held-out evaluation runs the rest of the model and the LM head
+    lm_head: bool = False  # decide_on lm_head: the arms are compared by the next-token KL at the LM head
+    lm_head_iterations: bool = False  # iteration_on lm_head: every held-out evaluation runs the rest of the model
+    ops: int = 1100  # aten operations per loop iteration (scale.py --count; 1433 with the router term)
 
 
 CONFIGS = {
-    "default (vsraq_w4a16.yaml: 200 iters, gated router arm)": Config("default", 200, 2.0, "next"),
+    "default (vsraq_w4a16.yaml: 200 iters, both arms, LM-head decisions)": Config("default", 200, 2.0, "next",
+                                                                                   lm_head=True, ops=1433),
+    "default before issue 29 (LM head at every held-out evaluation)": Config("default-before", 200, 2.0, "next",
+                                                                              lm_head=True, lm_head_iterations=True,
+                                                                              ops=47800),
     "plain (autoround_w4a16.yaml: objective none, 200 iters)": Config("plain", 200, 1.0, "block"),
     "fast (vsraq_w4a16_fast.yaml: objective none, 50 iters, mse init)": Config("fast", 50, 1.0, "block"),
+    "fast before issue 29 (one autograd chain and step per expert weight)": Config("fast-before", 50, 1.0, "block",
+                                                                                   ops=38121),
     "fast + amp (bf16 autocast; not measured on a GPU)": Config("fast-amp", 50, 1.0, "block", dtype="bf16"),
-    "decide_on lm_head (200 iters, both arms, decisions at the LM head)": Config("lm-head", 200, 2.0, "next",
-                                                                                  lm_head=True),
 }
+
+# host time per dispatched operation of the tuning loop on a GPU (launch-bound), fitted to the one GPU measurement:
+# the fast recipe on one H200 at a788e10 took 0.69 s per iteration of a Qwen3-30B-A3B layer, whose arithmetic floor
+# is ~35 ms, with 38,121 operations per iteration (scale.py --count at 128 experts): (0.69 - 0.035) / 38,121
+SECONDS_PER_OP = 17.2e-6
 
 
 def run_cost(s: Shape, c: Config, samples: int, seq_len: int, batch: int, all_experts: bool = False) -> dict:
@@ -149,13 +160,17 @@ def run_cost(s: Shape, c: Config, samples: int, seq_len: int, batch: int, all_ex
     mult = 3 if s.gated else 2
     inflation = 2 * seq_len * (s.experts - s.top_k) * mult * s.hidden * s.expert_inter if all_experts else 0
     pipeline = 2 * samples * (fwd_seq + inflation)
-    # decide_on lm_head: every held-out evaluation also runs the remaining layers (L/2 on average, a sequence's
-    # forward each) and the LM head (2 T h V) on each held-out sequence
+    # the LM head: a held-out sequence through the remaining layers (L/2 on average, a sequence's forward each) and
+    # the LM head (2 T h V); at every held-out evaluation (iteration_on lm_head), or for the arm decision only (the
+    # unquantized side once, each arm's kept decision once)
     tail = (s.layers / 2 * fwd_seq + 2 * seq_len * s.hidden * s.vocab) if c.lm_head else 0
-    flops = s.layers * (c.arms * (c.iters * step["flops"] + evals * held * (fwd_seq + tail)) + 3 * samples * fwd_seq
-                        + pipeline)
+    tail_evals = c.arms * evals if c.lm_head_iterations else (c.arms + 1 if c.lm_head else 0)
+    flops = s.layers * (c.arms * (c.iters * step["flops"] + evals * held * fwd_seq) + tail_evals * held * tail
+                        + 3 * samples * fwd_seq + pipeline)
     bytes_ = s.layers * c.arms * c.iters * step["bytes"]
-    return {"flops": flops, "bytes": bytes_}
+    # launch-bound host time of the tuning loops (the GPU waits on it when it exceeds the arithmetic)
+    launch = s.layers * c.arms * c.iters * c.ops * SECONDS_PER_OP
+    return {"flops": flops, "bytes": bytes_, "launch_s": launch}
 
 
 # data-parallel calibration (llm-compressor's torchrun oneshot, routealign's reductions). Link bandwidths are
@@ -293,13 +308,15 @@ def main() -> None:
                 floor = max(cost["flops"] / spec[config.dtype], cost["bytes"] / spec["hbm"])
                 predictions.append({"gpu": spec["name"], "model": shape.name, "config": label,
                                     "PFLOP": cost["flops"] / 1e15, "floor_min": floor / 60,
-                                    "predicted_min": floor * args.overhead / 60})
+                                    "launch_min": cost["launch_s"] / 60,
+                                    "predicted_min": max(floor * args.overhead, cost["launch_s"]) / 60})
     if predictions:
-        print(f"\n| GPU | model | configuration | PFLOP | arithmetic floor | predicted (x{args.overhead} overhead) |")
-        print("|---|---|---|---|---|---|")
+        print(f"\n| GPU | model | configuration | PFLOP | arithmetic floor | launches (x {SECONDS_PER_OP * 1e6:.1f} us) "
+              f"| predicted (max of x{args.overhead} floor, launches) |")
+        print("|---|---|---|---|---|---|---|")
         for p in predictions:
             print(f"| {p['gpu']} | {p['model']} | {p['config']} | {p['PFLOP']:.1f} | {p['floor_min']:.1f} min | "
-                  f"{p['predicted_min']:.1f} min |")
+                  f"{p['launch_min']:.1f} min | {p['predicted_min']:.1f} min |")
     ddp = []
     for gpu in args.gpu:
         spec = GPUS[gpu]

@@ -253,7 +253,7 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
         start = time.perf_counter()
         downstream = [model.get_submodule(n) for n in chain]
         lm_tail = None
-        if self.decide_on == "lm_head":
+        if "lm_head" in (self.decide_on, self.iteration_on):
             rest = self._layer_order[self._layer_order.index(name) + 1:]
             lm_tail = LMTail([model.get_submodule(n) for n in rest], [layer_kwargs[n] for n in rest],
                              final_norm(model), model.get_output_embeddings())

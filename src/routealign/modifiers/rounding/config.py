@@ -68,6 +68,10 @@ class TuningConfig(BaseModel):
     # ``lm_head``, the KL divergence of the model's next-token distribution on the held-out sequences with every
     # later layer unquantized, against the unquantized model's (what held-out perplexity sees)
     decide_on: Literal["next_router", "lm_head"] = "next_router"
+    # what picks each arm's iteration kept: the tuning objective on the held-out sequences (``heldout_loss``), or the
+    # next-token KL at the LM head (``lm_head``; every held-out evaluation then runs the rest of the model: the cost
+    # grows with the square of the depth)
+    iteration_on: Literal["heldout_loss", "lm_head"] = "heldout_loss"
     # tune a MoE layer's experts in chunks of this many (0: all at once), each chunk for ``iters`` iterations against
     # the experts before it quantized and those after it unquantized (the attention and shared weights with the
     # first): the tuning state is then a chunk's, so a layer larger than the accelerator's memory can be tuned, at

@@ -101,12 +101,13 @@ class HeldOut:
     def __init__(self, runner: BlockRunner, reference: Reference, q: BlockInputs, held: torch.Tensor,
                  params: Callable[[], dict], router_loss: Callable | None, router_weight: float,
                  lm_head: bool, autocast: Callable[[], contextlib.AbstractContextManager], chunk: int = 8,
-                 offset: int = 0):
+                 offset: int = 0, iteration_on_lm_head: bool = False):
         mine = (held >= offset) & (held < offset + q.hidden.shape[0])
         self.runner, self.reference, self.q, self.held = runner, reference, q, held[mine] - offset
         self.count, self.start = held.numel(), int((held < offset).sum())  # all held-out; this rank's first
         self._params, self._router_loss, self.router_weight = params, router_loss, router_weight
-        self.lm_head = lm_head
+        self.lm_head = lm_head  # the decisions (router gate, headroom) compare next-token KLs at the LM head
+        self.iteration_on_lm_head = iteration_on_lm_head  # and so does the choice of the iteration kept
         self._autocast = autocast
         self.chunk = chunk
         self._down_fp: list[torch.Tensor] = []
@@ -132,9 +133,9 @@ class HeldOut:
     @torch.no_grad()
     def loss(self, use_router: bool) -> float:
         """What picks the iteration kept: the tuning objective (block-output MSE, plus the weighted router term when
-        ``use_router``) on the held-out sequences, under ``amp`` as the steps are; with ``lm_head`` the mean
-        next-token KL at the LM head instead (:meth:`lm_head_errors`). Over every rank's held-out sequences."""
-        if self.lm_head:
+        ``use_router``) on the held-out sequences, under ``amp`` as the steps are; with ``iteration_on_lm_head`` the
+        mean next-token KL at the LM head instead (:meth:`lm_head_errors`). Over every rank's held-out sequences."""
+        if self.iteration_on_lm_head:
             return mean_of(self.lm_head_errors())
         runner = self.runner
         sq, elems, router, chunks = [], 0, [], 0

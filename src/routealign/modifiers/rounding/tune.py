@@ -118,11 +118,12 @@ class BlockTuner:
                  output_norm: torch.nn.Module | None = None, activations: dict | None = None,
                  next_kwargs: list[dict] | None = None, lm_tail: LMTail | None = None):
         chain = [] if next_block is None else list(next_block) if isinstance(next_block, (list, tuple)) else [next_block]
-        if config.decide_on == "lm_head" and lm_tail is None:
-            raise ValueError(f"{name}: decide_on 'lm_head' needs the rest of the model (lm_tail)")
+        at_head = config.decide_on == "lm_head" or config.iteration_on == "lm_head"
+        if at_head and lm_tail is None:
+            raise ValueError(f"{name}: decide_on / iteration_on 'lm_head' needs the rest of the model (lm_tail)")
         self.block, self.name, self.config, self.loss_config = block, name, config, loss_config
         self.runner = BlockRunner(block, chain, next_kwargs, output_norm,
-                                  lm_tail if config.decide_on == "lm_head" else None, activations,
+                                  lm_tail if at_head else None, activations,
                                   config.batched_experts, name)
         self.activations = self.runner.activations
         # the stacks of expert weights (no tuning state of their own) and the other targets; tuning runs on
@@ -266,8 +267,10 @@ class BlockTuner:
         sequences are ``offset`` onwards) of ``q``."""
         router = (lambda y, logits, kwargs, idx: self._router_loss(reference, y, logits, kwargs, idx)) \
             if self.scoped else None
-        return HeldOut(self.runner, reference, q, held, self.bind, router, self.config.router_weight,
-                       lm_head=self.runner.lm_tail is not None, autocast=self._autocast, offset=offset)
+        cfg = self.config
+        return HeldOut(self.runner, reference, q, held, self.bind, router, cfg.router_weight,
+                       lm_head=cfg.decide_on == "lm_head", autocast=self._autocast, offset=offset,
+                       iteration_on_lm_head=cfg.iteration_on == "lm_head")
 
     def tune(self, q: BlockInputs, fp: BlockInputs, offset: int = 0, total: int | None = None) -> TuneResult:
         """Tune on quantized-stream inputs ``q`` against unquantized-stream inputs ``fp``.
