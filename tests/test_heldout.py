@@ -362,3 +362,29 @@ def test_lm_head_criterion_is_the_whole_model_kl_with_this_block_quantized():
     assert min(v for _, v in curve) == pytest.approx(float(errors.mean()), rel=1e-6)
     assert res.gate["mean_diff"] == pytest.approx(res.arms["router"]["downstream_heldout"]
                                                   - res.arms["plain"]["downstream_heldout"], rel=1e-6, abs=1e-12)
+
+
+def test_refined_router_arm_continues_the_plain_arm_for_a_fraction_of_the_steps():
+    """router_arm refine: the router arm starts from the plain arm's last iteration (not from the start) and runs
+    refine_fraction of the iterations; the gate compares it with the plain arm's kept iteration as before."""
+    block, nxt, targets, q, nkw = _setup(seed=1)
+    steps = []
+    original = BlockTuner._minibatch_losses
+
+    def counted(self, q, reference, batch, use_router, offset):
+        mse, router = original(self, q, reference, batch, use_router, offset)
+        steps.append((use_router, float(mse)))
+        return mse, router
+
+    BlockTuner._minibatch_losses = counted
+    try:
+        _, res = _tune(block, nxt, targets, q, nkw, "vsraq", holdout=0.25, router_weight=1.0, seed=1,
+                       router_gate_z=0.0, router_headroom=False, router_arm="refine", refine_fraction=0.25, lr=0.05)
+    finally:
+        BlockTuner._minibatch_losses = original
+    assert [router for router, _ in steps] == [False] * 12 + [True] * 3
+    assert len(res.arms["router"]["heldout_curve"]) == 2  # iterations 0 and 3 of the refinement
+    assert res.gate is not None and res.decision in (RouterDecision.KEPT, RouterDecision.DROPPED)
+    # both arms' first minibatch is the same (the seed's); the refinement measures it at the plain arm's last
+    # parameters, which fit it better than the start
+    assert steps[12][1] < steps[0][1]

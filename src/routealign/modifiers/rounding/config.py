@@ -72,6 +72,11 @@ class TuningConfig(BaseModel):
     # next-token KL at the LM head (``lm_head``; every held-out evaluation then runs the rest of the model: the cost
     # grows with the square of the depth)
     iteration_on: Literal["heldout_loss", "lm_head"] = "heldout_loss"
+    # with the router gate: the router arm ``restart``s from the start for ``iters`` iterations (the same start and
+    # minibatches as the plain arm), or ``refine``s the plain arm's last iteration for ``refine_fraction`` of them
+    # (the router term as a refinement the gate keeps where it helps on held-out text; a fraction of the cost)
+    router_arm: Literal["restart", "refine"] = "restart"
+    refine_fraction: float = Field(0.25, gt=0, le=1)
     # tune a MoE layer's experts in chunks of this many (0: all at once), each chunk for ``iters`` iterations against
     # the experts before it quantized and those after it unquantized (the attention and shared weights with the
     # first): the tuning state is then a chunk's, so a layer larger than the accelerator's memory can be tuned, at

@@ -348,6 +348,7 @@ class BlockTuner:
             if len(arms) == 2:
                 # the plain arm's held-out errors with its kept parameters (the loop ends on the last iteration's):
                 # used by the headroom rule and by the gate
+                last = [w.start() for w in tuned]  # its last iteration's clip factors (a refinement continues there)
                 _restore(tuned, kept["plain"])
                 plain = heldout.errors()
                 info["plain"]["downstream_heldout"] = mean_of(plain)
@@ -355,9 +356,15 @@ class BlockTuner:
                 if headroom is not None and not headroom["keep"]:
                     gate, decision = {"keep": False, "headroom": headroom}, RouterDecision.NOT_TRIED
                 else:
-                    _reset(tuned, start)
+                    if cfg.router_arm == "refine":  # from the plain arm's last iteration, a fraction of the steps
+                        for w, clips in zip(tuned, last):
+                            w.resume(clips)
+                        iters = max(1, round(cfg.iters * cfg.refine_fraction))
+                    else:
+                        _reset(tuned, start)
+                        iters = cfg.iters
                     kept["router"], info["router"], history["router"] = self._loop(q, reference, heldout, tuned,
-                                                                                   train, True, offset)
+                                                                                   train, True, offset, iters)
                     _restore(tuned, kept["router"])
                     router = heldout.errors()
                     info["router"]["downstream_heldout"] = mean_of(router)
@@ -435,7 +442,8 @@ class BlockTuner:
         return loss, router
 
     def _loop(self, q: BlockInputs, reference: Reference, heldout: HeldOut, tuned: list[TunedWeight],
-              train: torch.Tensor, use_router: bool, offset: int = 0) -> tuple[list[Snapshot], dict, list[float]]:
+              train: torch.Tensor, use_router: bool, offset: int = 0,
+              iters: int | None = None) -> tuple[list[Snapshot], dict, list[float]]:
         """Signed gradient descent on minibatches of ``train`` (global indices; this rank's sequences are
         ``offset`` onwards); returns the decisions of the iteration with the lowest held-out loss (lowest training
         loss when nothing is held out), a summary and the training losses.
@@ -447,22 +455,23 @@ class BlockTuner:
         cfg = self.config
         params = [p for w in tuned for p in w.parameters()]
         batches = CyclicBatches(train, cfg.batch_size, torch.Generator().manual_seed(cfg.seed))
-        order = [batches.next() for _ in range(cfg.iters)]
+        iters = cfg.iters if iters is None else iters
+        order = [batches.next() for _ in range(iters)]
         local = world_size() == 1
         if local and order:
             order = torch.stack(order).to(q.hidden.device, non_blocking=True)
-        losses = torch.full((cfg.iters,), math.nan, dtype=torch.float64, device=self.device)
+        losses = torch.full((iters,), math.nan, dtype=torch.float64, device=self.device)
         best_loss, best, best_it = math.inf, None, -1
         tracked = None  # nothing held out: (lowest loss, its iteration, its decisions), on the device
         curve: list[tuple[int, float]] = []
         with torch.enable_grad():
-            for it in range(cfg.iters + 1):
-                if heldout and (it % cfg.holdout_every == 0 or it == cfg.iters):
+            for it in range(iters + 1):
+                if heldout and (it % cfg.holdout_every == 0 or it == iters):
                     self._check_finite(losses, it, best_loss, best_it)
                     curve.append((it, heldout.loss(use_router)))
                     if curve[-1][1] < best_loss:
                         best_loss, best_it, best = curve[-1][1], it, [w.snapshot() for w in tuned]
-                if it == cfg.iters:
+                if it == iters:
                     break
                 loss, router = self._minibatch_losses(q, reference, order[it], use_router, offset)
                 total = None if loss is None else loss + cfg.router_weight * router if router is not None else loss
@@ -475,8 +484,8 @@ class BlockTuner:
                     value = losses[it]
                 if not heldout:
                     tracked = _track(tracked, value, it, tuned)
-                self._step(params, loss, router, total, it)
-        self._check_finite(losses, cfg.iters, best_loss, best_it)
+                self._step(params, loss, router, total, it, iters)
+        self._check_finite(losses, iters, best_loss, best_it)
         history = losses.tolist()
         if not heldout and tracked is not None:
             best_loss, best_it, best = float(tracked[0]), int(tracked[1]), tracked[2]
@@ -520,7 +529,7 @@ class BlockTuner:
         return loss * share, None if router is None else router * share
 
     def _step(self, params: list[torch.Tensor], loss: torch.Tensor | None, router: torch.Tensor | None,
-              total: torch.Tensor | None, it: int) -> None:
+              total: torch.Tensor | None, it: int, iters: int) -> None:
         """One signed step: gradients (balanced with ``router_balance``), summed over ranks, then
         ``p -= lr_t * sign(grad)`` and the parameters clamped to their ranges, for every tuned tensor at once (a few
         ``torch._foreach_*`` calls; frozen experts of a stack do not move). ``loss`` is None on a rank that holds
@@ -540,7 +549,7 @@ class BlockTuner:
             if total is not None and total.requires_grad:
                 total.backward()
             all_reduce_grads(params)
-        lr = cfg.learning_rate * (1 - it / cfg.iters)
+        lr = cfg.learning_rate * (1 - it / iters)
         with torch.no_grad():
             moved, grads, bounded = [], [], {(-0.5, 0.5): [], (0.0, 1.0): []}
             for w in self.weights:

@@ -189,6 +189,17 @@ class TunedWeight:
         for p in self.parameters():
             p.grad = None
 
+    @torch.no_grad()
+    def resume(self, clips: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Back to the live parameters after a snapshot was restored: the offsets as the last step left them and
+        the clip factors ``clips`` (:meth:`start` taken then)."""
+        self.clip_lo.copy_(clips[0])
+        self.clip_hi.copy_(clips[1])
+        self._codes = self._zero_offset = None
+        self._frozen = None
+        for p in self.parameters():
+            p.grad = None
+
     def drop_offsets(self) -> None:
         """Free the offsets once a snapshot is restored for good (its codes carry the decision)."""
         if self._codes is not None:
