@@ -321,3 +321,19 @@ def test_memory_budget_picks_the_largest_chunk_that_fits():
         config = TuningConfig(iters=1, max_tuning_gib=budget / GIB)
         assert expert_chunk(bases, singles, config) == expected, budget
     assert expert_chunk(bases, singles, TuningConfig(iters=1, expert_chunk=2, max_tuning_gib=1e-9)) == 2
+
+
+def test_activations_kept_on_the_host_give_the_same_rounding():
+    """offload_activations: the calibration streams and the unquantized outputs stay in host memory (pinned for an
+    accelerator) and minibatches are copied per step: the same decisions."""
+    results = []
+    for offload in (False, True):
+        block, nxt, targets, q, nkw = _block(8)
+        with suspended_offloading(block, nxt):
+            tuner = BlockTuner(block, targets, RouterLossConfig(objective="vsraq"),
+                               TuningConfig(iters=4, batch_size=2, holdout=0.25, holdout_every=2,
+                                            offload_activations=offload), [nxt], next_kwargs=[nkw])
+            results.append(tuner.tune(q, q))
+    assert results[1].outputs.device.type == "cpu"
+    assert all(torch.equal(a[2], b[2]) for a, b in zip(results[0].writes, results[1].writes))
+    assert results[0].history == results[1].history

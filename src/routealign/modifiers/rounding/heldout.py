@@ -68,7 +68,7 @@ class Reference:
         return None if self.mask is None else self.mask[idx.to(self.mask.device)]
 
     def output(self, idx: torch.Tensor, device) -> torch.Tensor:
-        return self.outputs[idx.to(self.outputs.device)].to(device)
+        return self.outputs[idx.to(self.outputs.device)].to(device, non_blocking=True)
 
     def router_target(self, key: tuple[str, str], idx: torch.Tensor) -> RouterTarget:
         """The target of the real tokens of sequences ``idx`` (rows of the flattened ``[N * T]`` target)."""

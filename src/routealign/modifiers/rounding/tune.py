@@ -290,7 +290,12 @@ class BlockTuner:
         if not self.config.offload_activations:  # the minibatches are then sliced on the device
             q = q.with_hidden(q.hidden.to(self.device))
             fp = q if fp.hidden is q.hidden else fp.with_hidden(fp.hidden.to(self.device))
+        else:  # on the host, pinned where an accelerator copies from it (asynchronous copies per minibatch)
+            q = q.with_hidden(_host(q.hidden, self.device))
+            fp = q if fp.hidden is q.hidden else fp.with_hidden(_host(fp.hidden, self.device))
         reference = self.reference(fp)
+        if self.config.offload_activations:
+            reference.outputs = _host(reference.outputs, self.device)
         outputs = reference.outputs.to(fp.hidden.dtype)
         check_finite(reference.outputs, f"{self.name}: the unquantized layer's output")
         fallback = self._fallback(all_reduce_counts(self.expert_token_counts(q)))
@@ -721,3 +726,9 @@ def _sign_flips(gm: torch.Tensor, gr: torch.Tensor, lam: float, mask: torch.Tens
         changed = g.sign() != (g + lam * gr.reshape(rows.shape)[a:b]).sign()
         total += (changed * weights[a:b]).sum().double()
     return total
+
+
+def _host(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` in host memory, pinned when ``device`` is an accelerator (copies from it can then overlap)."""
+    tensor = tensor.cpu()
+    return tensor.pin_memory() if device.type != "cpu" else tensor
