@@ -343,7 +343,8 @@ def test_lm_head_criterion_is_the_whole_model_kl_with_this_block_quantized():
     with suspended_offloading(block, *rest):
         tuner = BlockTuner(block, targets, RouterLossConfig(objective="vsraq"),
                            TuningConfig(iters=6, batch_size=2, min_expert_tokens=0, holdout=0.25, holdout_every=3,
-                                        decide_on="lm_head", router_headroom=False, router_gate_z=0.0),
+                                        decide_on="lm_head", iteration_on="lm_head", router_headroom=False,
+                                        router_gate_z=0.0),
                            [rest[0]], next_kwargs=[kwargs[names[1]]], lm_tail=tail)
         res = tuner.tune(q, q)
         _, held = tuner.split(8)

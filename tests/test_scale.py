@@ -337,3 +337,43 @@ def test_activations_kept_on_the_host_give_the_same_rounding():
     assert results[1].outputs.device.type == "cpu"
     assert all(torch.equal(a[2], b[2]) for a, b in zip(results[0].writes, results[1].writes))
     assert results[0].history == results[1].history
+
+
+def test_the_rest_of_the_model_is_onloaded_one_module_at_a_time():
+    """decide_on lm_head: the layers after the block, the final norm and the LM head run inside the tail's onload
+    context one at a time (an offloaded model is never on the accelerator whole), and no float32 copy of their
+    experts is made."""
+    from routealign.runner import LMTail
+
+    model = tiny_model("qwen3_moe", seed=4, num_hidden_layers=4)
+    linearize_moe(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = [f"model.layers.{i}" for i in range(4)]
+    h, kwargs = StreamEngine(model, names).capture(calibration_ids(rows=8, seq_len=16, seed=4))
+    block, rest = model.model.layers[0], list(model.model.layers[1:])
+    args = preset_name_to_scheme("W4A16", ["Linear"]).weights
+    targets = {n: args for n, m in block.named_modules() if isinstance(m, torch.nn.Linear) and n != "mlp.gate"}
+    open_now, seen = [], []
+
+    @contextlib.contextmanager
+    def onload(module):
+        assert not open_now, "two tail modules onloaded at once"
+        open_now.append(module)
+        seen.append(module)
+        try:
+            yield
+        finally:
+            open_now.pop()
+
+    tail = LMTail(rest, [kwargs[n] for n in names[1:]], model.model.norm, model.lm_head, onload=onload)
+    with suspended_offloading(block, rest[0]):
+        tuner = BlockTuner(block, targets, RouterLossConfig(objective="vsraq"),
+                           TuningConfig(iters=2, batch_size=2, holdout=0.25, decide_on="lm_head", router_gate_z=0.0,
+                                        router_headroom=False), [rest[0]], next_kwargs=[kwargs[names[1]]],
+                           lm_tail=tail)
+        assert not any(".experts." in n for n in tuner.runner._next32[0])  # the experts' own weights are used
+        tuner.tune(BlockInputs(h, kwargs[names[0]]), BlockInputs(h, kwargs[names[0]]))
+    # three passes (the unquantized side once, each arm's kept decision once), each module once per pass
+    per_pass = rest + [model.model.norm, model.lm_head]
+    assert seen == per_pass * 3

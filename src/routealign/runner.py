@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from compressed_tensors.quantization import QuantizationStrategy
@@ -29,19 +30,34 @@ __all__ = ["BlockRunner", "LMTail", "float_params"]
 @dataclass
 class LMTail:
     """The rest of the model after a block, run unquantized for decisions at the LM head (``decide_on:
-    lm_head``): the later decoder layers with their keyword arguments, the final norm and the LM head."""
+    lm_head``): the later decoder layers with their keyword arguments, the final norm and the LM head. They are run
+    one module at a time, each inside ``onload(module)`` (the modifier's: compressed-tensors' onloading with the
+    offloading taken off; default: nothing), so a model larger than the accelerator is never on it whole."""
 
     layers: list[torch.nn.Module]
     kwargs: list[dict]
     norm: torch.nn.Module | None
     head: torch.nn.Module
+    onload: Callable[[torch.nn.Module], contextlib.AbstractContextManager] | None = None
+
+    def onloaded(self, module: torch.nn.Module) -> contextlib.AbstractContextManager:
+        return self.onload(module) if self.onload is not None else contextlib.nullcontext()
 
 
-def float_params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """float32 copies of ``module``'s floating parameters and buffers, quantization parameters left out."""
+def float_params(module: torch.nn.Module, skip_experts: bool = False) -> dict[str, torch.Tensor]:
+    """float32 copies of ``module``'s floating parameters and buffers, quantization parameters left out; with
+    ``skip_experts`` not those of its linearized experts containers (the batched experts read their weights in
+    their own dtype and convert one projection at a time: no float32 copy of every expert)."""
+    skipped = ()
+    if skip_experts:
+        from .experts import supports_batching
+
+        skipped = tuple(f"{n}." for n, m in module.named_modules() if n and supports_batching(m))
     out = {}
     for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
         leaf = name.rsplit(".", 1)[-1]
+        if skipped and name.startswith(skipped):
+            continue
         if tensor.is_floating_point() and not leaf.startswith(("weight_", "input_", "output_")):
             out[name] = tensor.detach().float()
     return out
@@ -80,13 +96,10 @@ class BlockRunner:
         # float32 on the block's device once, not on every forward
         self._next_kw32 = (None if downstream_kwargs is None
                            else [to_device(kw, torch.float32, self.device) for kw in downstream_kwargs])
-        self._next32 = [float_params(b) for b in self.chain]
+        self._next32 = [float_params(b, skip_experts=batched) for b in self.chain]
         self._norm32 = float_params(output_norm) if output_norm is not None else {}
         if lm_tail is not None:
-            self._tail32 = [float_params(m) for m in lm_tail.layers]
             self._tail_kw32 = [to_device(kw, torch.float32, self.device) for kw in lm_tail.kwargs]
-            self._tail_norm32 = float_params(lm_tail.norm) if lm_tail.norm is not None else {}
-            self._head32 = float_params(lm_tail.head)
 
     def kwargs32(self, kwargs: dict) -> dict:
         """``kwargs`` with floating tensors in float32 on the block's device (converted once per keyword set)."""
@@ -150,23 +163,33 @@ class BlockRunner:
         """The next routers' own expert indices from their ``logits``."""
         return {l.name: l.family.route(l.router, logits[l.name]).indices for l in self.next_layers if l.name in logits}
 
-    def tail_logprobs(self, y: torch.Tensor, force: dict[str, torch.Tensor] | None = None,
-                      route: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Log-probabilities of the next token after ``y`` (this block's output) through the rest of the model,
-        unquantized; ``force``: expert indices the next routers return instead of their own; with ``route`` also
-        the next routers' own choices."""
+    def tail_logprobs(self, ys: list[torch.Tensor], force: list[dict[str, torch.Tensor]] | None = None,
+                      route: bool = False) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+        """Log-probabilities of the next token after each of ``ys`` (this block's outputs, one per chunk of
+        sequences) through the rest of the model, unquantized; ``force``: per chunk, expert indices the next
+        routers return instead of their own; with ``route`` also the next routers' own choices per chunk. The rest
+        of the model runs one module at a time (:class:`LMTail`: onloaded, converted to float32 and dropped again),
+        each on every chunk."""
         tail = self.lm_tail
-        h, chosen = y, {}
-        for module, params, kw in zip(tail.layers, self._tail32, self._tail_kw32):
+        hs, chosen = list(ys), [{} for _ in ys]
+        for module, kw in zip(tail.layers, self._tail_kw32):
             routing = module is self.next_block
             layers = self.next_layers if routing else []
-            h, logits = self.run(module, params, h, kw, layers, force=force if routing else None)
-            if routing and route:
-                chosen = self.next_choices(logits)
-        if tail.norm is not None:
-            h = functional_call(tail.norm, self._tail_norm32, (h,))
-        logits = functional_call(tail.head, self._head32, (h,))
-        return torch.log_softmax(logits.float(), dim=-1), chosen
+            with tail.onloaded(module):
+                params = self._next32[-1] if routing else float_params(module, skip_experts=self.batched)
+                for i, h in enumerate(hs):
+                    hs[i], logits = self.run(module, params, h, kw, layers,
+                                             force=force[i] if routing and force is not None else None)
+                    if routing and route:
+                        chosen[i] = self.next_choices(logits)
+        out = []
+        for module in (tail.norm, tail.head):
+            if module is None:
+                continue
+            with tail.onloaded(module):
+                params = float_params(module)
+                hs = [functional_call(module, params, (h,)) for h in hs]
+        return [torch.log_softmax(h.float(), dim=-1) for h in hs], chosen
 
     def normed(self, y: torch.Tensor) -> torch.Tensor:
         """The last block's output is read only through the model's final norm: measure its error there."""

@@ -255,14 +255,13 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
         lm_tail = None
         if "lm_head" in (self.decide_on, self.iteration_on):
             rest = self._layer_order[self._layer_order.index(name) + 1:]
+            # the rest of the model is onloaded one module at a time when it runs, never whole
             lm_tail = LMTail([model.get_submodule(n) for n in rest], [layer_kwargs[n] for n in rest],
-                             final_norm(model), model.get_output_embeddings())
-        # the tail repeats the downstream layers (and, for the last layer, the output norm): each module once
-        tail = [] if lm_tail is None else _distinct(*lm_tail.layers, lm_tail.norm, lm_tail.head, exclude=downstream)
+                             final_norm(model), model.get_output_embeddings(), onload=_onloaded)
         # our own forwards must not trigger hooks (another modifier's, e.g. GPTQ's, would record them)
-        with HooksMixin.disable_hooks(), align_modules([block] + downstream + tail):
+        with HooksMixin.disable_hooks(), align_modules([block] + downstream):
             output_norm = final_norm(model) if not chain else None
-            with suspended_offloading(*_distinct(block, *downstream, *tail, output_norm)):
+            with suspended_offloading(*_distinct(block, *downstream, output_norm)):
                 tuner = BlockTuner(block, targets, self.loss_config(), self.tuning_config(), downstream, name,
                                    output_norm=output_norm, activations=activations,
                                    next_kwargs=[layer_kwargs[n] for n in chain], lm_tail=lm_tail)
@@ -361,6 +360,13 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
             self._calibration.release()
         self._fp_hidden = None
         self._q_hidden = None
+
+
+@contextlib.contextmanager
+def _onloaded(module: torch.nn.Module):
+    """``module`` on its execution device with compressed-tensors' offloading taken off, for one use."""
+    with align_modules([module]), suspended_offloading(module):
+        yield
 
 
 def _distinct(*modules: torch.nn.Module | None, exclude=()) -> list[torch.nn.Module]:

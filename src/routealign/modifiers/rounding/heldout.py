@@ -193,14 +193,15 @@ class HeldOut:
         distributions: ``p_q`` from this block's quantized output (current rounding parameters, quantized-stream
         input), ``p_fp`` from its unquantized output, each through the rest of the model unquantized (``forced``:
         the next routers take the unquantized side's expert choices). With ``gather`` every rank's sequences."""
-        runner, errors = self.runner, []
-        for i, (idx, y, _, target, _) in enumerate(self._outputs([])):
-            if i == len(self._tail_fp):  # the unquantized side is the same for every arm: computed once
-                logp, chosen = runner.tail_logprobs(target, route=True)
-                self._tail_fp.append(logp)
-                self._tail_fp_idx.append(chosen)
-            ref = self._tail_fp[i]
-            logq, _ = runner.tail_logprobs(y, force=self._tail_fp_idx[i] if forced else None)
-            errors.append(self.reference.per_sequence(idx, (ref.exp() * (ref - logq)).sum(-1)))
-        local = torch.cat(errors) if errors else torch.zeros(0, dtype=torch.float64)
+        runner = self.runner
+        chunks = list(self._outputs([]))
+        if not chunks:
+            return torch.zeros(0, dtype=torch.float64)
+        if not self._tail_fp:  # the unquantized side is the same for every arm: computed once
+            self._tail_fp, self._tail_fp_idx = runner.tail_logprobs([target for _, _, _, target, _ in chunks],
+                                                                    route=True)
+        logq, _ = runner.tail_logprobs([y for _, y, _, _, _ in chunks], force=self._tail_fp_idx if forced else None)
+        errors = [self.reference.per_sequence(idx, (ref.exp() * (ref - lq)).sum(-1))
+                  for (idx, *_), ref, lq in zip(chunks, self._tail_fp, logq)]
+        local = torch.cat(errors)
         return gather_slices(local, self.start, self.count) if gather else local
