@@ -44,10 +44,10 @@ class LMTail:
         return self.onload(module) if self.onload is not None else contextlib.nullcontext()
 
 
-def float_params(module: torch.nn.Module, skip_experts: bool = False) -> dict[str, torch.Tensor]:
-    """float32 copies of ``module``'s floating parameters and buffers, quantization parameters left out; with
-    ``skip_experts`` not those of its linearized experts containers (the batched experts read their weights in
-    their own dtype and convert one projection at a time: no float32 copy of every expert)."""
+def float_params(module: torch.nn.Module, skip_experts: bool = False, exclude=()) -> dict[str, torch.Tensor]:
+    """float32 copies of ``module``'s floating parameters and buffers, quantization parameters and the names in
+    ``exclude`` left out; with ``skip_experts`` not those of its linearized experts containers (the batched experts
+    read their weights in their own dtype and convert one projection at a time: no float32 copy of every expert)."""
     skipped = ()
     if skip_experts:
         from .experts import supports_batching
@@ -56,7 +56,7 @@ def float_params(module: torch.nn.Module, skip_experts: bool = False) -> dict[st
     out = {}
     for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
         leaf = name.rsplit(".", 1)[-1]
-        if skipped and name.startswith(skipped):
+        if (skipped and name.startswith(skipped)) or name in exclude:
             continue
         if tensor.is_floating_point() and not leaf.startswith(("weight_", "input_", "output_")):
             out[name] = tensor.detach().float()

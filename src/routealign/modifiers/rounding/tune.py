@@ -148,7 +148,7 @@ class BlockTuner:
         self._names = {id(m): n for n, m in block.named_modules()}
         tuned = {f"{self._names[id(m)]}.weight" for w in every for m in w.modules}
         # float32 copies of what is not tuned (the tuned weights are bound per forward: fake-quantized or unquantized)
-        self._params32 = {n: t for n, t in float_params(block).items() if n not in tuned}
+        self._params32 = float_params(block, exclude=tuned)
         self._router_scale: dict | None = None
 
     @property
