@@ -15,7 +15,7 @@ from pathlib import Path
 
 __all__ = ["main", "parser"]
 
-DESCRIPTION = "Router-stable MoE quantization: routing evaluation, vLLM pre-flight checks and a demo."
+DESCRIPTION = "Router-stable MoE quantization: quantize, check for vLLM, evaluate routing; recipes and a demo."
 _DTYPES = ("bfloat16", "float16", "float32")
 
 
@@ -34,8 +34,8 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", required=True)
 
     ev = sub.add_parser("eval", help="routing agreement and perplexity of a quantized model against its reference")
-    ev.add_argument("--reference", required=True, type=Path, help="unquantized model folder")
-    ev.add_argument("--quantized", required=True, type=Path, help="quantized (compressed-tensors) model folder")
+    ev.add_argument("--reference", required=True, help="unquantized model: a folder or a hub id (org/name)")
+    ev.add_argument("--quantized", required=True, help="quantized (compressed-tensors) model: a folder or a hub id")
     ev.add_argument("--text", required=True, type=Path,
                     help="evaluation text: a text file, or a .jsonl file (the 'text' field of each record)")
     ev.add_argument("--tokenizer", type=Path, help="tokenizer.json (default: the reference folder's)")
@@ -56,24 +56,40 @@ def parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="pre-flight: will this compressed-tensors checkpoint load in vLLM's MoE path? "
                                          "(exit 0: pass, 1: problems found, 2: not a readable checkpoint)")
-    check.add_argument("checkpoint", type=Path, help="saved checkpoint folder")
+    check.add_argument("checkpoint", help="saved checkpoint: a folder or a hub id (org/name)")
     check.add_argument("--json", action="store_true", help="print the report as JSON")
 
-    qz = sub.add_parser("quantize", help="oneshot a model with a recipe on a text file, save it compressed (atomically) "
-                                         "and check it for vLLM (exit 0: written and passes check, 1: written, "
-                                         "check found problems, 2: bad input, nothing written)")
-    qz.add_argument("model", type=Path, help="unquantized model folder (never written to)")
-    qz.add_argument("--recipe", required=True, type=Path, help="llm-compressor recipe YAML (e.g. recipes/vsraq_w4a16.yaml)")
-    qz.add_argument("--data", required=True, type=Path,
-                    help="calibration text: a text file or .jsonl ('text' field); cut into --samples windows")
+    qz = sub.add_parser("quantize", help="oneshot a model with a recipe on calibration data, save it compressed "
+                                         "(atomically) and check it for vLLM (exit 0: written and passes check, 1: "
+                                         "written, check found problems, 2: bad input, nothing written)")
+    qz.add_argument("model", help="unquantized model: a folder or a hub id (org/name[@revision]; never written to)")
+    how = qz.add_mutually_exclusive_group()
+    how.add_argument("--recipe", help="a shipped recipe's name (routealign recipes) or a recipe YAML file (a path wins)")
+    how.add_argument("--scheme", help="W4A16 or NVFP4: the recipe recommended for it (the default: W4A16)")
+    qz.add_argument("--iters", type=int, help="override the recipe's tuning iterations")
+    qz.add_argument("--objective", choices=("none", "vsraq", "expertquant", "topk_mse", "kl"),
+                    help="override the recipe's router objective")
+    data = qz.add_mutually_exclusive_group(required=True)
+    data.add_argument("--data", type=Path,
+                      help="calibration text: a text file or .jsonl ('text' field); cut into --samples windows")
+    data.add_argument("--dataset", help="a datasets.load_dataset name (e.g. HuggingFaceH4/ultrachat_200k), folder, or "
+                                        "json/jsonl/parquet/csv file; chat 'messages' go through the chat template")
+    qz.add_argument("--dataset-config", help="the dataset's configuration name")
+    qz.add_argument("--split", default="train", help="the dataset's split (default train)")
+    qz.add_argument("--column", help="the dataset's column (default: messages if present, else text)")
+    qz.add_argument("--packing", action="store_true",
+                    help="with --dataset: concatenate the samples and cut windows (default: each sample truncated "
+                         "to --seq-len on its own, as llm-compressor's examples do)")
     qz.add_argument("--out", required=True, type=Path, help="output checkpoint folder")
-    qz.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
-    qz.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    qz.add_argument("--samples", type=int, default=128, help="calibration windows or samples (default 128)")
+    qz.add_argument("--seq-len", type=int, default=512, help="tokens per window, or the most per sample (default 512)")
     qz.add_argument("--seed", type=int, default=0, help="seed of the window offsets and of torch (default 0)")
     qz.add_argument("--dtype", choices=_DTYPES, default="bfloat16", help="dtype the model is loaded in")
     qz.add_argument("--tokenizer", type=Path, help="tokenizer.json (default: the model folder's)")
     qz.add_argument("--eval-text", type=Path, help="text to suggest for routealign eval (default: --data)")
     qz.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+
+    sub.add_parser("recipes", help="the shipped recipes, with what each does")
 
     demo = sub.add_parser("demo", help="end-to-end demo on a tiny built-in MoE and bundled text")
     demo.add_argument("--out", type=Path, default=Path("routealign-out"), help="working folder")

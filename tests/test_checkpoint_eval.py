@@ -132,7 +132,8 @@ def _error_line(capsys):
 def test_cli_bad_paths_one_line_errors(tmp_path, references, sample_text, capsys):
     ref = str(references["qwen3_moe"])
     assert main(["eval", "--reference", str(tmp_path / "nope"), "--quantized", ref, "--text", sample_text]) == 2
-    assert _error_line(capsys) == f"routealign: error: model folder does not exist: {tmp_path / 'nope'}"
+    assert _error_line(capsys) == (f"routealign: error: --reference folder does not exist: {tmp_path / 'nope'} "
+                                   "(a hub id has the form org/name)")
     assert main(["eval", "--reference", ref, "--quantized", str(tmp_path), "--text", sample_text,
                  "--dtype", "float32"]) == 2
     assert _error_line(capsys) == f"routealign: error: model folder has no config.json: {tmp_path}"

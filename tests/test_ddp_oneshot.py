@@ -14,7 +14,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from routealign.recipes import path as recipe_path
 from routealign.tiny import save_tiny
+
+RECIPE_DIR = recipe_path("vsraq_w4a16").parent
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES, SEQ_LEN = 16, 32
@@ -55,7 +58,7 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 def _recipe(tmp_path: Path, shipped: str | None, name: str, text: str | None = None) -> Path:
     """A shipped recipe (or ``text``) with every RouterAlignedRoundingModifier's ``iters`` cut to :data:`ITERS`."""
-    recipe = yaml.safe_load((ROOT / "recipes" / shipped).read_text() if shipped else text)
+    recipe = yaml.safe_load((RECIPE_DIR / shipped).read_text() if shipped else text)
     for stage in recipe.values():
         for modifiers in stage.values():
             if "RouterAlignedRoundingModifier" in modifiers:

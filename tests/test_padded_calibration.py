@@ -191,7 +191,9 @@ def _text_dataset(tokenizer, rows=8, max_length=128):
                                       add_special_tokens=False), remove_columns=ds.column_names)
 
 
-RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"
+from routealign import recipes as shipped_recipes
+
+RECIPE_DIR = shipped_recipes.path("vsraq_w4a16").parent
 RECIPES = sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
 
 

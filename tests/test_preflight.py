@@ -166,7 +166,7 @@ def test_group_size_the_moe_kernel_cannot_run(good, tmp_path):
 
 def test_not_a_checkpoint(tmp_path, capsys):
     assert main(["check", str(tmp_path / "nowhere")]) == 2
-    assert "model folder does not exist" in capsys.readouterr().err
+    assert f"checkpoint folder does not exist: {tmp_path / 'nowhere'}" in capsys.readouterr().err
     save_tiny("qwen3_moe", tmp_path / "plain", seed=0)
     report, problems = _problems(tmp_path / "plain")
     assert not report.ok and list(problems) == [("config", "config.json")]

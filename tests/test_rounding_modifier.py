@@ -20,7 +20,7 @@ from routealign.tiny import save_tiny
 
 from .conftest import calibration_ids, quantize_with_llmcompressor
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = Path(__import__("routealign.recipes").recipes.path("vsraq_w4a16")).parent
 
 
 def _dataset(ids):

@@ -130,6 +130,12 @@ def build_model(args, folder: Path) -> dict:
     return info
 
 
+def recipe_dir() -> Path:
+    from routealign.recipes import path
+
+    return path("vsraq_w4a16").parent
+
+
 def modifiers(method: str, iters: int | None):
     """The recipe of ``method``: routealign's shipped recipe files, llm-compressor's modifiers at W4A16."""
     if method in RECIPES:
@@ -137,7 +143,7 @@ def modifiers(method: str, iters: int | None):
 
         from routealign import RouterAlignedRoundingModifier
 
-        stage = yaml.safe_load((ROOT / "recipes" / RECIPES[method]).read_text())["quant_stage"]["quant_modifiers"]
+        stage = yaml.safe_load((recipe_dir() / RECIPES[method]).read_text())["quant_stage"]["quant_modifiers"]
         fields = dict(stage["RouterAlignedRoundingModifier"])
         if iters is not None:
             fields["iters"] = iters

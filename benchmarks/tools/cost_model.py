@@ -125,19 +125,28 @@ class Config:
     dtype: str = "fp32"  # bf16: ``amp`` (tuning matmuls on bf16 tensor cores)
     lm_head: bool = False  # decide_on lm_head: the arms are compared by the next-token KL at the LM head
     lm_head_iterations: bool = False  # iteration_on lm_head: every held-out evaluation runs the rest of the model
-    ops: int = 1100  # aten operations per loop iteration (scale.py --count; 1433 with the router term)
+    ops: int = 1114  # aten operations per loop iteration (scale.py --count at 128 experts; 1471 with the router term)
+    router_fraction: float = 1.0  # the second arm's iterations per iteration of the first (router_arm refine: 0.25)
+    pipeline_passes: bool = False  # llm-compressor's calibration and propagation passes run the layers (before
+    # issue 29; since, they skip them when every modifier of the recipe streams its own activations)
+
+    @property
+    def loops(self) -> float:
+        """Tuning loops per layer, in iterations of ``iters``: the first arm and the second's fraction."""
+        return 1.0 + (self.arms - 1.0) * self.router_fraction
 
 
 CONFIGS = {
-    "default (vsraq_w4a16.yaml: 200 iters, both arms, LM-head decisions)": Config("default", 200, 2.0, "next",
-                                                                                   lm_head=True, ops=1433),
-    "default before issue 29 (LM head at every held-out evaluation)": Config("default-before", 200, 2.0, "next",
-                                                                              lm_head=True, lm_head_iterations=True,
-                                                                              ops=47800),
+    "default (vsraq_w4a16.yaml: 200 iters, the router arm refining a quarter, LM-head decisions)": Config(
+        "default", 200, 2.0, "next", lm_head=True, ops=1471, router_fraction=0.25),
+    "both arms restarting (router_arm restart, LM-head decisions)": Config("restart", 200, 2.0, "next", lm_head=True,
+                                                                           ops=1471),
+    "default before issue 29 (both arms, LM head at every held-out evaluation)": Config(
+        "default-before", 200, 2.0, "next", lm_head=True, lm_head_iterations=True, ops=47800, pipeline_passes=True),
     "plain (autoround_w4a16.yaml: objective none, 200 iters)": Config("plain", 200, 1.0, "block"),
     "fast (vsraq_w4a16_fast.yaml: objective none, 50 iters, mse init)": Config("fast", 50, 1.0, "block"),
     "fast before issue 29 (one autograd chain and step per expert weight)": Config("fast-before", 50, 1.0, "block",
-                                                                                   ops=38121),
+                                                                                   ops=38121, pipeline_passes=True),
     "fast + amp (bf16 autocast; not measured on a GPU)": Config("fast-amp", 50, 1.0, "block", dtype="bf16"),
 }
 
@@ -153,23 +162,31 @@ def run_cost(s: Shape, c: Config, samples: int, seq_len: int, batch: int, all_ex
     one-off forwards over every calibration token (targets, counts, propagation), and llm-compressor's sequential
     pipeline's own two passes over every token (calibration and propagation; with ``moe_calibrate_all_experts``
     every expert runs on every token)."""
-    step = iteration_cost(s, batch, seq_len, c.scope)
+    # the plain arm runs the block only; the router arm (and an ungated router objective) also the next block's
+    # attention and router
+    plain = iteration_cost(s, batch, seq_len, "block")
+    routed = iteration_cost(s, batch, seq_len, c.scope)
+    if c.arms > 1:
+        loop_flops = c.iters * (plain["flops"] + c.router_fraction * routed["flops"])
+        loop_bytes = c.iters * (plain["bytes"] + c.router_fraction * routed["bytes"])
+    else:
+        loop_flops, loop_bytes = c.iters * routed["flops"], c.iters * routed["bytes"]
     fwd_seq = iteration_cost(s, 1, seq_len, "block")["flops"] / 3  # one sequence, forward of the block only
     held = max(int(samples * c.holdout), 0)
     evals = c.iters // c.holdout_every + 1
     mult = 3 if s.gated else 2
     inflation = 2 * seq_len * (s.experts - s.top_k) * mult * s.hidden * s.expert_inter if all_experts else 0
-    pipeline = 2 * samples * (fwd_seq + inflation)
+    pipeline = 2 * samples * (fwd_seq + inflation) if c.pipeline_passes else 0
     # the LM head: a held-out sequence through the remaining layers (L/2 on average, a sequence's forward each) and
     # the LM head (2 T h V); at every held-out evaluation (iteration_on lm_head), or for the arm decision only (the
     # unquantized side once, each arm's kept decision once)
     tail = (s.layers / 2 * fwd_seq + 2 * seq_len * s.hidden * s.vocab) if c.lm_head else 0
     tail_evals = c.arms * evals if c.lm_head_iterations else (c.arms + 1 if c.lm_head else 0)
-    flops = s.layers * (c.arms * (c.iters * step["flops"] + evals * held * fwd_seq) + tail_evals * held * tail
+    flops = s.layers * (loop_flops + c.loops * evals * held * fwd_seq + tail_evals * held * tail
                         + 3 * samples * fwd_seq + pipeline)
-    bytes_ = s.layers * c.arms * c.iters * step["bytes"]
+    bytes_ = s.layers * loop_bytes
     # launch-bound host time of the tuning loops (the GPU waits on it when it exceeds the arithmetic)
-    launch = s.layers * c.arms * c.iters * c.ops * SECONDS_PER_OP
+    launch = s.layers * c.loops * c.iters * c.ops * SECONDS_PER_OP
     return {"flops": flops, "bytes": bytes_, "launch_s": launch}
 
 
@@ -239,6 +256,29 @@ def ddp_run_cost(s: Shape, c: Config, samples: int, seq_len: int, batch: int, ra
             "allreduce_s": comm, "allreduce_MB_per_step": step_bytes / 1e6, "sent_MB_per_step": ring / 1e6,
             "busiest_share": share, "gpu_GB": gpu / 1e9, "host_GB_node": host_node / 1e9,
             "host_GB_rank": host_rank / 1e9}
+
+
+def memory_rows(s: Shape, budgets: tuple[float, ...] = (80, 141)) -> list[dict]:
+    """Tuning memory of one MoE layer (bf16 model) from ``routealign.modifiers.rounding.memory`` (the formula the
+    modifier plans ``max_tuning_gib`` chunks with), beside the layer's own bf16 weights, which are onloaded while it
+    is tuned, and the largest expert chunk that fits each GPU memory budget (GB) with them."""
+    from routealign.modifiers.rounding.memory import GIB, layer_bytes
+
+    mult = 3 if s.gated else 2
+    per_expert = mult * s.hidden * s.expert_inter
+    other = attention_params(s) + mult * s.hidden * s.shared_inter
+    layer_weights = 2 * (per_expert * s.experts + other)
+    rows = []
+    for label, arms in (("plain / fast (one arm)", 1), ("default (both arms)", 2)):
+        whole = layer_bytes(per_expert, s.experts, other, 2, arms)
+        fits = {}
+        for budget in budgets:
+            room = budget * 1e9 - layer_weights
+            fits[budget] = next((k for k in range(s.experts, 0, -1)
+                                 if layer_bytes(per_expert, s.experts, other, 2, arms, k) <= room), 0)
+        rows.append({"model": s.name, "config": label, "tuning_GB": whole / 1e9, "layer_weights_GB": layer_weights / 1e9,
+                     "chunk_fits": fits, "max_tuning_gib": {b: (b * 1e9 - layer_weights) / GIB for b in budgets}})
+    return rows
 
 
 def measure_matmul(size: int, dtype=torch.float32, device: str = "cpu", repeats: int = 5) -> float:
@@ -317,6 +357,14 @@ def main() -> None:
         for p in predictions:
             print(f"| {p['gpu']} | {p['model']} | {p['config']} | {p['PFLOP']:.1f} | {p['floor_min']:.1f} min | "
                   f"{p['launch_min']:.1f} min | {p['predicted_min']:.1f} min |")
+    memory = [row for shape in shapes for row in memory_rows(shape)] if args.gpu else []
+    if memory:
+        print("\n| model | configuration | tuning state, all experts at once (GB) | the layer's bf16 weights (GB) | "
+              "largest expert_chunk within 80 GB / 141 GB |")
+        print("|---|---|---|---|---|")
+        for m in memory:
+            fits = " / ".join(str(m["chunk_fits"][b] or "none") for b in (80, 141))
+            print(f"| {m['model']} | {m['config']} | {m['tuning_GB']:.1f} | {m['layer_weights_GB']:.1f} | {fits} |")
     ddp = []
     for gpu in args.gpu:
         spec = GPUS[gpu]
@@ -339,7 +387,8 @@ def main() -> None:
                   f"{d['allreduce_MB_per_step']:.0f} MB ({d['sent_MB_per_step']:.0f} MB) | "
                   f"{d['allreduce_s'] / 3600:.2f} | {d['busiest_share']:.2f} | {d['gpu_GB']:.1f}{fits} | "
                   f"{d['host_GB_node']:.0f} + {d['host_GB_rank']:.1f} |")
-    print(json.dumps({"per_iteration": rows, "predictions": predictions, "data_parallel": ddp}, indent=1))
+    print(json.dumps({"per_iteration": rows, "predictions": predictions, "memory": memory, "data_parallel": ddp},
+                     indent=1))
 
 
 if __name__ == "__main__":

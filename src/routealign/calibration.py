@@ -160,30 +160,37 @@ class CalibrationTokens:
                 f"tokens ({self.tokens} in all; padded positions take part in no loss or statistic)")
 
 
-def windows_dataset(windows: torch.Tensor, attention_mask: torch.Tensor | None = None):
-    """A ``datasets.Dataset`` of token windows (``[n, seq_len]``), the form ``oneshot(dataset=...)`` takes:
-    ``input_ids`` and ``attention_mask`` columns (all ones unless ``attention_mask`` is given)."""
+def windows_dataset(windows: torch.Tensor | list[list[int]], attention_mask: torch.Tensor | None = None):
+    """A ``datasets.Dataset`` of token windows (``[n, seq_len]``, or rows of any lengths), the form
+    ``oneshot(dataset=...)`` takes: ``input_ids`` and ``attention_mask`` columns (all ones unless ``attention_mask``
+    is given)."""
     from datasets import Dataset
 
+    if isinstance(windows, list):
+        return Dataset.from_dict({"input_ids": windows, "attention_mask": [[1] * len(row) for row in windows]})
     mask = torch.ones_like(windows) if attention_mask is None else attention_mask
     return Dataset.from_dict({"input_ids": windows.tolist(), "attention_mask": mask.tolist()})
 
 
-def oneshot_windows(model, recipe, windows: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+def oneshot_windows(model, recipe, windows: torch.Tensor | list[list[int]], attention_mask: torch.Tensor | None = None,
+                    **kwargs):
     """llm-compressor's ``oneshot`` of ``model`` with ``recipe`` (a YAML path, a modifier or a list) calibrated on
-    every one of ``windows`` (``num_calibration_samples`` = its rows, ``max_seq_length`` = its columns); further
-    keyword arguments go to ``oneshot``. Under torch.distributed every rank passes the same ``windows`` and
-    calibrates on its part of them. Returns what ``oneshot`` returns."""
+    every one of ``windows`` (a ``[n, seq_len]`` tensor, or a list of token-id rows of any lengths, e.g. samples
+    truncated one by one; ``num_calibration_samples`` = the rows, ``max_seq_length`` = the longest); further keyword
+    arguments go to ``oneshot``. Under torch.distributed every rank passes the same ``windows`` and calibrates on its
+    part of them. Returns what ``oneshot`` returns."""
     from llmcompressor import oneshot
 
     from .distributed import shard_bounds, world_size
 
+    rows = len(windows)
+    longest = max(len(row) for row in windows) if isinstance(windows, list) else windows.shape[1]
     if world_size() > 1:
         # under torch.distributed each rank passes its own part (llm-compressor's partition of the windows):
         # llm-compressor 0.14.0.1 partitions a dataset every rank shares with a sampler over the part but a loader
         # over the whole, so every rank would calibrate on the first part (its own modifiers too)
-        start, end = shard_bounds(windows.shape[0])
+        start, end = shard_bounds(rows)
         windows = windows[start:end]
         attention_mask = None if attention_mask is None else attention_mask[start:end]
     return oneshot(model=model, dataset=windows_dataset(windows, attention_mask), recipe=recipe,
-                   num_calibration_samples=windows.shape[0], max_seq_length=windows.shape[1], **kwargs)
+                   num_calibration_samples=len(windows), max_seq_length=longest, **kwargs)

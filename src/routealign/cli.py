@@ -1,4 +1,4 @@
-"""The commands behind ``routealign eval``, ``routealign check``, ``routealign quantize`` and ``routealign demo``.
+"""The commands behind ``routealign eval``, ``check``, ``quantize``, ``recipes`` and ``demo``.
 
 The command's one entry point, its argument parser and its ``main()`` are :mod:`routealign_cli` (which imports
 nothing heavy); :data:`COMMANDS` maps each subcommand to its function here and :func:`run` runs one.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .errors import InputError, RouteAlignError
 
@@ -38,15 +39,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
     from .report import markdown_table, write_report
 
+    from .hub import resolve_model
+
     # everything that can be checked cheaply is checked before the models load
     device = _device(args.device)
-    read_config(args.reference)
-    read_config(args.quantized)
-    tokenizer = find_tokenizer(args.reference, args.tokenizer)
+    reference_dir = resolve_model(args.reference, "--reference")
+    quantized_dir = resolve_model(args.quantized, "--quantized")
+    read_config(reference_dir)
+    read_config(quantized_dir)
+    tokenizer = find_tokenizer(reference_dir, args.tokenizer)
     all_ids = encode_text(args.text, tokenizer)
     dtype = getattr(torch, args.dtype)
-    reference = load_model(args.reference, dtype=dtype, device=device)
-    quantized = load_model(args.quantized, dtype=dtype, device=device)
+    reference = load_model(reference_dir, dtype=dtype, device=device)
+    quantized = load_model(quantized_dir, dtype=dtype, device=device)
     ids = eval_rows(all_ids, args.rows, args.seq_len,
                     vocab_size=reference.get_input_embeddings().num_embeddings, source=str(args.text))
     result = evaluate(reference, quantized, ids, batch_size=args.batch_size,
@@ -73,14 +78,28 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_check(args: argparse.Namespace) -> int:
     import json
 
+    from .hub import resolve_model
     from .preflight import check_checkpoint
 
-    report = check_checkpoint(args.checkpoint)
+    report = check_checkpoint(resolve_model(args.checkpoint, "checkpoint"))
     if args.json:
         sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
     else:
         sys.stdout.write(report.table())
     return 0 if report.ok else 1
+
+
+def _cmd_recipes(args: argparse.Namespace) -> int:
+    from . import recipes
+
+    chosen = {name: scheme for scheme, name in recipes.SCHEMES.items()}
+    width = max(len(n) for n in recipes.names())
+    for name, text in recipes.describe().items():
+        mark = f"  [--scheme {chosen[name]}]" if name in chosen else ""
+        sys.stdout.write(f"{name:<{width}}  {text}{mark}\n")
+    sys.stdout.write("\nroutealign quantize MODEL --recipe NAME (or a YAML file) ...; from Python: "
+                     "routealign.recipes.path(NAME)\n")
+    return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -100,27 +119,46 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
+    import tempfile
+
     import torch
 
+    from . import recipes
     from .checkpoint import check_output_folder, read_config, save_compressed
+    from .hub import resolve_model
     from .preflight import check_checkpoint
-    from .textdata import calibration_windows, encode_text, find_tokenizer
+    from .textdata import calibration_windows, dataset_rows, encode_text, find_tokenizer, load_calibration_dataset
 
-    # every cheap check before the model loads: folders, files, tokenizer, calibration text, output folder
-    read_config(args.model)
-    if not args.recipe.is_file():
-        raise InputError(f"recipe file does not exist: {args.recipe}")
-    _check_recipe(args.recipe)
-    out = check_output_folder(args.out, args.overwrite, args.model)  # what save_compressed checks, before loading
+    # every cheap check before the model loads: model, recipe, output folder, tokenizer, calibration data
+    model_dir = resolve_model(args.model, "model")
+    read_config(model_dir)
+    recipe_spec = args.recipe or recipes.for_scheme(args.scheme or "W4A16")
+    recipe_text = recipes.text(recipe_spec, iters=args.iters, objective=args.objective)
+    _check_recipe(recipe_text, recipe_spec)
+    out = check_output_folder(args.out, args.overwrite, model_dir)  # what save_compressed checks, before loading
     if args.samples < 1 or args.seq_len < 2:
         raise InputError(f"--samples must be >= 1 and --seq-len >= 2 (got {args.samples}, {args.seq_len})")
-    longest = read_config(args.model).get("max_position_embeddings")
+    longest = read_config(model_dir).get("max_position_embeddings")
     if isinstance(longest, int) and args.seq_len > longest:
         sys.stderr.write(f"routealign: warning: --seq-len {args.seq_len} exceeds the model's max_position_embeddings "
-                         f"{longest} ({args.model}/config.json): positions past {longest} were never trained; "
+                         f"{longest} ({model_dir}/config.json): positions past {longest} were never trained; "
                          "calibration statistics from them may not be the model's\n")
-    tokenizer_file = find_tokenizer(args.model, args.tokenizer)
-    windows = calibration_windows(encode_text(args.data, tokenizer_file), args.samples, args.seq_len, args.seed)
+    if args.dataset is None and (args.column or args.packing or args.dataset_config):
+        raise InputError("--column, --packing and --dataset-config go with --dataset")
+    tokenizer_file = find_tokenizer(model_dir, args.tokenizer)
+    if args.data is not None:
+        windows = calibration_windows(encode_text(args.data, tokenizer_file), args.samples, args.seq_len, args.seed)
+    else:
+        from transformers import AutoTokenizer
+
+        try:
+            calib_tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_file.parent))
+        except Exception as exc:
+            raise InputError(f"tokenizer of {args.model} ({tokenizer_file.parent}): transformers cannot load it "
+                             f"({exc}); --dataset needs it (chat templates)") from None
+        dataset = load_calibration_dataset(args.dataset, args.split, args.dataset_config)
+        windows = dataset_rows(dataset, calib_tokenizer, args.samples, args.seq_len, args.seed, args.column,
+                               packing=args.packing, source=f"dataset {args.dataset} (split {args.split})")
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -136,21 +174,28 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         from compressed_tensors.offload import load_offloaded_model
 
         with load_offloaded_model():
-            model = AutoModelForCausalLM.from_pretrained(str(args.model), dtype=dtype, device_map="auto_offload")
+            model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, device_map="auto_offload")
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(args.model), dtype=dtype)
-    oneshot_windows(model, str(args.recipe), windows)
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe_file = Path(tmp) / "recipe.yaml"
+        recipe_file.write_text(recipe_text)
+        oneshot_windows(model, str(recipe_file), windows)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_file.parent))
     except Exception as exc:  # a tokenizer.json transformers cannot wrap: the checkpoint is still complete
         sys.stderr.write(f"routealign: tokenizer not saved with the checkpoint ({exc})\n")
         tokenizer = None
-    save_compressed(model, out, tokenizer=tokenizer, overwrite=args.overwrite, input_dir=args.model)
+    save_compressed(model, out, tokenizer=tokenizer, overwrite=args.overwrite, input_dir=model_dir)
     if rank() != 0:
         return 0
     report = check_checkpoint(out)
     sys.stdout.write(report.table())
     text = args.eval_text or args.data
+    if text is None:
+        sys.stdout.write(f"\ncheckpoint written to {out}\nnext: routealign eval --reference {args.model} "
+                         f"--quantized {out} --text HELD_OUT_TEXT\n")
+        return 0 if report.ok else 1
     sys.stdout.write(f"\ncheckpoint written to {out}\nnext: routealign eval --reference {args.model} --quantized {out} "
                      f"--text {text}\n")
     if args.eval_text is None:
@@ -159,21 +204,23 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def _check_recipe(path) -> None:
+def _check_recipe(text: str, name) -> None:
     """Build the recipe's modifiers once, before any model loads: an unknown or mistyped field is one clear error
-    naming the field and the file, not a traceback after loading."""
+    naming the field and the recipe, not a traceback after loading."""
+    import yaml
     from pydantic import ValidationError
 
     import routealign  # noqa: F401  (registers the modifiers with llm-compressor's factory)
     from llmcompressor.recipe import Recipe
 
     try:
-        Recipe.create_instance(str(path))
+        Recipe.create_instance(text)
     except ValidationError as exc:
         fields = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise InputError(f"recipe {path}: {exc.title}: {fields}") from None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise InputError(f"recipe {path}: {exc}") from None
+        raise InputError(f"recipe {name}: {exc.title}: {fields}") from None
+    except (ValueError, KeyError, TypeError, yaml.YAMLError) as exc:
+        raise InputError(f"recipe {name}: {exc}") from None
 
 
-COMMANDS = {"eval": _cmd_eval, "check": _cmd_check, "demo": _cmd_demo, "quantize": _cmd_quantize}
+COMMANDS = {"eval": _cmd_eval, "check": _cmd_check, "demo": _cmd_demo, "quantize": _cmd_quantize,
+            "recipes": _cmd_recipes}
