@@ -1,6 +1,6 @@
 """Quantize an MoE with a routealign recipe under llm-compressor's data-parallel oneshot (torchrun).
 
-    torchrun --nproc_per_node N examples/quantize_ddp.py --model DIR --recipe recipes/vsraq_w4a16.yaml \
+    torchrun --nproc_per_node N examples/quantize_ddp.py --model DIR --recipe vsraq_w4a16 \
         --data FILE.txt --samples 128 --seq-len 512 --out OUT
 
 llm-compressor's flow (docs/guides/big_models_and_distributed/distributed_oneshot.md): every rank joins the process
@@ -20,6 +20,7 @@ from compressed_tensors.offload import load_offloaded_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import routealign  # noqa: F401  (registers the modifiers with llm-compressor)
+from routealign import recipes
 from routealign.calibration import oneshot_windows
 from routealign.checkpoint import save_compressed
 from routealign.distributed import init_distributed, rank, world_size
@@ -30,7 +31,7 @@ from routealign.textdata import calibration_windows, encode_text, find_tokenizer
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, type=Path)
-    ap.add_argument("--recipe", required=True, type=Path)
+    ap.add_argument("--recipe", required=True, help="a shipped recipe's name or a YAML file")
     ap.add_argument("--data", required=True, type=Path, help="calibration text (.txt, or .jsonl with a 'text' field)")
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=512)
@@ -50,7 +51,7 @@ def main() -> int:
     with load_offloaded_model():
         model = AutoModelForCausalLM.from_pretrained(str(args.model), dtype=getattr(torch, args.dtype),
                                                      device_map="auto_offload")
-    oneshot_windows(model, str(args.recipe), windows)
+    oneshot_windows(model, str(recipes.resolve(args.recipe)), windows)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_file.parent))
     save_compressed(model, args.out, tokenizer=tokenizer, input_dir=args.model)
     seconds = time.perf_counter() - start

@@ -137,11 +137,11 @@ class Config:
 
 
 CONFIGS = {
-    "default (vsraq_w4a16.yaml: 200 iters, the router arm refining a quarter, LM-head decisions)": Config(
-        "default", 200, 2.0, "next", lm_head=True, ops=1471, router_fraction=0.25),
-    "both arms restarting (router_arm restart, LM-head decisions)": Config("restart", 200, 2.0, "next", lm_head=True,
-                                                                           ops=1471),
-    "default before issue 29 (both arms, LM head at every held-out evaluation)": Config(
+    "vsraq_w4a16.yaml (200 iters, both arms, LM-head decisions)": Config("default", 200, 2.0, "next", lm_head=True,
+                                                                        ops=1471),
+    "vsraq_w4a16.yaml with router_arm refine (a quarter of the iterations)": Config(
+        "refine", 200, 2.0, "next", lm_head=True, ops=1471, router_fraction=0.25),
+    "vsraq_w4a16.yaml before issue 29 (LM head at every held-out evaluation)": Config(
         "default-before", 200, 2.0, "next", lm_head=True, lm_head_iterations=True, ops=47800, pipeline_passes=True),
     "plain (autoround_w4a16.yaml: objective none, 200 iters)": Config("plain", 200, 1.0, "block"),
     "fast (vsraq_w4a16_fast.yaml: objective none, 50 iters, mse init)": Config("fast", 50, 1.0, "block"),
