@@ -182,12 +182,7 @@ class TunedWeight:
     def reset(self, start: tuple[torch.Tensor, torch.Tensor]) -> None:
         """Back to the start: offsets zero, the clip factors of :meth:`start`, no snapshot restored."""
         self.offset.zero_()
-        self.clip_lo.copy_(start[0])
-        self.clip_hi.copy_(start[1])
-        self._codes = self._zero_offset = None
-        self._frozen = None
-        for p in self.parameters():
-            p.grad = None
+        self.resume(start)
 
     @torch.no_grad()
     def resume(self, clips: tuple[torch.Tensor, torch.Tensor]) -> None:
