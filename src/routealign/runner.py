@@ -182,7 +182,6 @@ class BlockRunner:
                                              force=force[i] if routing and force is not None else None)
                     if routing and route:
                         chosen[i] = self.next_choices(logits)
-        out = []
         for module in (tail.norm, tail.head):
             if module is None:
                 continue

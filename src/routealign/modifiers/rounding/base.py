@@ -369,11 +369,11 @@ def _onloaded(module: torch.nn.Module):
         yield
 
 
-def _distinct(*modules: torch.nn.Module | None, exclude=()) -> list[torch.nn.Module]:
-    """``modules`` without ``None``, repeats (by identity) and those in ``exclude``, in order."""
+def _distinct(*modules: torch.nn.Module | None) -> list[torch.nn.Module]:
+    """``modules`` without ``None`` and repeats (by identity), in order."""
     out: list[torch.nn.Module] = []
     for m in modules:
-        if m is not None and all(m is not o for o in (*out, *exclude)):
+        if m is not None and all(m is not o for o in out):
             out.append(m)
     return out
 
