@@ -191,14 +191,10 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         return 0
     report = check_checkpoint(out)
     sys.stdout.write(report.table())
-    text = args.eval_text or args.data
-    if text is None:
-        sys.stdout.write(f"\ncheckpoint written to {out}\nnext: routealign eval --reference {args.model} "
-                         f"--quantized {out} --text HELD_OUT_TEXT\n")
-        return 0 if report.ok else 1
+    text = args.eval_text or args.data or "HELD_OUT_TEXT"
     sys.stdout.write(f"\ncheckpoint written to {out}\nnext: routealign eval --reference {args.model} --quantized {out} "
                      f"--text {text}\n")
-    if args.eval_text is None:
+    if args.eval_text is None and args.data is not None:
         sys.stdout.write(f"      ({text} is the calibration text: for a held-out number pass text the calibration "
                          "did not see, e.g. a validation split, to --text)\n")
     return 0 if report.ok else 1

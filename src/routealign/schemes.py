@@ -76,23 +76,28 @@ def row_chunks(rows: int, size: int, device: torch.device) -> list[tuple[int, in
 
 
 def _rounded(x, scale, zp, offset, args, q_min, q_max):
-    """``(x / scale + zp + offset`` before rounding, ``round(clamp(.)) - zp``) of weight rows."""
+    """``(x / scale + zp + offset`` before rounding, its rounded value ``round(clamp(.))``) of weight rows (``offset``
+    None: none added)."""
     scaled = x / scale
     if zp is not None:
         scaled = scaled + zp.to(scaled.dtype)
-    scaled = scaled + offset.to(scaled.dtype)
-    q = round_to_quantized_type_args(tensor=scaled, args=args, min=q_min, max=q_max)
-    dq = q.to(scale.dtype)
-    if zp is not None:
-        dq = dq - zp.to(scale.dtype)
-    return scaled, dq
+    if offset is not None:
+        scaled = scaled + offset.to(scaled.dtype)
+    return scaled, round_to_quantized_type_args(tensor=scaled, args=args, min=q_min, max=q_max)
+
+
+def _centred(q, zp, dtype):
+    """Rounded values ``q`` less the zero-point, in ``dtype`` (what the scale multiplies)."""
+    dq = q.to(dtype)
+    return dq if zp is None else dq - zp.to(dtype)
 
 
 def _fake_rows(x, scale, zp, offset, args, q_min, q_max, out: torch.Tensor) -> torch.Tensor:
     """The learned-rounding fake quantization of weight rows ``x`` written into ``out`` (its dtype), in chunks."""
     for a, b in row_chunks(*x.shape, x.device):
-        _, dq = _rounded(x[a:b], scale[a:b], None if zp is None else zp[a:b], offset[a:b], args, q_min, q_max)
-        out[a:b] = dq * scale[a:b]
+        z = None if zp is None else zp[a:b]
+        _, q = _rounded(x[a:b], scale[a:b], z, offset[a:b], args, q_min, q_max)
+        out[a:b] = _centred(q, z, scale.dtype) * scale[a:b]
     return out
 
 
@@ -101,8 +106,10 @@ def _fake_rows_backward(grad, x, scale, zp, offset, args, q_min, q_max, need_sca
     offset's gradient) and, with ``need_scale``, the scale's ``[R, 1]``; the rounding recomputed in chunks."""
     grad_scale = torch.empty_like(scale) if need_scale else None
     for a, b in row_chunks(*x.shape, x.device):
-        s = scale[a:b]
-        scaled, dq = _rounded(x[a:b], s, None if zp is None else zp[a:b], offset[a:b], args, q_min, q_max)
+        s, z = scale[a:b], None if zp is None else zp[a:b]
+        scaled, q = _rounded(x[a:b], s, z, offset[a:b], args, q_min, q_max)
+        dq = _centred(q, z, scale.dtype)
+        del q
         g = grad[a:b]
         if need_scale:
             from_product = (g * dq).sum(-1, keepdim=True)
@@ -385,12 +392,15 @@ class WeightQuantizer:
             scale = scale / gs
         return scale, zp
 
-    def _offset_fake_quant(self, w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None,
-                           offset: torch.Tensor, out_dtype: torch.dtype | None) -> torch.Tensor:
+    def _learning_rows(self, w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None):
+        """``(q_min, q_max, rows, scale, zp)`` of :meth:`_rows` for learned rounding (integer zero-points only)."""
         if zp is not None and zp.is_floating_point() and zp.requires_grad:
             raise ValueError("learned rounding needs integer zero-points (no gradient to the zero-point)")
-        q_min, q_max = calculate_range(self.args, w.device)
-        x, scale, zp = self._rows(w, scale, zp)
+        return (*calculate_range(self.args, w.device), *self._rows(w, scale, zp))
+
+    def _offset_fake_quant(self, w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None,
+                           offset: torch.Tensor, out_dtype: torch.dtype | None) -> torch.Tensor:
+        q_min, q_max, x, scale, zp = self._learning_rows(w, scale, zp)
         out = _OffsetFakeQuant.apply(x, scale, zp, offset.reshape(x.shape), self.args, q_min, q_max,
                                      out_dtype or torch.float32)
         return out.reshape(w.shape)
@@ -401,11 +411,7 @@ class WeightQuantizer:
         :meth:`fake_quant` gives) in one autograd node that keeps no tensor of the weight's size
         (:class:`_FakeQuantMatmul`): a grouped GEMM over expert-sorted ``tokens`` ``[T, in]`` with jagged
         ``offsets``, or with ``offsets`` None a batched matmul over padded ``tokens`` ``[E, C, in]``, in ``dtype``."""
-        scale, zp = self._effective(qp)
-        if zp is not None and zp.is_floating_point() and zp.requires_grad:
-            raise ValueError("learned rounding needs integer zero-points (no gradient to the zero-point)")
-        q_min, q_max = calculate_range(self.args, w.device)
-        x, scale, zp = self._rows(w, scale, zp)
+        q_min, q_max, x, scale, zp = self._learning_rows(w, *self._effective(qp))
         return _FakeQuantMatmul.apply(tokens, offsets, x, scale, zp, offset.reshape(x.shape), self.args, q_min,
                                       q_max, tuple(w.shape), dtype)
 
@@ -418,12 +424,8 @@ class WeightQuantizer:
         off = None if offset is None else offset.reshape(x.shape)
         out = torch.empty(x.shape, dtype=torch.int8, device=x.device)
         for a, b in row_chunks(*x.shape, x.device):
-            scaled = x[a:b] / scale[a:b]
-            if zp is not None:
-                scaled = scaled + zp[a:b].to(scaled.dtype)
-            if off is not None:
-                scaled = scaled + off[a:b].to(scaled.dtype)
-            q = round_to_quantized_type_args(tensor=scaled, args=self.args, min=q_min, max=q_max)
+            _, q = _rounded(x[a:b], scale[a:b], None if zp is None else zp[a:b], None if off is None else off[a:b],
+                            self.args, q_min, q_max)
             out[a:b] = q * 2 if self.is_fp4 else q
         return out.reshape(w.shape)
 
@@ -434,12 +436,8 @@ class WeightQuantizer:
         c, scale, zp = self._rows(codes, *self._effective(qp))
         out = torch.empty(c.shape, dtype=dtype, device=c.device)
         for a, b in row_chunks(*c.shape, c.device):
-            dq = c[a:b].to(scale.dtype)
-            if self.is_fp4:
-                dq = dq / 2
-            if zp is not None:
-                dq = dq - zp[a:b].to(scale.dtype)
-            out[a:b] = dq * scale[a:b]
+            q = c[a:b].to(scale.dtype)
+            out[a:b] = _centred(q / 2 if self.is_fp4 else q, None if zp is None else zp[a:b], scale.dtype) * scale[a:b]
         return out.reshape(codes.shape)
 
 

@@ -332,7 +332,7 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
         writes = []
         for n in self._outside:
             module = model.get_submodule(n)
-            with align_modules([module]), suspended_offloading(module):
+            with _onloaded(module):
                 quantizer = WeightQuantizer(module.quantization_scheme.weights, full_range=self.full_range)
                 scale = quantizer.global_scale(module.weight.detach()) if quantizer.uses_global_scale else None
                 writes += quantized_writes(TunedWeight(n, module, quantizer, scale, None), n)

@@ -287,15 +287,15 @@ class BlockTuner:
         every rank takes the same steps and the same decisions."""
         check_finite(q.hidden, f"{self.name}: calibration activations entering the layer (quantized stream)")
         check_finite(fp.hidden, f"{self.name}: calibration activations entering the layer (unquantized stream)")
-        if not self.config.offload_activations:  # the minibatches are then sliced on the device
-            q = q.with_hidden(q.hidden.to(self.device))
-            fp = q if fp.hidden is q.hidden else fp.with_hidden(fp.hidden.to(self.device))
-        else:  # on the host, pinned where an accelerator copies from it (asynchronous copies per minibatch)
-            q = q.with_hidden(_host(q.hidden, self.device))
-            fp = q if fp.hidden is q.hidden else fp.with_hidden(_host(fp.hidden, self.device))
+        # the streams on the device (minibatches sliced there), or with offload_activations on the host, pinned
+        # where an accelerator copies from it (asynchronous copies per minibatch)
+        offload = self.config.offload_activations
+        place = (lambda t: _host(t, self.device)) if offload else (lambda t: t.to(self.device))  # noqa: E731
+        q = q.with_hidden(place(q.hidden))
+        fp = q if fp.hidden is q.hidden else fp.with_hidden(place(fp.hidden))
         reference = self.reference(fp)
-        if self.config.offload_activations:
-            reference.outputs = _host(reference.outputs, self.device)
+        if offload:
+            reference.outputs = place(reference.outputs)
         outputs = reference.outputs.to(fp.hidden.dtype)
         check_finite(reference.outputs, f"{self.name}: the unquantized layer's output")
         fallback = self._fallback(all_reduce_counts(self.expert_token_counts(q)))
@@ -395,7 +395,7 @@ class BlockTuner:
     # -- the loop -----------------------------------------------------------------------------------------
     def bind(self, quantized: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
         """The block's float32 parameters for a forward and the stacked expert weights (``{container: {projection:
-        (weight, bias)}}``) of :meth:`BlockRunner.run`: the tuned weights fake-quantized with the current rounding
+        Stacked}}``) of :meth:`BlockRunner.run`: the tuned weights fake-quantized with the current rounding
         parameters (``quantized``; gradients to them; bfloat16 under ``amp`` inside autocast) or unquantized."""
         kind = self.device.type
         dtype = torch.get_autocast_dtype(kind) if quantized and self.config.amp and torch.is_autocast_enabled(kind) \

@@ -161,17 +161,17 @@ class TunedWeight:
             return Snapshot(self._codes, self.clip_lo.detach().clone(), self.clip_hi.detach().clone(),
                             self._zero_offset)
         codes = self.quantizer.codes(self.weight, self.qparams(), self.offset)
-        zero = ~self.offset.detach().flatten(start_dim=-2).any(-1) if self.stacked else ~self.offset.detach().any()
-        return Snapshot(codes, self.clip_lo.detach().clone(), self.clip_hi.detach().clone(), zero)
+        return Snapshot(codes, self.clip_lo.detach().clone(), self.clip_hi.detach().clone(), self._zero_offsets())
+
+    def _zero_offsets(self) -> torch.Tensor:
+        """Whether the offsets are all zero (per expert of a stack)."""
+        offset = self.offset.detach()
+        return ~offset.flatten(start_dim=-2).any(-1) if self.stacked else ~offset.any()
 
     @torch.no_grad()
     def restore(self, snap: Snapshot) -> None:
-        self.clip_lo.copy_(snap.clip_lo)
-        self.clip_hi.copy_(snap.clip_hi)
+        self.resume((snap.clip_lo, snap.clip_hi))
         self._codes, self._zero_offset = snap.codes, snap.zero_offset
-        self._frozen = None
-        for p in self.parameters():
-            p.grad = None
 
     @torch.no_grad()
     def start(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -274,8 +274,7 @@ class TunedWeight:
         lo = (wmin.float() * self.clip_lo).to(w.dtype)
         hi = (wmax.float() * self.clip_hi).to(w.dtype)
         qp = self.quantizer.qparams(lo, hi, self.global_scale)
-        zero = self._zero_offset if self._codes is not None else (
-            ~self.offset.flatten(start_dim=-2).any(-1) if self.stacked else ~self.offset.any())
+        zero = self._zero_offset if self._codes is not None else self._zero_offsets()
         untouched = zero & (self.clip_lo == 1).flatten(start_dim=-2).all(-1) & (
             self.clip_hi == 1).flatten(start_dim=-2).all(-1)
         if bool(untouched.all()):
