@@ -232,8 +232,13 @@ def worker(args) -> dict:
     counter = Counter() if args.count_run else None
     start = time.perf_counter()
     if counter is not None:
-        with counter:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof, counter:
             oneshot_windows(model, mods, ids, moe_calibrate_all_experts=all_experts)
+        events = [e for e in prof.events() if e.name.startswith("aten::")]
+        row["profiler_aten"] = len(events)  # every aten call torch.profiler records, nested ones included
+        row["profiler_aten_top"] = sum(1 for e in events if not _aten_parent(e))  # called from Python
     else:
         oneshot_windows(model, mods, ids, moe_calibrate_all_experts=all_experts)
     if device == "cuda":
@@ -262,6 +267,16 @@ def worker(args) -> dict:
         row["tuning_memory"] = memory.rows
         row["tuning_bytes_per_tuned"] = max(r["bytes_per_tuned"] for r in memory.rows)
     return row
+
+
+def _aten_parent(event) -> bool:
+    """Whether a profiler event runs inside another aten operation (e.g. aten::mm inside aten::linear)."""
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::"):
+            return True
+        parent = parent.cpu_parent
+    return False
 
 
 class LayerMemory:
@@ -341,11 +356,12 @@ def run_worker(args, method: str, model_dir: Path, out: Path, iters: int | None 
 
 def table(rows: list[dict], count: bool) -> str:
     if count:
-        head = ("| method | experts | tuning loops | ops per loop iteration | host reads per loop iteration |\n"
-                "|---|---|---|---|---|\n")
+        head = ("| method | experts | tuning loops | dispatched ops per loop iteration | torch.profiler aten calls "
+                "(all / called from Python) | host reads per loop iteration |\n|---|---|---|---|---|---|\n")
         return head + "\n".join(f"| {r['method']} | {r.get('experts')} | {r.get('loops', '-')} | "
-                                f"{r.get('ops_per_iter', r.get('error', '-')[-80:])} | {r.get('syncs_per_iter', '-')} |"
-                                for r in rows)
+                                f"{r.get('ops_per_iter', r.get('error', '-')[-80:])} | "
+                                f"{r.get('profiler_aten_per_iter', '-')} / {r.get('profiler_top_per_iter', '-')} | "
+                                f"{r.get('syncs_per_iter', '-')} |" for r in rows)
     head = ("| method | oneshot s | s per layer | projected whole model, min | peak memory GiB | "
             "bytes per tuned element (whole run) | tuning peak, bytes per tuned element |\n"
             "|---|---|---|---|---|---|---|\n")
@@ -419,10 +435,12 @@ def main() -> int:
                     else:
                         # per iteration of one tuning loop (a layer of the default recipe runs two: both arms)
                         loops = runs[1].get("loops") or info["layers"]
+                        per = lambda key, digits=0: round((runs[1][key] - runs[0][key]) / (b - a) / loops,  # noqa: E731
+                                                          digits or None)
                         row = {"method": method, "experts": experts or "preset", "loops": loops,
-                               "ops_per_iter": round((runs[1]["ops"] - runs[0]["ops"]) / (b - a) / loops),
-                               "syncs_per_iter": round((runs[1]["syncs"] - runs[0]["syncs"]) / (b - a) / loops, 2),
-                               "runs": runs}
+                               "ops_per_iter": per("ops"), "syncs_per_iter": per("syncs", 2),
+                               "profiler_aten_per_iter": per("profiler_aten"),
+                               "profiler_top_per_iter": per("profiler_aten_top"), "runs": runs}
                 else:
                     row = run_worker(args, method, folder, args.out / f"{method}-{experts}.json", args.iters)
                     row["experts"] = experts or "preset"
