@@ -389,3 +389,22 @@ def test_refined_router_arm_continues_the_plain_arm_for_a_fraction_of_the_steps(
     # both arms' first minibatch is the same (the seed's); the refinement measures it at the plain arm's last
     # parameters, which fit it better than the start
     assert steps[12][1] < steps[0][1]
+
+
+def test_target_stream_quantized_fits_the_block_on_its_own_input_and_keeps_the_unquantized_stream():
+    block, nxt, targets, q, nkw = _setup()
+    fp = q.with_hidden(q.hidden + 0.05 * torch.randn(q.hidden.shape, generator=torch.Generator().manual_seed(0)))
+    results, tuners = {}, {}
+    for stream in ("unquantized", "quantized"):
+        with suspended_offloading(block, nxt):
+            tuner = BlockTuner(block, targets, RouterLossConfig(objective="none"),
+                               TuningConfig(iters=6, batch_size=2, min_expert_tokens=0, holdout=0.0,
+                                            target_stream=stream), [nxt], next_kwargs=[nkw])
+            results[stream], tuners[stream] = tuner.tune(q, fp), tuner
+    # the next block's unquantized stream is the unquantized block on the unquantized stream either way
+    assert torch.equal(results["unquantized"].outputs, results["quantized"].outputs)
+    assert torch.equal(results["quantized"].outputs, tuners["quantized"].reference(fp).outputs.to(q.hidden.dtype))
+    # the first iteration (RTN, the same minibatch) against the unquantized block on the quantized stream sees the
+    # quantization error only; against the unquantized stream also the streams' difference
+    assert results["quantized"].history[0] < results["unquantized"].history[0]
+    assert results["quantized"].history != results["unquantized"].history

@@ -150,3 +150,13 @@ def test_checkpoint_gets_the_usual_permissions(tmp_path):
     assert out.stat().st_mode & 0o777 == 0o755
     files = [p for p in out.rglob("*") if p.is_file()]
     assert files and all(p.stat().st_mode & 0o777 == 0o644 for p in files), {p.name: oct(p.stat().st_mode) for p in files}
+
+
+def test_demo_names_what_the_gate_did_per_block():
+    from routealign.demo import router_decisions
+
+    report = [{"layer": "model.layers.0", "router": "kept"}, {"layer": "model.layers.1", "router": "not_tried"},
+              {"layer": "model.layers.2", "router": "kept"}, {"layer": "model.layers.3", "router": "dropped"}]
+    assert router_decisions(report) == "kept 2, not tried 1, dropped 1 (of 4 blocks)"
+    assert router_decisions([{"layer": "model.layers.0", "router": "none"}]) == "-"  # plain learned rounding
+    assert router_decisions(None) == "-"

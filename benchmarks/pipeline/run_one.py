@@ -186,7 +186,10 @@ def main() -> None:
            "ppl_perfect_routing": result.report["perplexity"].get("quantized_perfect_routing"),
            **{k: mean[k] for k in ("overlap_at_k", "jaccard", "exact_set", "top1", "match_score",
                                    "rank_weighted_jaccard", "routing_kl")},
-           "flip_rate": 1 - mean["overlap_at_k"], "valid": valid, "generation": generation,
+           "flip_rate": 1 - mean["overlap_at_k"],
+           "per_layer": [{"layer": r["layer"], "jaccard": r["jaccard"], "exact_set": r["exact_set"],
+                          "flip_rate": 1 - r["overlap_at_k"]} for r in result.report["routing"]["per_layer"]],
+           "valid": valid, "generation": generation,
            "layers": getattr(mod, "report", None), "device": device, "torch": torch.__version__}
     (args.out / "row.json").write_text(json.dumps(row, indent=2))
     print(json.dumps({k: v for k, v in row.items() if k != "layers"}))

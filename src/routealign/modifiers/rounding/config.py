@@ -84,6 +84,11 @@ class TuningConfig(BaseModel):
     # budget (modifiers.rounding.memory), when ``expert_chunk`` is 0
     expert_chunk: int = Field(0, ge=0)
     max_tuning_gib: float | None = Field(None, gt=0)
+    # what the block-output MSE compares the tuned block's output with: the unquantized block on the unquantized
+    # stream (``unquantized``: the tuned block also corrects the error the layers before it left in its input), or on
+    # the quantized stream the tuned block itself sees (``quantized``: the block's own error only, the target of
+    # llm-compressor's AutoRoundModifier and GPTQModifier). Router targets are the unquantized model's either way
+    target_stream: Literal["unquantized", "quantized"] = "unquantized"
     # keep a layer's calibration streams (the quantized and unquantized inputs, the unquantized outputs) in host
     # memory instead of on the block's device during its tuning: minibatches are then copied in each iteration
     offload_activations: bool = False

@@ -294,10 +294,15 @@ class BlockTuner:
         q = q.with_hidden(place(q.hidden))
         fp = q if fp.hidden is q.hidden else fp.with_hidden(place(fp.hidden))
         reference = self.reference(fp)
+        outputs = reference.outputs.to(fp.hidden.dtype)  # the next block's unquantized stream
+        check_finite(reference.outputs, f"{self.name}: the unquantized layer's output")
+        if self.config.target_stream == "quantized" and fp.hidden is not q.hidden:
+            # the block's own error only: the unquantized block on the quantized stream (router targets stay the
+            # unquantized model's)
+            local = self.reference(q)
+            reference = Reference(local.outputs, local.mask, reference.router_targets)
         if offload:
             reference.outputs = place(reference.outputs)
-        outputs = reference.outputs.to(fp.hidden.dtype)
-        check_finite(reference.outputs, f"{self.name}: the unquantized layer's output")
         fallback = self._fallback(all_reduce_counts(self.expert_token_counts(q)))
         cfg = self.config
         if cfg.iters <= 0 or not self.weights:
