@@ -223,6 +223,27 @@ def test_non_finite_or_zero_scales_fail(good, tmp_path, name):
                for f in report.findings), report.table()
 
 
+def test_negative_expert_input_global_scale_fails(good, tmp_path, capsys):
+    """llm-compressor's NVFP4 QuantizationModifier saved uninitialised input_global_scale values (negative, zero, NaN)
+    for experts that calibration routed no token to on a 64-expert model (RESULTS section 14): served, they are
+    garbage, so check fails and says why."""
+    folder = _copy(good, "nvfp4", tmp_path)
+    key = "model.layers.1.mlp.experts.5.up_proj.input_global_scale"
+
+    def negative(tensors):
+        assert tensors[key].item() > 0
+        tensors[key] = torch.tensor([-2.4e26])
+
+    _edit_tensors(folder, negative)
+    report, problems = _problems(folder)
+    assert not report.ok
+    assert list(problems) == [("scales", key)], report.table()
+    assert problems[("scales", key)].startswith("1 of 1 values are negative (an expert calibration routed no token")
+    assert "moe_calibrate_all_experts=True" in problems[("scales", key)]
+    assert main(["check", str(folder)]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])

@@ -16,7 +16,9 @@ Architectures (``--arch``):
 
 Reproducibility: with ``--steps`` the learning-rate schedule (30-step warm-up, cosine to 2% over the steps) and the
 batches (offsets from a generator seeded by ``--seed``) depend on the step count only, so the same command, torch
-build and ``--threads`` remake the same weights bit for bit. ``--minutes`` instead schedules by wall clock (not
+build and ``--threads`` remake the same weights bit for bit (torch's deterministic algorithms; before they were
+set, two 2-thread runs differed in float noise, so the 64x8 model of RESULTS §14 is remade to that noise only).
+``--minutes`` instead schedules by wall clock (not
 reproducible; kept for the DeepSeek-V3 model's recorded runs).
 
 Text: ``wiki.train.tokens`` (training) and ``wiki.valid.tokens`` (validation, 16 x 512) from
@@ -33,6 +35,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -159,6 +162,10 @@ def main(argv: list[str] | None = None, default_arch: str = "qwen3_moe_64x8") ->
         args.steps = 1100
     out = args.out or Path.home() / f".cache/routealign/models/tiny-{args.arch}"
     torch.set_num_threads(args.threads)
+    # run to run bit for bit at the same --threads: without it two 2-thread runs of 3 steps differed by up to 2e-6
+    # (CPU thread-parallel reductions; RESULTS §14a); with it they were identical. cuBLAS needs the workspace setting
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(args.seed)
 
     from transformers import AutoModelForCausalLM

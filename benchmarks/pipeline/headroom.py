@@ -4,10 +4,13 @@ flip rate per layer and its growth with depth, and greedy-generation agreement (
 
     python benchmarks/pipeline/headroom.py /tmp/i31/runs --out /tmp/i31/headroom
 
+Rows are found under RUNS at any depth (``row.json`` files) and grouped by model, scheme and method.
+
 Definitions (test text, 64 x 512 tokens): gap = ppl - ppl_reference; perfect-routing share = (ppl -
 ppl_perfect_routing) / gap; a router objective's recovered headroom = (ppl_plain - ppl) / (ppl_plain -
-ppl_perfect_routing of plain), on the same seed. Held-out = sqrt(test ppl x valid ppl). Flip rate per layer = 1 -
-overlap@k; depth slope = least-squares slope of the flip rate over the layer index.
+ppl_perfect_routing of plain), on the same seed: meaningless where plain's headroom is within the seed spread, so
+the held-out difference to plain on the same seeds is printed beside it. Held-out = sqrt(test ppl x valid ppl).
+Flip rate per layer = 1 - overlap@k; depth slope = least-squares slope of the flip rate over the layer index.
 """
 
 from __future__ import annotations
@@ -56,35 +59,40 @@ def main() -> None:
     parser.add_argument("runs", type=Path)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    rows = [json.loads(p.read_text()) for p in sorted(args.runs.glob("*/row.json"))]
-    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    rows = [json.loads(p.read_text()) for p in sorted(args.runs.rglob("row.json")) if p.is_file()]
+    groups: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
     for row in rows:
-        groups[(row["scheme"], label(row))].append(metrics(row))
-    plain = {(s, m["seed"]): m for (s, lab), ms in groups.items() if lab == "none" for m in ms}
-    table = ["| scheme | method | seeds | held-out ppl | test ppl | perfect routing | share of gap removed by perfect "
-             "routing | flip rate | flip rate per layer | depth slope | headroom recovered vs plain (same seed) | "
-             "greedy tokens matched (of 32) | router term kept | oneshot s |", "|---" * 14 + "|"]
+        groups[(row["model"], row["scheme"], label(row))].append(metrics(row))
+    plain = {(model, s, m["seed"]): m for (model, s, lab), ms in groups.items() if lab == "none" for m in ms}
+    table = ["| model | scheme | method | seeds | held-out ppl | test ppl | perfect routing | share of gap removed by "
+             "perfect routing | flip rate | flip rate per layer | depth slope | held-out - plain's (same seeds) | headroom "
+             "recovered vs plain (same seed) | "
+             "greedy tokens matched (of 32) | router term kept | oneshot s |", "|---" * 16 + "|"]
     summary = []
-    for (scheme, lab), ms in sorted(groups.items()):
+    for (model, scheme, lab), ms in sorted(groups.items()):
         ms.sort(key=lambda m: m["seed"])
 
         def mean(key):
             vals = [m[key] for m in ms if m[key] is not None]
             return statistics.fmean(vals) if vals else None
 
-        recovered = []
+        recovered, versus_plain = [], []
         for m in ms:
-            p = plain.get((scheme, m["seed"]))
+            p = plain.get((model, scheme, m["seed"]))
+            if p is not None and lab != "none" and p["heldout"] is not None and m["heldout"] is not None:
+                versus_plain.append(m["heldout"] - p["heldout"])
             if p is not None and lab != "none" and p["ppl_perfect_routing"] is not None \
                     and p["ppl"] - p["ppl_perfect_routing"] > 0:
                 recovered.append((p["ppl"] - m["ppl"]) / (p["ppl"] - p["ppl_perfect_routing"]))
         per_layer = [statistics.fmean(v) for v in zip(*[m["flip_per_layer"] for m in ms])] if ms[0]["flip_per_layer"] \
             else []
-        entry = {"scheme": scheme, "method": lab, "seeds": [m["seed"] for m in ms],
+        entry = {"model": model, "scheme": scheme, "method": lab, "seeds": [m["seed"] for m in ms],
                  **{k: mean(k) for k in ("heldout", "ppl", "ppl_perfect_routing", "perfect_share", "flip_rate",
                                          "flip_slope", "gen_mean_matched", "oneshot_s")},
                  "heldout_per_seed": [m["heldout"] for m in ms], "flip_per_layer": per_layer,
                  "headroom_recovered": statistics.fmean(recovered) if recovered else None,
+                 "heldout_vs_plain": statistics.fmean(versus_plain) if versus_plain else None,
+                 "seeds_vs_plain": len(versus_plain),
                  "router_kept": [f"{m['router_kept']}/{m['blocks']}" for m in ms]}
         summary.append(entry)
 
@@ -92,10 +100,11 @@ def main() -> None:
             return "-" if v is None else format(v, spec)
 
         table.append(
-            f"| {scheme} | {lab} | {len(ms)} | {' / '.join(fmt(v) for v in entry['heldout_per_seed'])} "
+            f"| {model} | {scheme} | {lab} | {len(ms)} | {' / '.join(fmt(v) for v in entry['heldout_per_seed'])} "
             f"({fmt(entry['heldout'])}) | {fmt(entry['ppl'])} | {fmt(entry['ppl_perfect_routing'])} | "
             f"{fmt(entry['perfect_share'], '.1%')} | {fmt(entry['flip_rate'], '.4f')} | "
             f"{' '.join(f'{v:.3f}' for v in per_layer)} | {fmt(entry['flip_slope'], '+.4f')} | "
+            f"{fmt(entry['heldout_vs_plain'], '+.3f')} ({entry['seeds_vs_plain']}) | "
             f"{fmt(entry['headroom_recovered'], '.1%')} | {fmt(entry['gen_mean_matched'], '.1f')} | "
             f"{', '.join(entry['router_kept'])} | {fmt(entry['oneshot_s'], '.0f')} |")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -106,7 +106,8 @@ def main() -> None:
     parser.add_argument("--smooth", choices=("expertquant", "search"), help="ExpertAwareSmoothingModifier first")
     parser.add_argument("--smooth-extra", default="{}", help="JSON of extra ExpertAwareSmoothingModifier fields")
     parser.add_argument("--moe-calibrate-all-experts", action="store_true",
-                        help="llm-compressor's default; off here unless given (routealign does not need it)")
+                        help="llm-compressor's default; off here unless given (routealign does not need it), "
+                             "and on for llm-compressor's methods at schemes that quantize activations (NVFP4)")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                         help="dtype the model is loaded in for quantization (evaluation is always bf16)")
     parser.add_argument("--ignore", action="append", default=[],
@@ -145,8 +146,18 @@ def main() -> None:
     mod = flat[-1]
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    all_experts = args.moe_calibrate_all_experts
+    if not all_experts and args.method not in OURS and args.group_size is None:
+        from compressed_tensors.quantization import preset_name_to_scheme
+
+        if preset_name_to_scheme(args.scheme, ["Linear"]).input_activations is not None:
+            # llm-compressor's activation observers leave an expert that calibration routed no token to with an
+            # uninitialised input_global_scale (negative, zero, NaN on a 64-expert model: RESULTS section 14)
+            print(f"{args.method} at {args.scheme} calibrates activations: --moe-calibrate-all-experts on "
+                  "(llm-compressor's default)", flush=True)
+            all_experts = True
     start = time.perf_counter()
-    oneshot_windows(model, flat, calib, moe_calibrate_all_experts=args.moe_calibrate_all_experts)
+    oneshot_windows(model, flat, calib, moe_calibrate_all_experts=all_experts)
     seconds = time.perf_counter() - start
     peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -179,7 +190,8 @@ def main() -> None:
            "iters": args.iters if args.method not in ("rtn", "gptq", "awq") else None,
            "smooth": args.smooth, "smooth_extra": json.loads(args.smooth_extra), "ignore": args.ignore,
            "smoothing": getattr(flat[0], "report", None) if args.smooth else None,
-           "extra": json.loads(args.extra), "dtype": args.dtype, "samples": args.samples, "seq_len": args.seq_len,
+           "extra": json.loads(args.extra), "moe_calibrate_all_experts": all_experts, "dtype": args.dtype,
+           "samples": args.samples, "seq_len": args.seq_len,
            "eval_text": Path(test_text).name, "eval_rows": args.eval_rows, "oneshot_s": round(seconds, 2),
            "peak_rss_mib": round(peak_rss), "peak_gpu_mib": None if peak_gpu is None else round(peak_gpu),
            "ppl_reference": result.report["perplexity"]["reference"], "ppl": result.report["perplexity"]["quantized"],

@@ -359,6 +359,13 @@ def _check_global_scales(layer, stored: dict, originals: dict, report: Preflight
                        f"{values[1].item():.6g}); vLLM fuses them into one w13 tensor with one global scale")
 
 
+def _uncalibrated_hint(name: str) -> str:
+    if name.endswith("input_global_scale") and ".experts." in name:
+        return (" (an expert calibration routed no token to: calibrate with more text, or with llm-compressor's "
+                "oneshot(..., moe_calibrate_all_experts=True))")
+    return ""
+
+
 def _check_scale_values(stored: dict, originals: dict, report: PreflightReport) -> None:
     """Quantization scales are read (they are small): a non-finite scale, or one that is zero for most of a tensor,
     serves garbage (e.g. a scale never calibrated and saved as uninitialised memory) and is an error; a few zero
@@ -374,10 +381,20 @@ def _check_scale_values(stored: dict, originals: dict, report: PreflightReport) 
                 if not bool(torch.isfinite(value).all()):
                     bad = int((~torch.isfinite(value)).sum())
                     report.add("error", "scales", originals[name],
-                               f"{bad} of {value.numel()} values are NaN or infinite")
+                               f"{bad} of {value.numel()} values are NaN or infinite{_uncalibrated_hint(name)}")
+                    continue
+                negative = int((value < 0).sum())
+                if negative and name.endswith("global_scale"):
+                    # a global scale is a positive magnitude; a negative one is uninitialised memory (seen in
+                    # llm-compressor's NVFP4 input_global_scale of experts calibration routed no token to)
+                    report.add("error", "scales", originals[name],
+                               f"{negative} of {value.numel()} values are negative{_uncalibrated_hint(name)}")
                     continue
                 zeros = int((value == 0).sum())
-                if zeros and (zeros * 2 > value.numel() or name.endswith("global_scale")):
+                if zeros and name.endswith("global_scale"):
+                    report.add("error", "scales", originals[name],
+                               f"{zeros} of {value.numel()} values are zero{_uncalibrated_hint(name)}")
+                elif zeros and zeros * 2 > value.numel():
                     report.add("error", "scales", originals[name], f"{zeros} of {value.numel()} values are zero")
                 elif zeros:
                     report.add("warning", "scales", originals[name],
