@@ -79,10 +79,11 @@ def main() -> None:
         recovered, versus_plain = [], []
         for m in ms:
             p = plain.get((model, scheme, m["seed"]))
-            if p is not None and lab != "none" and p["heldout"] is not None and m["heldout"] is not None:
+            if p is None or lab == "none":
+                continue
+            if p["heldout"] is not None and m["heldout"] is not None:
                 versus_plain.append(m["heldout"] - p["heldout"])
-            if p is not None and lab != "none" and p["ppl_perfect_routing"] is not None \
-                    and p["ppl"] - p["ppl_perfect_routing"] > 0:
+            if p["ppl_perfect_routing"] is not None and p["ppl"] - p["ppl_perfect_routing"] > 0:
                 recovered.append((p["ppl"] - m["ppl"]) / (p["ppl"] - p["ppl_perfect_routing"]))
         per_layer = [statistics.fmean(v) for v in zip(*[m["flip_per_layer"] for m in ms])] if ms[0]["flip_per_layer"] \
             else []
