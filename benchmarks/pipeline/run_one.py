@@ -49,6 +49,18 @@ def scheme_fields(scheme: str, group_size: int | None = None) -> dict:
     return {"config_groups": {"group_0": preset.model_dump(exclude_none=True)}}
 
 
+def calibrate_all_experts(method: str, scheme: str, group_size: int | None, requested: bool) -> bool:
+    """Whether ``oneshot`` runs with llm-compressor's ``moe_calibrate_all_experts``: as asked, and always for
+    llm-compressor's own methods at a scheme that quantizes activations. Its activation observers leave an expert that
+    calibration routed no token to with an uninitialised ``input_global_scale`` (negative, zero, NaN on a 64-expert
+    model: RESULTS section 14d); routealign's modifiers calibrate every expert themselves."""
+    if requested or method in OURS or group_size is not None:
+        return requested
+    from compressed_tensors.quantization import preset_name_to_scheme
+
+    return preset_name_to_scheme(scheme, ["Linear"]).input_activations is not None
+
+
 def quantizer(method: str, scheme: str, iters: int, seed: int, extra: dict, ignore: list[str] = (),
               group_size: int | None = None):
     """The quantizing modifier(s) of ``method``; ``ignore``: extra modules every method leaves unquantized."""
@@ -146,16 +158,10 @@ def main() -> None:
     mod = flat[-1]
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    all_experts = args.moe_calibrate_all_experts
-    if not all_experts and args.method not in OURS and args.group_size is None:
-        from compressed_tensors.quantization import preset_name_to_scheme
-
-        if preset_name_to_scheme(args.scheme, ["Linear"]).input_activations is not None:
-            # llm-compressor's activation observers leave an expert that calibration routed no token to with an
-            # uninitialised input_global_scale (negative, zero, NaN on a 64-expert model: RESULTS section 14)
-            print(f"{args.method} at {args.scheme} calibrates activations: --moe-calibrate-all-experts on "
-                  "(llm-compressor's default)", flush=True)
-            all_experts = True
+    all_experts = calibrate_all_experts(args.method, args.scheme, args.group_size, args.moe_calibrate_all_experts)
+    if all_experts and not args.moe_calibrate_all_experts:
+        print(f"{args.method} at {args.scheme} calibrates activations: --moe-calibrate-all-experts on "
+              "(llm-compressor's default)", flush=True)
     start = time.perf_counter()
     oneshot_windows(model, flat, calib, moe_calibrate_all_experts=all_experts)
     seconds = time.perf_counter() - start

@@ -367,9 +367,11 @@ def _uncalibrated_hint(name: str) -> str:
 
 
 def _check_scale_values(stored: dict, originals: dict, report: PreflightReport) -> None:
-    """Quantization scales are read (they are small): a non-finite scale, or one that is zero for most of a tensor,
-    serves garbage (e.g. a scale never calibrated and saved as uninitialised memory) and is an error; a few zero
-    group scales (all-zero weight groups) are a warning."""
+    """Quantization scales are read (they are small). Errors, each serving garbage: a non-finite scale; a global
+    scale (``weight_global_scale``, ``input_global_scale``) that is negative or zero anywhere, as an NVFP4 expert's
+    input scale is when calibration routed it no token and it was saved as uninitialised memory (the message then
+    says so and how to calibrate it); group scales zero for most of a tensor. A few zero group scales (all-zero
+    weight groups) are a warning."""
     by_file: dict[Path, list[str]] = {}
     for name, (_, _, file) in stored.items():
         if name.endswith(("weight_scale", "weight_global_scale", "input_global_scale")):
