@@ -9,7 +9,8 @@ Rows are found under RUNS at any depth (``row.json`` files) and grouped by model
 Definitions (test text, 64 x 512 tokens): gap = ppl - ppl_reference; perfect-routing share = (ppl -
 ppl_perfect_routing) / gap; a router objective's recovered headroom = (ppl_plain - ppl) / (ppl_plain -
 ppl_perfect_routing of plain), on the same seed: meaningless where plain's headroom is within the seed spread, so
-the held-out difference to plain on the same seeds is printed beside it. Held-out = sqrt(test ppl x valid ppl).
+the held-out difference to plain on the same seeds is printed beside it, with its standard error over the seeds
+(within about two of them of zero: seed noise). Held-out = sqrt(test ppl x valid ppl).
 Flip rate per layer = 1 - overlap@k; depth slope = least-squares slope of the flip rate over the layer index.
 """
 
@@ -26,7 +27,19 @@ from pathlib import Path
 def label(row: dict) -> str:
     extra = ",".join(f"{k}={v}" for k, v in sorted(row.get("extra", {}).items()))
     smooth = f"smoothing ({row['smooth']}) + " if row.get("smooth") else ""
-    return f"{smooth}{row['method']}" + (f" ({extra})" if extra else "")
+    experts = " (all experts calibrated)" if row.get("moe_calibrate_all_experts") else ""
+    return f"{smooth}{row['method']}{experts}" + (f" ({extra})" if extra else "")
+
+
+def paired(differences: list[float]) -> tuple[float | None, float | None]:
+    """Mean of same-seed differences and its standard error (None with fewer than 2 seeds): a difference within about
+    two standard errors of zero is seed noise."""
+    if not differences:
+        return None, None
+    mean = statistics.fmean(differences)
+    if len(differences) < 2:
+        return mean, None
+    return mean, statistics.stdev(differences) / math.sqrt(len(differences))
 
 
 def slope(values: list[float]) -> float:
@@ -65,7 +78,8 @@ def main() -> None:
         groups[(row["model"], row["scheme"], label(row))].append(metrics(row))
     plain = {(model, s, m["seed"]): m for (model, s, lab), ms in groups.items() if lab == "none" for m in ms}
     table = ["| model | scheme | method | seeds | held-out ppl | test ppl | perfect routing | share of gap removed by "
-             "perfect routing | flip rate | flip rate per layer | depth slope | held-out - plain's (same seeds) | headroom "
+             "perfect routing | flip rate | flip rate per layer | depth slope | held-out - plain's ± s.e. (same seeds) | "
+             "headroom "
              "recovered vs plain (same seed) | "
              "greedy tokens matched (of 32) | router term kept | oneshot s |", "|---" * 16 + "|"]
     summary = []
@@ -92,7 +106,7 @@ def main() -> None:
                                          "flip_slope", "gen_mean_matched", "oneshot_s")},
                  "heldout_per_seed": [m["heldout"] for m in ms], "flip_per_layer": per_layer,
                  "headroom_recovered": statistics.fmean(recovered) if recovered else None,
-                 "heldout_vs_plain": statistics.fmean(versus_plain) if versus_plain else None,
+                 "heldout_vs_plain": paired(versus_plain)[0], "heldout_vs_plain_se": paired(versus_plain)[1],
                  "seeds_vs_plain": len(versus_plain),
                  "router_kept": [f"{m['router_kept']}/{m['blocks']}" for m in ms]}
         summary.append(entry)
@@ -105,7 +119,9 @@ def main() -> None:
             f"({fmt(entry['heldout'])}) | {fmt(entry['ppl'])} | {fmt(entry['ppl_perfect_routing'])} | "
             f"{fmt(entry['perfect_share'], '.1%')} | {fmt(entry['flip_rate'], '.4f')} | "
             f"{' '.join(f'{v:.3f}' for v in per_layer)} | {fmt(entry['flip_slope'], '+.4f')} | "
-            f"{fmt(entry['heldout_vs_plain'], '+.3f')} ({entry['seeds_vs_plain']}) | "
+            f"{fmt(entry['heldout_vs_plain'], '+.3f')}"
+            f"{'' if entry['heldout_vs_plain_se'] is None else ' ± ' + fmt(entry['heldout_vs_plain_se'])} "
+            f"({entry['seeds_vs_plain']}) | "
             f"{fmt(entry['headroom_recovered'], '.1%')} | {fmt(entry['gen_mean_matched'], '.1f')} | "
             f"{', '.join(entry['router_kept'])} | {fmt(entry['oneshot_s'], '.0f')} |")
     args.out.mkdir(parents=True, exist_ok=True)
