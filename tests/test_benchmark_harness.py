@@ -8,12 +8,17 @@ import pytest
 RUN_ONE = Path(__file__).resolve().parents[1] / "benchmarks" / "pipeline" / "run_one.py"
 
 
-@pytest.fixture(scope="module")
-def run_one():
-    spec = importlib.util.spec_from_file_location("run_one", RUN_ONE)
+def _script(path: Path):
+    """A benchmark script imported as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def run_one():
+    return _script(RUN_ONE)
 
 
 @pytest.mark.parametrize(("method", "scheme", "group_size", "requested", "expected"), [
@@ -38,10 +43,7 @@ HEADROOM = RUN_ONE.parent / "headroom.py"
 
 @pytest.fixture(scope="module")
 def headroom():
-    spec = importlib.util.spec_from_file_location("headroom", HEADROOM)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _script(HEADROOM)
 
 
 def _row(method, seed, ppl, valid, perfect, extra=None, **more):
