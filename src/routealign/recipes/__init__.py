@@ -23,8 +23,9 @@ __all__ = ["names", "describe", "path", "resolve", "for_scheme", "text", "SCHEME
 _HERE = Path(__file__).resolve().parent
 
 # the recipe ``--scheme`` picks: plain learned rounding at W4A16 (issue 30: ahead of AutoRoundModifier and of the
-# router-term recipe on the two models tried there; every method ties on the shared tiny models), and at NVFP4 the
-# recipe whose gate keeps the router term only where it wins (plain rounding in effect; it beat GPTQModifier)
+# router-term recipe on the two models tried there; every method ties on the shared tiny models), and at NVFP4 VSRAQ
+# with the per-block LM-head gate (issue 31: at or below plain rounding and the earlier gate on every model's 3-seed
+# mean, below GPTQModifier; benchmarks/RESULTS.md section 15)
 SCHEMES = {"W4A16": "autoround_w4a16", "NVFP4": "vsraq_nvfp4"}
 
 
