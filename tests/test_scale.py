@@ -102,13 +102,13 @@ def test_offset_fake_quant_equals_the_composition_bit_for_bit(name, full_range, 
     assert bool((results[1][1] != 0).any()) and bool((results[1][2] != 0).any())
 
 
-def _block(num_experts: int, seed: int = 4):
-    model = tiny_model("qwen3_moe", seed=seed, num_experts=num_experts)
+def _block(num_experts: int, seed: int = 4, rows: int = 8, seq_len: int = 24, dtype=torch.float32):
+    model = tiny_model("qwen3_moe", seed=seed, num_experts=num_experts, dtype=dtype)
     linearize_moe(model)
     for p in model.parameters():
         p.requires_grad_(False)
     names = [f"model.layers.{i}" for i in range(len(model.model.layers))]
-    h, kwargs = StreamEngine(model, names).capture(calibration_ids(rows=8, seq_len=24, seed=seed))
+    h, kwargs = StreamEngine(model, names).capture(calibration_ids(rows=rows, seq_len=seq_len, seed=seed))
     block, nxt = model.model.layers[0], model.model.layers[1]
     args = preset_name_to_scheme("W4A16", ["Linear"]).weights
     targets = {n: args for n, m in block.named_modules() if isinstance(m, torch.nn.Linear) and n != "mlp.gate"}
@@ -274,36 +274,70 @@ def test_fake_quant_matmul_equals_fake_quant_then_matmul(name, padded):
     assert bool(results[1][2].any()) and bool(results[1][3].any())
 
 
-def test_experts_tuned_in_chunks_cover_every_expert_once():
-    """expert_chunk: the experts of a layer are tuned a chunk at a time, each against the chunks before it
-    quantized; every expert's weight is written once, the result beats RTN, and a chunk as large as the layer is the
-    unchunked run exactly."""
+def _chunked(chunk: int, iters: int = 9, num_experts: int = 8):
+    """(tuner, result, block-output MSE of the written block on the calibration stream) of one block's tuning."""
     from routealign.runner import float_params
 
-    def tuned(chunk: int, iters: int = 6):
-        block, nxt, targets, q, nkw = _block(8)
-        with suspended_offloading(block, nxt):
-            tuner = BlockTuner(block, targets, RouterLossConfig(objective="none"),
-                               TuningConfig(iters=iters, batch_size=2, holdout=0.25, holdout_every=3,
-                                            expert_chunk=chunk), [nxt], next_kwargs=[nkw])
-            reference = tuner.reference(q).outputs
-            result = tuner.tune(q, q)
-            result.write()
-            with torch.no_grad():
-                y, _ = tuner.runner.run(block, float_params(block), q.hidden.float(), tuner.runner.kwargs32(q.kwargs), [])
-        return tuner, result, float((y - reference).pow(2).mean())
+    block, nxt, targets, q, nkw = _block(num_experts, rows=16, seq_len=32)
+    with suspended_offloading(block, nxt):
+        tuner = BlockTuner(block, targets, RouterLossConfig(objective="none"),
+                           TuningConfig(iters=iters, batch_size=4, lr=0.02, holdout=0.25, holdout_every=3,
+                                        expert_chunk=chunk), [nxt], next_kwargs=[nkw])
+        reference = tuner.reference(q).outputs
+        result = tuner.tune(q, q)
+        result.write()
+        with torch.no_grad():
+            y, _ = tuner.runner.run(block, float_params(block), q.hidden.float(), tuner.runner.kwargs32(q.kwargs), [])
+    return tuner, result, float((y - reference).pow(2).mean())
 
-    whole, whole_result, whole_error = tuned(0)
-    same, same_result, _ = tuned(8)
-    assert same.chunks == 1 and same_result.chunks is None
-    assert all(torch.equal(a[2], b[2]) for a, b in zip(whole_result.writes, same_result.writes))
-    chunked, result, error = tuned(3)
-    _, _, rtn_error = tuned(3, iters=0)
+
+def _written(result) -> dict[tuple[int, str], torch.Tensor]:
+    out = {}
+    for module, name, value in result.writes:
+        assert (id(module), name) not in out, "a parameter written twice"
+        out[(id(module), name)] = value
+    return out
+
+
+@pytest.mark.parametrize("chunk", [3, 1])
+def test_iters_zero_in_chunks_writes_every_expert_as_the_unchunked_rtn(chunk):
+    """iters 0 with expert_chunk goes over every chunk: each expert's weight and scales written once, equal to the
+    unchunked RTN's, tensor for tensor (before, only the first chunk was written: 9 of 24 expert weights)."""
+    whole, whole_result, _ = _chunked(0, iters=0)
+    chunked, result, _ = _chunked(chunk, iters=0)
+    assert chunked.chunks == -(-8 // chunk)
+    a, b = _written(whole_result), _written(result)
+    names = {id(m): n for n, m in chunked.block.named_modules()}
+    whole_names = {id(m): n for n, m in whole.block.named_modules()}
+    a = {(whole_names[k[0]], k[1]): v for k, v in a.items()}
+    b = {(names[k[0]], k[1]): v for k, v in b.items()}
+    assert set(a) == set(b)
+    assert sum(n == "weight" and ".experts." in m for m, n in b) == 8 * 3
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+def test_experts_tuned_in_chunks_cover_every_expert_once():
+    """expert_chunk: the experts of a layer are tuned a chunk at a time, each against the chunks before it
+    quantized; every expert's weight is written once, tuned (not left at RTN), and the result beats RTN."""
+    whole, whole_result, whole_error = _chunked(0)
+    same, same_result, _ = _chunked(8)
+    assert same.chunks == 1 and same_result.chunks is None  # a chunk as large as the layer: no chunks
+    chunked, result, error = _chunked(3)
+    rtn, rtn_result, rtn_error = _chunked(3, iters=0)
     assert chunked.chunks == 3 and [c["experts"] for c in result.chunks] == [[0, 3], [3, 6], [6, 8]]
-    written = [m for m, n, _ in result.writes if n == "weight"]
-    assert len(written) == len({id(m) for m in written}) == sum(n == "weight" for _, n, _ in whole_result.writes)
-    experts = [m for m in written if m in set(chunked.block.mlp.experts.modules())]
-    assert len(experts) == 8 * 3
+    assert all(c["arms"]["plain"]["best_iter"] > 0 for c in result.chunks)  # each chunk kept a tuned iteration
+    written, rtn_written = _written(result), _written(rtn_result)
+    assert len(written) == len(_written(whole_result)) == len(rtn_written)
+    experts = {m for m in chunked.block.mlp.experts.modules() if isinstance(m, torch.nn.Linear)}
+    assert sum(1 for m, n, _ in result.writes if n == "weight" and m in experts) == 8 * 3
+    # every expert of every chunk moved away from RTN (its weight differs from the RTN run's)
+    names = {id(m): n for n, m in chunked.block.named_modules()}
+    rtn_names = {id(m): n for n, m in rtn.block.named_modules()}
+    tuned = {names[k[0]]: v for k, v in written.items() if k[1] == "weight"}
+    base = {rtn_names[k[0]]: v for k, v in rtn_written.items() if k[1] == "weight"}
+    for e in range(8):
+        assert any(not torch.equal(tuned[f"mlp.experts.{e}.{p}"], base[f"mlp.experts.{e}.{p}"])
+                   for p in ("gate_proj", "up_proj", "down_proj")), e
     assert error < rtn_error and error < 2 * whole_error
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "VLLM_IGNORES_TIED_EMBEDDINGS",
     "vllm_needs_untied",
     "check_output_folder",
+    "check_weight_files",
     "save_compressed",
 ]
 
@@ -162,6 +163,21 @@ def weight_files(path: str | Path) -> list[Path]:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"model folder has no *.safetensors weights: {folder}")
+    return files
+
+
+def check_weight_files(path: str | Path) -> list[Path]:
+    """The model folder's safetensors weight files, each header read (a missing file, one the index names but that
+    is absent, or a truncated or damaged file is a :class:`CheckpointError` naming it), before anything loads. A
+    folder with only PyTorch ``.bin`` weights is left to transformers."""
+    folder = _folder(path)
+    if not any(folder.glob("*.safetensors")) and not (folder / "model.safetensors.index.json").is_file() and any(
+            folder.glob("pytorch_model*.bin")):
+        return []
+    files = weight_files(folder)
+    for file in files:
+        with read_safetensors(file) as handle:
+            handle.keys()
     return files
 
 
@@ -420,23 +436,42 @@ def _input_folder(model) -> Path | None:
 
 
 def check_output_folder(out: str | Path, overwrite: bool, *inputs: str | Path | None) -> Path:
-    """``out`` resolved, if :func:`save_compressed` may write there: not an existing folder unless ``overwrite``,
-    not a file, not one of the model folders ``inputs`` or inside one. Callers that load a model first check this
-    before loading it."""
+    """``out`` resolved, if :func:`save_compressed` may write there. Refused (:class:`OutputExistsError`, nothing
+    touched): an ``out`` that is, contains or lies inside one of ``inputs`` (the model folder, calibration data,
+    recipe, tokenizer: replacing it would delete them); an existing ``out`` without ``overwrite``; with
+    ``overwrite``, an existing ``out`` that is neither empty nor a compressed-tensors checkpoint (``--overwrite``
+    replaces a checkpoint, never a folder of other files); a file; a folder that cannot be created. Callers that
+    load a model first check this before loading it."""
     out = Path(out).resolve()
-    for source in (Path(p).resolve() for p in inputs if p):
+    for given in (p for p in inputs if p):
+        source = Path(given).resolve()
         if out == source or source in out.parents:
-            raise OutputExistsError(f"output folder {out} would write into the input model folder {source}; "
-                                    "choose another output folder")
+            raise OutputExistsError(f"output folder {out} would write into the input {source}; choose another "
+                                    "output folder")
+        if out in source.parents:
+            raise OutputExistsError(f"output folder {out} contains the input {source}: replacing it would delete "
+                                    "that input; choose another output folder")
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"output path {out} exists and is a file")
     if out.exists() and not overwrite:
         raise OutputExistsError(f"output folder {out} already exists; pass overwrite=True (--overwrite) to replace "
                                 "it, or choose another folder")
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"output path {out} exists and is a file")
+    if out.exists() and any(out.iterdir()) and not _is_checkpoint(out):
+        raise OutputExistsError(f"output folder {out} exists and is not a compressed-tensors checkpoint (no "
+                                "config.json with a compressed-tensors quantization_config): overwrite replaces "
+                                "only a checkpoint; remove the folder yourself or choose another one")
     parent = next(p for p in out.parents if p.exists())  # the folder the new one would be created in
     if not parent.is_dir():
         raise OutputExistsError(f"output folder {out} cannot be created: {parent} is a file")
     return out
+
+
+def _is_checkpoint(folder: Path) -> bool:
+    """Whether ``folder`` holds a compressed-tensors checkpoint (what ``overwrite`` may replace)."""
+    try:
+        return is_compressed(folder)
+    except CheckpointError:
+        return False
 
 
 def save_compressed(model, out: str | Path, tokenizer=None, overwrite: bool = False,

@@ -124,18 +124,26 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     import torch
 
     from . import recipes
-    from .checkpoint import check_output_folder, read_config, save_compressed
+    from .checkpoint import check_output_folder, check_weight_files, read_config, save_compressed
+    from .validation import check_group_divisibility
     from .hub import resolve_model
     from .preflight import check_checkpoint
     from .textdata import calibration_windows, dataset_rows, encode_text, find_tokenizer, load_calibration_dataset
 
     # every cheap check before the model loads: model, recipe, output folder, tokenizer, calibration data
     model_dir = resolve_model(args.model, "model")
-    read_config(model_dir)
+    config = read_config(model_dir)
+    check_weight_files(model_dir)
     recipe_spec = args.recipe or recipes.for_scheme(args.scheme or "W4A16")
+    _check_recipe(recipes.text(recipe_spec), recipe_spec)  # an unknown modifier or field named before any override
     recipe_text = recipes.text(recipe_spec, iters=args.iters, objective=args.objective)
     _check_recipe(recipe_text, recipe_spec)
-    out = check_output_folder(args.out, args.overwrite, model_dir)  # what save_compressed checks, before loading
+    check_group_divisibility(config, recipe_text, f"{model_dir / 'config.json'}", f"recipe {recipe_spec}")
+    # what save_compressed checks, before loading; no input may lie in (or be) the folder an overwrite replaces
+    inputs = [model_dir, args.data, args.tokenizer, args.eval_text, recipes.resolve(recipe_spec)]
+    if args.dataset is not None and Path(args.dataset).exists():
+        inputs.append(args.dataset)
+    out = check_output_folder(args.out, args.overwrite, *inputs)
     if args.samples < 1 or args.seq_len < 2:
         raise InputError(f"--samples must be >= 1 and --seq-len >= 2 (got {args.samples}, {args.seq_len})")
     longest = read_config(model_dir).get("max_position_embeddings")

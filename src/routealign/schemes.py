@@ -198,6 +198,12 @@ class _FakeQuantMatmul(torch.autograd.Function):
                 None, None, None, None, None)
 
 
+def _as_values(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``t`` without gradient, rounded to ``dtype`` (None: as it is)."""
+    t = t.detach()
+    return t if dtype is None or dtype == t.dtype else t.to(dtype)
+
+
 def _value_with_grad(exact: torch.Tensor, continuous: torch.Tensor) -> torch.Tensor:
     """``exact``'s value with ``continuous``'s gradient (exact when no gradient is taken)."""
     if not continuous.requires_grad:
@@ -294,15 +300,25 @@ class WeightQuantizer:
         scale = nvfp4_global_scale(absmax)
         return scale.reshape(1) if weights[0].ndim == 2 else scale.reshape(-1, 1, 1)
 
-    def qparams(self, wmin: torch.Tensor, wmax: torch.Tensor, global_scale: torch.Tensor | None = None) -> QParams:
+    def qparams(self, wmin: torch.Tensor, wmax: torch.Tensor, global_scale: torch.Tensor | None = None,
+                value_dtype: torch.dtype | None = None) -> QParams:
         """Scale and zero-point from (possibly clipped) group minima and maxima. Values are compressed-tensors'
         ``calculate_qparams`` (or, with ``full_range``, :meth:`full_range_qparams`); gradients flow to
-        ``wmin``/``wmax`` through the continuous formula."""
+        ``wmin``/``wmax`` through the continuous formula.
+
+        ``value_dtype``: the values are computed from the minima and maxima rounded to it (the model's dtype: what
+        llm-compressor's observers compute and what the checkpoint stores), returned in ``wmin``'s dtype. The
+        tuning of a bf16 model then rounds to, and its written codes are dequantized with, one and the same scale
+        (computed once in float32 and once in bf16, a full-range scale's sign flipped where the group's two ends
+        were within bf16's precision: the whole group written negated)."""
         if self.full_range:
-            return self.full_range_qparams(wmin, wmax)
+            return self.full_range_qparams(wmin, wmax, value_dtype)
         with torch.no_grad():
+            vmin, vmax = _as_values(wmin, value_dtype), _as_values(wmax, value_dtype)
             # a per-expert global scale [E, 1, 1] broadcasts against [E, out, groups]
-            scale, zero_point = calculate_qparams(wmin.detach(), wmax.detach(), self.args, global_scale)
+            scale, zero_point = calculate_qparams(vmin, vmax, self.args, global_scale)
+            if vmin.dtype != wmin.dtype:
+                scale = scale.to(wmin.dtype)
         if not (wmin.requires_grad or wmax.requires_grad):
             return QParams(scale, zero_point, global_scale)
         q_min, q_max = calculate_range(self.args, wmin.device)
@@ -322,22 +338,26 @@ class WeightQuantizer:
                 else zero_point
         return QParams(scale, zero_point, global_scale)
 
-    def full_range_qparams(self, wmin: torch.Tensor, wmax: torch.Tensor) -> QParams:
+    def full_range_qparams(self, wmin: torch.Tensor, wmax: torch.Tensor,
+                           value_dtype: torch.dtype | None = None) -> QParams:
         """Full-range symmetric int parameters: the scale is ``m / 2^(b-1)`` with ``m`` the group's largest
         magnitude, signed so that the extreme of that magnitude lands on the grid's end ``-2^(b-1)`` exactly
         (negative when the positive side dominates). compressed-tensors' symmetric grid divides ``m`` by
         ``(2^b - 1) / 2`` and leaves its ``-2^(b-1)`` level to the negative side alone; the full-range grid uses all
         ``2^b`` levels on the dominant side: a step 1/8 finer at 3 bits, 1/16 at 4 (AutoRound's ``int_sym``). The
-        zero-point stays 0, so the checkpoint is an ordinary symmetric pack-quantized one: ``(q - 0) * scale``."""
+        zero-point stays 0, so the checkpoint is an ordinary symmetric pack-quantized one: ``(q - 0) * scale``.
+        ``value_dtype``: as :meth:`qparams` (the sign, too, is decided on the values in that dtype)."""
         lo = torch.minimum(wmin, torch.zeros_like(wmin))
         hi = torch.maximum(wmax, torch.zeros_like(wmax))
         levels = float(2 ** (int(self.args.num_bits) - 1))
         with torch.no_grad():
-            sign = torch.where(lo.abs() >= hi, 1.0, -1.0).to(hi.dtype)
-        cont = sign * torch.maximum(lo.abs(), hi.abs()) / levels
-        with torch.no_grad():
+            vlo, vhi = _as_values(lo, value_dtype), _as_values(hi, value_dtype)
+            vsign = torch.where(vlo.abs() >= vhi, 1.0, -1.0).to(vhi.dtype)
+            value = vsign * torch.maximum(vlo.abs(), vhi.abs()) / levels
             # a zero group (all weights 0) gets the dtype's eps, as compressed-tensors replaces zero scales
-            exact = torch.where(cont == 0, torch.finfo(cont.dtype).eps, cont.detach())
+            exact = torch.where(value == 0, torch.finfo(value.dtype).eps, value).to(hi.dtype)
+            sign = vsign.to(hi.dtype)
+        cont = sign * torch.maximum(lo.abs(), hi.abs()) / levels
         scale = _value_with_grad(exact, cont)
         zero_point = torch.zeros(scale.shape, device=scale.device, dtype=torch.int8)
         return QParams(scale, zero_point, None)

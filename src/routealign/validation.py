@@ -2,6 +2,8 @@
 
 - :func:`check_group_sizes`: every quantized module's input dimension is a multiple of its scheme's group size
   (llm-compressor only warns, then fails in the middle of the run); names every offending module.
+- :func:`check_group_divisibility`: before a model loads, its ``hidden_size`` (the input of every attention and
+  expert projection) against the group sizes of a recipe's schemes.
 - :func:`check_calibration`: the calibration set is non-empty, its token ids lie inside the vocabulary, its
   sequences are long enough, padded only before or after their real tokens (lengths may differ).
 - :func:`check_router_settings`: options that depend on the model's routers (e.g. VSRAQ's boundary width must
@@ -26,6 +28,7 @@ from .routing import MoELayer
 __all__ = [
     "CalibrationSummary",
     "check_group_sizes",
+    "check_group_divisibility",
     "check_calibration",
     "check_router_settings",
     "check_finite",
@@ -66,6 +69,64 @@ def check_group_sizes(model: torch.nn.Module, where: str) -> None:
             f"{where}: the scheme's group size does not divide the input dimension of {len(bad)} targeted "
             f"module(s): {_listing(bad)}. Add them to `ignore` or choose a group size that divides them"
         )
+
+
+def _recipe_group_sizes(recipe_text: str) -> list[tuple[str, str, int]]:
+    """``(modifier, scheme, group size)`` of every grouped weight or input-activation scheme of the recipe's
+    modifiers that target every ``Linear`` (their ``scheme`` preset, or ``config_groups``)."""
+    import yaml
+    from compressed_tensors.quantization import QuantizationScheme, preset_name_to_scheme
+
+    found = []
+
+    def visit(node):
+        if not isinstance(node, dict):
+            return
+        for key, value in node.items():
+            if not isinstance(value, dict):
+                continue
+            targets = value.get("targets", ["Linear"])
+            targets = [targets] if isinstance(targets, str) else list(targets or [])
+            schemes = []
+            scheme = value.get("scheme")
+            if isinstance(scheme, str):
+                schemes.append((scheme, preset_name_to_scheme(scheme, ["Linear"])))
+            elif isinstance(scheme, dict):
+                schemes += [(name, preset_name_to_scheme(name, ["Linear"])) for name in scheme]
+                targets = [t for ts in scheme.values() for t in ([ts] if isinstance(ts, str) else ts)]
+            for group, spec in (value.get("config_groups") or {}).items():
+                if isinstance(spec, dict):
+                    schemes.append((str(group), QuantizationScheme(**spec)))
+                    targets = spec.get("targets", targets)
+            if schemes and "Linear" in targets:
+                for name, qs in schemes:
+                    for args in (qs.weights, qs.input_activations):
+                        if args is not None and args.strategy in _GROUPED and args.group_size:
+                            found.append((str(key), name, int(args.group_size)))
+            visit(value)
+
+    try:
+        visit(yaml.safe_load(recipe_text))
+    except Exception:  # an unusual recipe: llm-compressor's own check at initialize still applies
+        return []
+    return found
+
+
+def check_group_divisibility(config: dict, recipe_text: str, config_where: str, recipe_where: str) -> None:
+    """Before the model loads: the model's ``hidden_size`` (every attention and expert projection's input) must be a
+    multiple of the group size of each scheme the recipe applies to every ``Linear``; an :class:`InputError` naming
+    the config, the recipe, the modifier and the scheme otherwise (llm-compressor would stop after loading, with a
+    traceback). Other dimensions are checked when the modifier initializes."""
+    hidden = config.get("hidden_size", (config.get("text_config") or {}).get("hidden_size"))
+    if not isinstance(hidden, int):
+        return
+    for modifier, scheme, size in _recipe_group_sizes(recipe_text):
+        if hidden % size:
+            raise InputError(
+                f"{config_where}: hidden_size {hidden} is not a multiple of the group size {size} of {recipe_where}'s "
+                f"{modifier} scheme {scheme}; every attention and expert projection takes hidden_size inputs. "
+                f"Choose a scheme whose group size divides {hidden}"
+            )
 
 
 @dataclass

@@ -164,7 +164,12 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
             # (every rank computes the same values). Not otherwise: a disk-offloaded module's cache would then hold
             # the new parameters outside its index and fail to onload them (tested with disk offloading)
             with disable_onloading() if world_size() > 1 else contextlib.nullcontext():
-                QuantizationMixin.initialize_quantization(self, model)
+                try:
+                    QuantizationMixin.initialize_quantization(self, model)
+                except ValueError as exc:  # llm-compressor's group-size divisibility check (0.14) lists the layers
+                    if "not divisible by group_size" not in str(exc):
+                        raise
+                    raise InputError(f"{type(self).__name__} (scheme {self.scheme}): {exc}") from None
         # everything checkable is checked now, before any calibration forward
         where = type(self).__name__
         self._layer_order = decoder_layer_order(model, kwargs.get("sequential_targets"))
@@ -290,12 +295,19 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
                "routers": [f"{w}:{(name if w == 'block' else chain[-1])}.{l.router_name}" for w, l in tuner.scoped],
                "router": result.decision.value, "arms": result.arms, "gate": result.gate,
                "router_scale": result.router_scale}
+        if result.chunks:  # expert_chunk: each chunk's experts, decision and arms (the row's own are the first's)
+            row["chunks"] = result.chunks
+            decisions = {c["router"] for c in result.chunks}
+            row["router"] = decisions.pop() if len(decisions) == 1 else "mixed"
         self._report.append(row)
         if history:
             kept = {RouterDecision.KEPT: ", router term kept", RouterDecision.UNGATED: ", router term (ungated)",
                     RouterDecision.DROPPED: ", router term dropped (held-out)",
                     RouterDecision.NOT_TRIED: ", router term not tried (forcing the unquantized experts gains "
                                               "nothing on held-out)"}.get(result.decision, "")
+            if result.chunks:
+                kept = ", experts " + ", ".join(f"{a}-{b - 1}: {c['router']}" for c in result.chunks
+                                                for a, b in [c["experts"]])
             logger.info(f"{name}: tuned {tuner.tuned_modules} weights, {len(history)} iters, loss "
                         f"{history[0]:.4g} -> best {min(history):.4g}{kept} ({seconds:.1f} s)")
 

@@ -305,26 +305,27 @@ class BlockTuner:
             reference.outputs = place(reference.outputs)
         fallback = self._fallback(all_reduce_counts(self.expert_token_counts(q)))
         cfg = self.config
-        if cfg.iters <= 0 or not self.weights:
-            return TuneResult(outputs, self._writes(), [], {}, RouterDecision.UNTUNED, fallback=fallback)
-        total = q.hidden.shape[0] if total is None else total
-        train, held = self.split(total)
-        heldout = self.heldout(q, reference, held, offset)
+        tuning = cfg.iters > 0 and bool(self.weights)
+        if tuning:
+            total = q.hidden.shape[0] if total is None else total
+            train, held = self.split(total)
+            heldout = self.heldout(q, reference, held, offset)
+        untuned = ([], {}, RouterDecision.UNTUNED, None, None)
+        # every path, iters 0 included, goes over every chunk of experts: each chunk's weights are written once
         chunks, writes, first = [], [], None
         for index in range(self.chunks):
             if index:
                 self._select(index)
                 fallback.update(self._freeze_starving())
-            result = self._tune_selected(q, heldout, reference, train, held, offset)
+            result = self._tune_selected(q, heldout, reference, train, held, offset) if tuning else untuned
             writes += self._writes(store=self.chunks > 1)
             if self.chunks > 1:  # the part's tuning state goes before the next part's is made
                 for w in self.weights:
                     if w.stacked:
                         w.release()
-            first = first or result
-            if self.chunks > 1:
                 chunks.append({"experts": list(self._span[id(self._bases[0])]), "router": result[2].value,
-                               "arms": result[1]})
+                               "arms": result[1], "gate": result[3]})
+            first = first or result
         history, info, decision, gate, headroom = first
         return TuneResult(outputs, writes, history, info, decision, gate, headroom, self._router_scale, fallback,
                           chunks or None)

@@ -129,8 +129,11 @@ class TunedWeight:
         return [self.offset, self.clip_lo, self.clip_hi]
 
     def qparams(self) -> QParams:
-        """The scale (with gradients to the clip factors) of the current clip factors."""
-        return self.quantizer.qparams(self._min32 * self.clip_lo, self._max32 * self.clip_hi, self._gs32)
+        """The scale (with gradients to the clip factors) of the current clip factors. Its values are computed from
+        the clipped ranges rounded to the model's dtype, as the written scale is (:meth:`final`): the codes the
+        tuning rounds to are dequantized with the scale the checkpoint stores."""
+        return self.quantizer.qparams(self._min32 * self.clip_lo, self._max32 * self.clip_hi, self._gs32,
+                                      value_dtype=self.dtype)
 
     def fake_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The fake-quantized weight (float32, or ``dtype``) with gradients to the rounding parameters; the restored
@@ -244,7 +247,7 @@ class TunedWeight:
             best_err, best_c = None, None
             for c in grid:
                 lo = torch.full_like(wmin, c)
-                qp = self.quantizer.qparams(wmin * lo, wmax * lo, gs)
+                qp = self.quantizer.qparams(wmin * lo, wmax * lo, gs, value_dtype=self.dtype)
                 err = (self.quantizer.fake_quant(w32, qp) - w32).pow(2)
                 err = err.unflatten(-1, (lo.shape[-1], -1)).sum(-1)
                 if best_err is None:
@@ -268,26 +271,26 @@ class TunedWeight:
         arithmetic rounded to (the restored snapshot's codes): signed gradient descent leaves many offsets just across
         a rounding boundary, and re-deriving the integers from a scale rounded to the model's dtype (relative error
         2^-9 in bf16) would undo those decisions at random. The dequantized value ``(q - zp) * scale`` is rounded
-        once to the model's dtype; compressed-tensors re-quantizes it to the same integers (<= 4 bits)."""
+        once to the model's dtype; compressed-tensors re-quantizes it to the same integers (<= 4 bits). The scale
+        written is the one the codes were rounded against (:meth:`qparams`: its value from the clipped range in the
+        model's dtype, exactly the observers' at clip 1)."""
         w = self.weight
         wmin, wmax = self.quantizer.group_minmax(w)
-        lo = (wmin.float() * self.clip_lo).to(w.dtype)
-        hi = (wmax.float() * self.clip_hi).to(w.dtype)
-        qp = self.quantizer.qparams(lo, hi, self.global_scale)
+        # RTN as llm-compressor's observers compute it, in the weight's dtype (untouched weights and experts)
+        rtn = self.quantizer.qparams(wmin, wmax, self.global_scale)
         zero = self._zero_offset if self._codes is not None else self._zero_offsets()
         untouched = zero & (self.clip_lo == 1).flatten(start_dim=-2).all(-1) & (
             self.clip_hi == 1).flatten(start_dim=-2).all(-1)
         if bool(untouched.all()):
-            return self.quantizer.fake_quant(w, qp), qp
-        codes = self._codes if self._codes is not None else self.quantizer.codes(w, self.qparams(), self.offset)
-        qp32 = QParams(qp.scale.float(), qp.zero_point, qp.global_scale)
-        tuned = self.quantizer.dequantize(codes, qp32, w.dtype)
+            return self.quantizer.fake_quant(w, rtn), rtn
+        qp = self.qparams()
+        codes = self._codes if self._codes is not None else self.quantizer.codes(w, qp, self.offset)
+        tuned = self.quantizer.dequantize(codes, qp, w.dtype)
         if self.stacked and bool(untouched.any()):  # those experts exactly RTN
-            rtn = self.quantizer.fake_quant(w[untouched], QParams(
-                qp.scale[untouched], qp.zero_point[untouched], None if qp.global_scale is None
-                else qp.global_scale[untouched]))
-            tuned[untouched] = rtn
-        return tuned, qp
+            tuned[untouched] = self.quantizer.fake_quant(w[untouched], QParams(
+                rtn.scale[untouched], rtn.zero_point[untouched], None if rtn.global_scale is None
+                else rtn.global_scale[untouched]))
+        return tuned, QParams(qp.scale, qp.zero_point, rtn.global_scale)
 
 
 @dataclass
