@@ -15,9 +15,9 @@ from routealign.streams import plain_forwards
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss", "nemotron_h", "deepseek_v3"])
 def test_batched_experts_match_the_loop(model_type, padded, monkeypatch):
-    import routealign.experts
+    import routealign.accelerator
 
-    monkeypatch.setattr(routealign.experts, "PADDED", padded)
+    monkeypatch.setattr(routealign.accelerator, "LAYOUT", "padded" if padded else "grouped")
     model = tiny_model(model_type, seed=4)
     linearize_moe(model)
     layer = find_moe_layers(model)[0]
@@ -62,10 +62,10 @@ def test_batched_experts_apply_nvfp4_input_quantization_as_the_loop_hooks_do(mod
     global scale; the batched forward quantizes the stacked tokens in one call. Same values and gradients."""
     from compressed_tensors.quantization import preset_name_to_scheme
 
-    import routealign.experts
+    import routealign.accelerator
     from routealign.schemes import ActivationQuantizer
 
-    monkeypatch.setattr(routealign.experts, "PADDED", padded)
+    monkeypatch.setattr(routealign.accelerator, "LAYOUT", "padded" if padded else "grouped")
     model = tiny_model(model_type, seed=4)
     linearize_moe(model)
     experts = find_moe_layers(model)[0].experts

@@ -224,9 +224,10 @@ def ddp_run_cost(s: Shape, c: Config, samples: int, seq_len: int, batch: int, ra
     - Traffic per step: the rounding offsets' gradients (one float32 per tuned weight) and the clip parameters' (two
       per group of 128); twice that when the router term is balanced (``router_balance``: the MSE and router
       gradients are reduced apart), plus a few scalars (losses, token counts).
-    - GPU memory: the tuned block's float32 tuning state (weight, offset, its gradient, the fake-quantized copy and
-      its gradient, and the two reduced gradient copies when balanced: ~28 bytes per weight; 20 otherwise), the
-      next block's weights (scope next), the activations of this rank's share of a minibatch. Host memory: the model
+    - GPU memory: the tuned block's tuning state per weight from ``routealign.modifiers.rounding.memory`` (the
+      formula the modifier plans chunks with, measured in tests/test_memory.py), plus, under more than one rank with
+      the router term balanced, the MSE and router gradients reduced apart (two more float32 sets: 8 bytes; not
+      measured), the next block's weights (scope next), the activations of this rank's share of a minibatch. Host memory: the model
       in bfloat16 once per node (compressed-tensors' shared CPU offload) and per rank its calibration streams
       (quantized and unquantized inputs, unquantized outputs: 3 x S/R x T x h float32).
     """
@@ -248,7 +249,10 @@ def ddp_run_cost(s: Shape, c: Config, samples: int, seq_len: int, batch: int, ra
     seconds = (max(compute, memory_time)) * overhead + comm
     next_block = (attention_params(s) + s.hidden * s.experts) * 4 if c.scope == "next" else 0
     act = step["bytes"] - tuned * 4 * 10  # activation bytes of the whole minibatch
-    gpu = tuned * (28 if balanced else 20) + next_block + act * share
+    from routealign.modifiers.rounding.memory import bytes_per_tuned
+
+    gpu = tuned * (bytes_per_tuned(2, c.arms, balanced) + (8 if balanced and ranks > 1 else 0)) + next_block \
+        + act * share
     total_params = s.total_params or s.layers * (tuned + s.hidden * s.experts) + 2 * s.vocab * s.hidden
     host_node = total_params * 2
     host_rank = 3 * (samples / ranks) * seq_len * s.hidden * 4
@@ -269,13 +273,14 @@ def memory_rows(s: Shape, budgets: tuple[float, ...] = (80, 141)) -> list[dict]:
     other = attention_params(s) + mult * s.hidden * s.shared_inter
     layer_weights = 2 * (per_expert * s.experts + other)
     rows = []
-    for label, arms in (("plain / fast (one arm)", 1), ("default (both arms)", 2)):
-        whole = layer_bytes(per_expert, s.experts, other, 2, arms)
+    for label, arms, router in (("plain (one arm)", 1, False), ("fast (router term, one arm)", 1, True),
+                                ("default (both arms)", 2, True)):
+        whole = layer_bytes(per_expert, s.experts, other, 2, arms, router=router)
         fits = {}
         for budget in budgets:
             room = budget * 1e9 - layer_weights
             fits[budget] = next((k for k in range(s.experts, 0, -1)
-                                 if layer_bytes(per_expert, s.experts, other, 2, arms, k) <= room), 0)
+                                 if layer_bytes(per_expert, s.experts, other, 2, arms, k, router) <= room), 0)
         rows.append({"model": s.name, "config": label, "tuning_GB": whole / 1e9, "layer_weights_GB": layer_weights / 1e9,
                      "chunk_fits": fits, "max_tuning_gib": {b: (b * 1e9 - layer_weights) / GIB for b in budgets}})
     return rows

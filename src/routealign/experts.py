@@ -19,9 +19,11 @@ from __future__ import annotations
 import contextlib
 import types
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+
+from .accelerator import chunk_elements, expert_layout
 
 __all__ = ["batched_forward", "batched_experts", "input_quantizers", "input_quantization_plans",
            "StackedInputQuantizer", "supports_batching", "layout", "Stacked", "Parts"]
@@ -94,49 +96,149 @@ def input_quantization_plans(module: torch.nn.Module, quantizers: dict) -> dict[
 
 @dataclass
 class Stacked:
-    """One projection of every expert, as :func:`batched_forward` multiplies it: the weights ``[E, out, in]`` and
-    biases ``[E, out]`` (or None). Subclasses compute the weights inside the product (the tuner's fake-quantized
-    stacks)."""
+    """One projection of every expert, as :func:`batched_forward` multiplies it: the weights ``[E, out, in]`` (or,
+    with ``weight`` None, the experts' Linear ``modules``, stacked a piece at a time) and biases ``[E, out]`` (or
+    None). Subclasses compute the weights inside the product (the tuner's fake-quantized stacks).
+
+    A product that must convert the weights (a bf16 model's experts in a float32 forward) or stack them runs in
+    pieces of experts of at most :func:`~routealign.accelerator.chunk_elements` elements: never a float32 copy, or a
+    stacked copy, of a whole layer's projection (on DeepSeek-V3, 15 GB)."""
 
     weight: torch.Tensor | None
     bias: torch.Tensor | None = None
+    modules: tuple = ()
 
-    def matmul(self, tokens: torch.Tensor, offsets: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    needs_ends: ClassVar[bool] = False  # the grouped layout's product needs the token boundaries on the host (Parts)
+
+    @property
+    def experts(self) -> int:
+        return self.weight.shape[0] if self.weight is not None else len(self.modules)
+
+    def piece(self, a: int, b: int) -> torch.Tensor:
+        """The weights of experts ``[a, b)``, ``[b - a, out, in]``."""
+        if self.weight is not None:
+            return self.weight[a:b]
+        return torch.stack([m.weight for m in self.modules[a:b]])
+
+    def pieces(self, dtype: torch.dtype) -> list[tuple[int, int]]:
+        """Expert ranges the product in ``dtype`` runs in: all at once where the weight is one tensor already in
+        ``dtype``, else pieces of :func:`~routealign.accelerator.chunk_elements`."""
+        sample = self.weight if self.weight is not None else self.modules[0].weight
+        count = self.experts
+        if self.weight is not None and sample.dtype == dtype:
+            return [(0, count)]
+        per = sample[0].numel() if self.weight is not None else sample.numel()
+        step = max(1, chunk_elements(sample.device) // max(per, 1))
+        return [(a, min(a + step, count)) for a in range(0, count, step)]
+
+    def matmul(self, tokens: torch.Tensor, offsets: torch.Tensor | None, dtype: torch.dtype,
+               ends: list[int] | None = None) -> torch.Tensor:
         """Expert-sorted ``tokens`` ``[T, in]`` with jagged ``offsets`` (one grouped GEMM), or with ``offsets`` None
-        tokens padded per expert ``[E, C, in]`` (one batched matmul), times each expert's weight, in ``dtype``."""
-        w = self.weight.transpose(1, 2)
-        if offsets is None:
-            return torch.bmm(tokens, w.to(tokens.dtype))
-        return torch._grouped_mm(tokens.to(dtype), w.to(dtype), offs=offsets)
+        tokens padded per expert ``[E, C, in]`` (one batched matmul), times each expert's weight, in ``dtype`` (padded:
+        the tokens' dtype). ``ends``: ``offsets`` read back once per forward (``[0] + offsets``), where
+        :attr:`needs_ends` or a product runs in pieces (read here otherwise). With gradients to the tokens, the
+        weights are kept for the backward as they are (a view of the stack, in the model's dtype) and converted
+        there piece by piece (:class:`_FrozenMatmul`): no float32 copy of a bf16 model's untuned experts lives until
+        the backward."""
+        weight = self.weight if self.weight is not None else self.modules[0].weight
+        if torch.is_grad_enabled() and tokens.requires_grad and not weight.requires_grad:
+            return _FrozenMatmul.apply(tokens, self, offsets, dtype, ends)
+        return _frozen_product(tokens, self, offsets, dtype, ends)
 
     def dense(self) -> torch.Tensor:
         """The stacked weights as one tensor (for llm-compressor's per-expert loop)."""
-        return self.weight
+        return self.weight if self.weight is not None else self.piece(0, self.experts)
 
     @property
     def out_features(self) -> int:
-        return self.weight.shape[1]
+        return (self.weight if self.weight is not None else self.modules[0].weight).shape[-2]
+
+
+def _grouped_ranges(stacked: Stacked, offsets: torch.Tensor, ends: list[int] | None, dtype: torch.dtype):
+    """Per piece of :meth:`Stacked.pieces`: ``(first expert, end, first token, end token)``; one piece needs no token
+    boundaries (one grouped GEMM over all the tokens)."""
+    pieces = stacked.pieces(dtype)
+    if len(pieces) == 1:
+        return [(0, stacked.experts, None, None)]
+    ends = [0] + offsets.tolist() if ends is None else ends
+    return [(a, b, ends[a], ends[b]) for a, b in pieces]
+
+
+def _frozen_product(tokens: torch.Tensor, stacked: Stacked, offsets: torch.Tensor | None, dtype: torch.dtype,
+                    ends: list[int] | None) -> torch.Tensor:
+    """:meth:`Stacked.matmul`'s product: padded tokens in their dtype (batched matmuls), or expert-sorted tokens in
+    ``dtype`` (grouped GEMMs), a piece of experts at a time (:meth:`Stacked.pieces`)."""
+    if offsets is None:
+        return torch.cat([torch.bmm(tokens[a:b], stacked.piece(a, b).transpose(1, 2).to(tokens.dtype))
+                          for a, b in stacked.pieces(tokens.dtype)])
+    outs = []
+    for a, b, t0, t1 in _grouped_ranges(stacked, offsets, ends, dtype):
+        w = stacked.piece(a, b).transpose(1, 2).to(dtype)
+        if t0 is None:
+            outs.append(torch._grouped_mm(tokens.to(dtype), w, offs=offsets))
+        elif t1 > t0:
+            outs.append(torch._grouped_mm(tokens[t0:t1].to(dtype), w, offs=offsets[a:b] - t0))
+        else:
+            outs.append(tokens.new_zeros(0, w.shape[-1], dtype=dtype))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+class _FrozenMatmul(torch.autograd.Function):
+    """:func:`_frozen_product` with a gradient to the tokens only, the weights kept as they are (in the model's
+    dtype, a view) and converted inside the backward piece by piece. Autograd would save the converted float32
+    weight: for a bf16 model's experts tuned in chunks, a float32 copy of every untuned expert alive until the
+    backward. Values and gradients are autograd's (the same GEMM calls)."""
+
+    @staticmethod
+    def forward(ctx, tokens, stacked, offsets, dtype, ends):
+        ctx.save_for_backward(offsets)
+        ctx.stacked, ctx.dtype, ctx.tokens_dtype, ctx.ends = stacked, dtype, tokens.dtype, ends
+        return _frozen_product(tokens, stacked, offsets, dtype, ends)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (offsets,) = ctx.saved_tensors
+        stacked = ctx.stacked
+        if offsets is None:
+            grad_tokens = torch.cat([torch.bmm(grad[a:b], stacked.piece(a, b).to(ctx.tokens_dtype))
+                                     for a, b in stacked.pieces(ctx.tokens_dtype)])
+        else:
+            outs = []
+            for a, b, t0, t1 in _grouped_ranges(stacked, offsets, ctx.ends, ctx.dtype):
+                w = stacked.piece(a, b).to(ctx.dtype)
+                if t0 is None:
+                    outs.append(torch._grouped_mm(grad.to(ctx.dtype), w, offs=offsets))
+                elif t1 > t0:
+                    outs.append(torch._grouped_mm(grad[t0:t1].to(ctx.dtype), w, offs=offsets[a:b] - t0))
+                else:
+                    outs.append(grad.new_zeros(0, w.shape[-1], dtype=ctx.dtype))
+            grad_tokens = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return grad_tokens.to(ctx.tokens_dtype), None, None, None, None
 
 
 @dataclass
 class Parts(Stacked):
     """A projection of every expert in consecutive parts ``(first expert, end, Stacked)`` (expert-chunked tuning:
     the experts tuned before, the chunk being tuned, the experts still unquantized), multiplied part by part. The
-    grouped layout reads the parts' token boundaries back once per product."""
+    grouped layout needs the token boundaries on the host: :func:`batched_forward` reads them once per forward for
+    all projections (``ends``)."""
 
     parts: tuple = ()
+    needs_ends: ClassVar[bool] = True
 
-    def matmul(self, tokens: torch.Tensor, offsets: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    def matmul(self, tokens: torch.Tensor, offsets: torch.Tensor | None, dtype: torch.dtype,
+               ends: list[int] | None = None) -> torch.Tensor:
         if offsets is None:  # padded [E, C, in]: the parts are slices of the experts' dimension
             return torch.cat([part.matmul(tokens[a:b], None, dtype) for a, b, part in self.parts])
-        ends = [0] + offsets.tolist()
+        ends = [0] + offsets.tolist() if ends is None else ends
         outs = []
         for a, b, part in self.parts:
             start, end = ends[a], ends[b]
             if start == end:  # no token for these experts in this batch (and no gradient to give them)
                 outs.append(tokens.new_zeros(0, part.out_features, dtype=dtype))
             else:
-                outs.append(part.matmul(tokens[start:end], offsets[a:b] - start, dtype))
+                outs.append(part.matmul(tokens[start:end], offsets[a:b] - start, dtype,
+                                        [e - start for e in ends[a:b + 1]]))
         return torch.cat([o.to(dtype) for o in outs])
 
     def dense(self) -> torch.Tensor:
@@ -144,31 +246,18 @@ class Parts(Stacked):
 
 
 def _stack(experts, proj: str) -> Stacked:
-    mods = [getattr(experts[e], proj) for e in range(experts.num_experts)]
-    weight = torch.stack([m.weight for m in mods])
+    """The experts' own weights of ``proj``, stacked by the product a piece at a time (:meth:`Stacked.piece`)."""
+    mods = tuple(getattr(experts[e], proj) for e in range(experts.num_experts))
     bias = torch.stack([m.bias for m in mods]) if mods[0].bias is not None else None
-    return Stacked(weight, bias)
-
-
-def _grouped_mm_available() -> bool:
-    return hasattr(torch, "_grouped_mm")
+    return Stacked(None, bias, mods)
 
 
 def layout(x: torch.Tensor, dtype: torch.dtype) -> str:
     """How the experts' matmuls run for tokens ``x`` computed in ``dtype``: ``grouped`` (one grouped GEMM per
-    projection over the expert-sorted tokens, jagged offsets on the device: no padding, no host synchronisation;
-    torch's CPU kernel, and CUDA's for bfloat16 on compute capability 9 and 10) or ``padded`` (tokens padded to
-    the busiest expert's count, ``[E, C, h]``, one batched matmul: CUDA in float32, where torch's grouped GEMM
-    would loop over the experts; C is read once per forward). :data:`PADDED` forces either."""
-    if PADDED is not None:
-        return "padded" if PADDED else "grouped"
-    if not _grouped_mm_available():
-        return "padded"
-    if x.device.type == "cpu":
-        return "grouped"
-    if x.device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] in (9, 10):
-        return "grouped"
-    return "padded"
+    projection over the expert-sorted tokens, jagged offsets on the device: no padding, no host synchronisation) or
+    ``padded`` (tokens padded to the busiest expert's count, ``[E, C, h]``, one batched matmul; C is read once per
+    forward). The choice by device is :func:`routealign.accelerator.expert_layout`'s."""
+    return expert_layout(x.device, dtype)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -212,10 +301,12 @@ def batched_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
         with torch.no_grad():
             offsets = torch.cumsum(counts, 0).to(torch.int32)
         xp = x
+    # the host's token boundaries, read once for every projection that needs them (experts tuned in chunks)
+    ends = [0] + offsets.tolist() if not padded and any(s.needs_ends for s in given.values()) else None
 
     def project(inp, proj):
         stacked = given[proj] if proj in given else _stack(self, proj)
-        out, b = stacked.matmul(inp, None if padded else offsets, dtype), stacked.bias
+        out, b = stacked.matmul(inp, None if padded else offsets, dtype, ends), stacked.bias
         if b is None:
             return out
         return out + (b[:, None, :] if padded else b[sorted_experts]).to(out.dtype)
@@ -236,9 +327,6 @@ def batched_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
         y = y[sorted_experts, position]
     out = y * top_k_weights[token, slot, None]
     return torch.zeros_like(hidden_states).index_add_(0, token, out.to(hidden_states.dtype))
-
-
-PADDED: bool | None = None  # None: :func:`layout` decides (tests force either)
 
 
 @contextlib.contextmanager

@@ -23,6 +23,8 @@ from compressed_tensors.quantization import QuantizationArgs, QuantizationStrate
 from compressed_tensors.quantization.quant_args import FP4_E2M1_DATA, FP8_E4M3_DATA, round_to_quantized_type_args
 from compressed_tensors.quantization.utils import calculate_qparams, calculate_range
 
+from .accelerator import chunk_elements
+
 __all__ = ["ActivationQuantizer", "WeightQuantizer", "QParams", "nvfp4_global_scale", "input_global_scale",
            "chunk_elements", "row_chunks"]
 
@@ -49,24 +51,6 @@ class _RoundSTE(torch.autograd.Function):
     def backward(ctx, grad):
         (inside,) = ctx.saved_tensors
         return grad * inside, None, None, None
-
-
-# elements of a weight processed at once by the elementwise passes over tuned weights (:class:`_OffsetFakeQuant`,
-# the clip search): on an accelerator large (few kernels; temporaries bounded to a few bytes per element of a chunk),
-# on the CPU the size of a core's cache, where those chains of elementwise operations are memory-bound (a stacked
-# tensor of all experts streamed through memory once per operation ran 2-3x slower than cache-sized pieces).
-# ``ROUTEALIGN_CHUNK_ELEMENTS`` overrides both (the scale benchmark counts a GPU run's operations on the CPU with it)
-CHUNK_ELEMENTS = {"cpu": 1 << 18, "other": 1 << 26}
-
-
-def chunk_elements(device: torch.device) -> int:
-    """Elements per piece of the elementwise passes over tuned weights on ``device`` (:data:`CHUNK_ELEMENTS`)."""
-    import os
-
-    forced = os.environ.get("ROUTEALIGN_CHUNK_ELEMENTS")
-    if forced:
-        return int(forced)
-    return CHUNK_ELEMENTS["cpu" if device.type == "cpu" else "other"]
 
 
 def row_chunks(rows: int, size: int, device: torch.device) -> list[tuple[int, int]]:

@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from ...accelerator import rows
 from ...distributed import all_sum, gather_slices
 from ...losses import RouterTarget
 from ...runner import BlockRunner
@@ -68,7 +69,7 @@ class Reference:
         return None if self.mask is None else self.mask[idx.to(self.mask.device)]
 
     def output(self, idx: torch.Tensor, device) -> torch.Tensor:
-        return self.outputs[idx.to(self.outputs.device)].to(device, non_blocking=True)
+        return rows(self.outputs, idx, device)
 
     def router_target(self, key: tuple[str, str], idx: torch.Tensor) -> RouterTarget:
         """The target of the real tokens of sequences ``idx`` (rows of the flattened ``[N * T]`` target)."""
@@ -126,7 +127,7 @@ class HeldOut:
         held = self.held.to(self.q.hidden.device)
         for start in range(0, held.numel(), self.chunk):
             idx = held[start : start + self.chunk]
-            y, logits = runner.run(runner.block, params, self.q.hidden[idx].to(runner.device, torch.float32),
+            y, logits = runner.run(runner.block, params, rows(self.q.hidden, idx, runner.device, torch.float32),
                                    kwargs, layers, stacked=stacked)
             yield idx, y, logits, self.reference.output(idx, y.device), kwargs
 

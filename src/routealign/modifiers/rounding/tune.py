@@ -48,6 +48,7 @@ from enum import Enum
 import torch
 from loguru import logger
 
+from ...accelerator import rows, to_host
 from ...distributed import all_reduce, all_reduce_counts, all_reduce_grads, all_sum, world_size, write_parameters
 from ...errors import NonFiniteError
 from ...losses import RouterLoss
@@ -132,7 +133,7 @@ class BlockTuner:
         every = tuned_weights(block, targets, config.full_range)
         self._bases = [w for w in every if w.stacked]
         self._singles = [w for w in every if not w.stacked]
-        self.chunk = expert_chunk(self._bases, self._singles, config)
+        self.chunk = expert_chunk(self._bases, self._singles, config, loss_config.objective)
         self.weights: list[TunedWeight] = list(self._singles)
         self._parts: dict[int, TunedWeight] = {}  # id(base) -> the part being tuned
         self._span: dict[int, tuple[int, int]] = {}
@@ -163,14 +164,18 @@ class BlockTuner:
     # -- the unquantized side and the routed tokens -------------------------------------------------------
     @torch.no_grad()
     def reference(self, fp: BlockInputs, chunk: int = 8) -> Reference:
-        """The unquantized block's outputs and router targets on the unquantized stream ``fp``."""
+        """The unquantized block's outputs and router targets on the unquantized stream ``fp``; with
+        ``offload_activations`` the outputs in host memory (each chunk moved there as it is computed: the whole set is
+        never on the accelerator), pinned for an accelerator."""
         runner = self.runner
+        offload = self.config.offload_activations
         outs, own, nxt = [], {l.name: [] for l in self.own_layers}, {l.name: [] for l in self.next_layers}
         mask = fp.mask()
         params, stacked = self.bind(quantized=False)
         for h, kwargs, valid in runner.chunks(fp, chunk):
             y, logits = runner.run(self.block, params, h, kwargs, self.own_layers, stacked=stacked)
-            outs.append(y if valid is None else y.masked_fill(~valid.unsqueeze(-1), 0))  # padded: zeros
+            out = y if valid is None else y.masked_fill(~valid.unsqueeze(-1), 0)  # padded: zeros
+            outs.append(out.cpu() if offload else out)
             for n in own:
                 own[n].append(logits[n].float())
             if self.next_layers:
@@ -181,7 +186,9 @@ class BlockTuner:
         for (where, name), loss in self.losses.items():
             z = torch.cat(own[name] if where == "block" else nxt[name])
             targets[(where, name)] = loss.target(z.reshape(-1, z.shape[-1]))
-        return Reference(torch.cat(outs), None if mask is None else mask.to(self.device), targets)
+        outputs = torch.cat(outs)
+        return Reference(to_host(outputs, self.device) if offload else outputs,
+                         None if mask is None else mask.to(self.device), targets)
 
     @torch.no_grad()
     def expert_token_counts(self, q: BlockInputs, chunk: int = 8) -> dict[str, torch.Tensor]:
@@ -290,19 +297,18 @@ class BlockTuner:
         # the streams on the device (minibatches sliced there), or with offload_activations on the host, pinned
         # where an accelerator copies from it (asynchronous copies per minibatch)
         offload = self.config.offload_activations
-        place = (lambda t: _host(t, self.device)) if offload else (lambda t: t.to(self.device))  # noqa: E731
+        place = (lambda t: to_host(t, self.device)) if offload else (lambda t: t.to(self.device))  # noqa: E731
         q = q.with_hidden(place(q.hidden))
         fp = q if fp.hidden is q.hidden else fp.with_hidden(place(fp.hidden))
         reference = self.reference(fp)
-        outputs = reference.outputs.to(fp.hidden.dtype)  # the next block's unquantized stream
+        # the next block's unquantized stream (where the reference outputs are: on the host when offloaded)
+        outputs = reference.outputs.to(fp.hidden.dtype)
         check_finite(reference.outputs, f"{self.name}: the unquantized layer's output")
         if self.config.target_stream == "quantized" and fp.hidden is not q.hidden:
             # the block's own error only: the unquantized block on the quantized stream (router targets stay the
             # unquantized model's)
             local = self.reference(q)
             reference = Reference(local.outputs, local.mask, reference.router_targets)
-        if offload:
-            reference.outputs = place(reference.outputs)
         fallback = self._fallback(all_reduce_counts(self.expert_token_counts(q)))
         cfg = self.config
         tuning = cfg.iters > 0 and bool(self.weights)
@@ -423,10 +429,14 @@ class BlockTuner:
         part = self._parts.get(id(base))
         if (start, end) == (0, count):
             return part.as_stacked(True, dtype)
-        pieces = [(a, b, Stacked(base.weight[a:b])) for a, b in ((0, start), (end, count)) if b > a]
+        # the experts before and after the chunk in pieces of at most a chunk (a bf16 model's piece is converted
+        # to float32 for its backward, one piece at a time: a chunk's worth, not every untuned expert's)
+        step = max(self.chunk, 1)
+        pieces = [(a, min(a + step, b), Stacked(base.weight[a:min(a + step, b)]))
+                  for lo, hi in ((0, start), (end, count)) for a in range(lo, hi, step) for b in [hi]]
         if part is not None:
             pieces.append((start, end, part.as_stacked(True, dtype)))
-        return Parts(None, base.bias, tuple(sorted(pieces, key=lambda piece: piece[0])))
+        return Parts(None, base.bias, parts=tuple(sorted(pieces, key=lambda piece: piece[0])))
 
     def _autocast(self):
         """bfloat16 autocast on the block's device when ``amp`` (else nothing)."""
@@ -441,7 +451,7 @@ class BlockTuner:
         runner = self.runner
         kwargs = runner.kwargs32(q.kwargs)
         idx = idx.to(q.hidden.device)
-        h = q.hidden[idx].to(self.device, torch.float32, non_blocking=True)
+        h = rows(q.hidden, idx, self.device, torch.float32)
         with self._autocast():
             params, stacked = self.bind()
             y, logits = runner.run(self.block, params, h, kwargs, self.own_layers, stacked=stacked)
@@ -732,9 +742,3 @@ def _sign_flips(gm: torch.Tensor, gr: torch.Tensor, lam: float, mask: torch.Tens
         changed = g.sign() != (g + lam * gr.reshape(rows.shape)[a:b]).sign()
         total += (changed * weights[a:b]).sum().double()
     return total
-
-
-def _host(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``tensor`` in host memory, pinned when ``device`` is an accelerator (copies from it can then overlap)."""
-    tensor = tensor.cpu()
-    return tensor.pin_memory() if device.type != "cpu" else tensor

@@ -154,7 +154,7 @@ class TunedWeight:
         restored snapshot's or a frozen stack's computed once, without gradients)."""
         if not quantized:
             return Stacked(self.weight, self.bias)
-        return _FakeQuantized(None, self.bias, self, dtype)
+        return _FakeQuantized(None, self.bias, tuned=self, compute=dtype)
 
     # -- snapshots --------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -301,7 +301,8 @@ class _FakeQuantized(Stacked):
     tuned: TunedWeight | None = None
     compute: torch.dtype | None = None
 
-    def matmul(self, tokens: torch.Tensor, offsets: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    def matmul(self, tokens: torch.Tensor, offsets: torch.Tensor | None, dtype: torch.dtype,
+               ends: list[int] | None = None) -> torch.Tensor:
         w = self.tuned
         if w._codes is not None or not w.trainable or not torch.is_grad_enabled():
             # no gradient to take: the fake-quantized weights for this product only
