@@ -115,14 +115,15 @@ def _block(num_experts: int, seed: int = 4, rows: int = 8, seq_len: int = 24, dt
     return block, nxt, targets, BlockInputs(h, kwargs[names[0]]), kwargs[names[1]]
 
 
-def _iteration_dispatches(num_experts: int, objective: str, holdout: float):
+def _iteration_dispatches(num_experts: int, objective: str, holdout: float, **tuning):
     """(operations, host reads) of the tuning iterations of one block (minibatch losses and signed steps)."""
     block, nxt, targets, q, nkw = _block(num_experts)
     counts = []
     with suspended_offloading(block, nxt):
         tuner = BlockTuner(block, targets, RouterLossConfig(objective=objective),
-                           TuningConfig(iters=3, batch_size=2, min_expert_tokens=0, holdout=holdout, holdout_every=10,
-                                        router_gate=False), [nxt], next_kwargs=[nkw])
+                           TuningConfig(**{"iters": 3, "batch_size": 2, "min_expert_tokens": 0, "holdout": holdout,
+                                           "holdout_every": 10, "router_gate": False, **tuning}),
+                           [nxt], next_kwargs=[nkw])
         losses, step = tuner._minibatch_losses, tuner._step
 
         def counted(fn):
@@ -153,6 +154,42 @@ def test_an_iteration_runs_the_same_operations_whatever_the_number_of_experts(ob
     # iteration of a router objective reads its recorded scale once
     assert all(r == [] for r in reads_few[1:] + reads_many[1:]), (reads_few, reads_many)
     assert len(reads_few[0]) <= (2 if objective != "none" else 0)
+
+
+@pytest.mark.parametrize("layout,chunk,offload,expected", [
+    ("grouped", 0, False, []), ("grouped", 0, True, []), ("padded", 0, False, ["_local_scalar_dense.default"]),
+    ("padded", 0, True, ["_local_scalar_dense.default"]), ("grouped", 2, False, ["tolist"]),
+    ("padded", 2, False, ["_local_scalar_dense.default"])])
+def test_host_reads_per_iteration_in_an_accelerators_layouts(layout, chunk, offload, expected, monkeypatch):
+    """On a simulated Hopper GPU, each layout and scale option a GPU run takes: the grouped layout reads nothing back
+    in an iteration; the padded one reads its capacity once per MoE forward; experts in chunks read their token
+    boundaries once per forward (not once per product: three before); offloaded streams add no read."""
+    import routealign.accelerator as accelerator
+
+    monkeypatch.setenv("ROUTEALIGN_CHUNK_ELEMENTS", str(1 << 26))
+    monkeypatch.setattr(accelerator, "LAYOUT", layout)
+    with accelerator.simulated((9, 0)):
+        _, reads, _ = _iteration_dispatches(8, "vsraq", 0.25, expert_chunk=chunk, offload_activations=offload)
+        staged = (accelerator.STAGED.copies, accelerator.STAGED.pinned)
+    assert all(r == expected for r in reads[1:]), reads
+    if offload:  # every minibatch reached the device from a pinned staging buffer
+        assert staged[0] >= 3 * 2 and staged[0] == staged[1]
+    else:
+        assert staged == (0, 0)
+
+
+def test_the_layout_by_device():
+    """What the code picks on each accelerator (simulated): grouped GEMMs for bf16 on Hopper only; padded in
+    float32 on CUDA and on compute capability 10 (zero-size groups' weight gradients, PyTorch issue 172439)."""
+    import routealign.accelerator as accelerator
+
+    assert accelerator.expert_layout("cpu", torch.float32) == "grouped"
+    for capability, dtype, layout in (((9, 0), torch.bfloat16, "grouped"), ((9, 0), torch.float32, "padded"),
+                                      ((10, 0), torch.bfloat16, "padded"), ((8, 0), torch.bfloat16, "padded")):
+        with accelerator.simulated(capability):
+            assert accelerator.expert_layout("cpu", dtype) == layout, (capability, dtype)
+            assert accelerator.chunk_elements("cpu") == accelerator.CHUNK_ELEMENTS["accelerator"]
+    assert accelerator.chunk_elements("cpu") == accelerator.CHUNK_ELEMENTS["cpu"]
 
 
 def test_frozen_experts_of_a_stack_keep_their_mse_clipped_rtn(monkeypatch):
@@ -341,18 +378,30 @@ def test_experts_tuned_in_chunks_cover_every_expert_once():
     assert error < rtn_error and error < 2 * whole_error
 
 
-def test_activations_kept_on_the_host_give_the_same_rounding():
-    """offload_activations: the calibration streams and the unquantized outputs stay in host memory (pinned for an
-    accelerator) and minibatches are copied per step: the same decisions."""
-    results = []
+@pytest.mark.parametrize("capability", [(9, 0), (10, 0)])
+def test_activations_kept_on_the_host_give_the_same_rounding(capability):
+    """offload_activations on a simulated GPU: the calibration streams, the unquantized outputs the loss compares
+    with and the outputs returned for the next layer are placed in pinned host memory (what the code chose, not
+    where a CPU tensor happens to be), every minibatch reaches the device through a pinned staging buffer, and the
+    decisions are the ones of the run that keeps everything on the device."""
+    import routealign.accelerator as accelerator
+
+    results, placed = [], []
     for offload in (False, True):
         block, nxt, targets, q, nkw = _block(8)
-        with suspended_offloading(block, nxt):
+        with accelerator.simulated(capability), suspended_offloading(block, nxt):
             tuner = BlockTuner(block, targets, RouterLossConfig(objective="vsraq"),
                                TuningConfig(iters=4, batch_size=2, holdout=0.25, holdout_every=2,
                                             offload_activations=offload), [nxt], next_kwargs=[nkw])
+            reference = []
+            original = tuner.reference
+            tuner.reference = lambda fp, **kw: reference.append(original(fp, **kw)) or reference[-1]
             results.append(tuner.tune(q, q))
-    assert results[1].outputs.device.type == "cpu"
+            placed.append((accelerator.is_pinned(results[-1].outputs), accelerator.is_pinned(reference[0].outputs),
+                           accelerator.STAGED.copies, accelerator.STAGED.pinned))
+    assert placed[0] == (False, False, 0, 0)
+    pinned_outputs, pinned_reference, copies, from_pinned = placed[1]
+    assert pinned_outputs and pinned_reference and copies >= 4 * 2 and copies == from_pinned
     assert all(torch.equal(a[2], b[2]) for a, b in zip(results[0].writes, results[1].writes))
     assert results[0].history == results[1].history
 

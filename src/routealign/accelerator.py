@@ -114,6 +114,14 @@ def is_pinned(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu" and tensor.is_pinned()
 
 
+def _on_host(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` lies in host memory (inside :func:`simulated`, where every tensor is on the CPU: what
+    :func:`to_host` placed there)."""
+    if _SIMULATED is not None:
+        return is_pinned(tensor)
+    return tensor.device.type == "cpu"
+
+
 def to_host(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """``tensor`` in host memory, pinned when ``device`` (where its rows will be used) is an accelerator."""
     host = tensor.cpu()
@@ -127,7 +135,7 @@ def rows(tensor: torch.Tensor, index: torch.Tensor, device: torch.device | str,
     """Rows ``index`` of ``tensor`` on ``device`` (in ``dtype``). From host memory to an accelerator they are gathered
     into a pinned staging buffer and copied asynchronously (the caching host allocator keeps the buffer until the
     copy is done); otherwise indexed where they are."""
-    if tensor.device.type != "cpu" or not is_accelerator(device):
+    if not _on_host(tensor) or not is_accelerator(device):
         picked = tensor[index.to(tensor.device)]
         return picked.to(device, dtype) if dtype is not None else picked.to(device)
     index = index.cpu()
