@@ -13,7 +13,7 @@ from routealign.distributed import suspended_offloading
 from routealign.losses import RouterLossConfig
 from routealign.modifiers.rounding import BlockTuner, TuningConfig
 from routealign.modifiers.rounding.heldout import HeldOut
-from routealign.modifiers.rounding.weights import TunedWeight
+from routealign.modifiers.rounding.weights import TunedWeight, _ct_integers
 from routealign.runner import float_params
 from routealign.schemes import WeightQuantizer
 from routealign.streams import BlockInputs, StreamEngine
@@ -65,12 +65,33 @@ def test_written_weights_and_scales_are_the_tuned_decision_in_bf16(scheme, full_
         w.clip_hi.copy_(torch.rand(w.clip_hi.shape, generator=gen) * 0.3 + 0.7)
     tuned = w.fake_weight().detach()
     tuned_scale = w.qparams().scale.detach()
-    w.restore(w.snapshot())
+    snapshot = w.snapshot()
+    w.restore(snapshot)
     written, qp = w.final()
     assert written.dtype == torch.bfloat16
-    assert torch.equal(written, tuned.to(torch.bfloat16))
     assert torch.equal(qp.scale, tuned_scale)
     assert torch.equal(qp.scale.to(torch.bfloat16).float(), qp.scale)  # stored in bf16 without rounding
+    if w.quantizer.is_fp4:
+        assert torch.equal(written, tuned.to(torch.bfloat16))
+        return
+    # what compressed-tensors' compressor packs (its quantize of the written weight) is the tuned decision
+    assert torch.equal(_ct_integers(written, qp, w.quantizer.args, torch.bfloat16), snapshot.codes)
+    assert torch.equal(written, tuned.to(torch.bfloat16))
+
+
+def test_tuned_8_bit_integers_that_bf16_cannot_hold_are_an_error_not_a_silent_change():
+    """W8A16 in bf16: compressed-tensors re-derives the packed integers from the bf16 weight in bf16 arithmetic,
+    which cannot reach every 8-bit integer (between 64 and 128 its quotients lie on a grid of halves). A tuned
+    decision it cannot pack is a CheckpointError (the modifier refuses such runs before calibrating)."""
+    from routealign.errors import CheckpointError
+
+    w = _weight("W8A16", torch.bfloat16, full_range=False)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        w.offset.copy_(torch.rand(w.offset.shape, generator=gen) - 0.5)
+    w.restore(w.snapshot())
+    with pytest.raises(CheckpointError, match="cannot be stored in torch.bfloat16 so that compressed-tensors packs"):
+        w.final()
 
 
 def _bf16_block(seed: int = 4):

@@ -49,7 +49,7 @@ def tiny(tmp_path_factory):
 
 
 @pytest.mark.parametrize("model_type,scheme", [("qwen3_moe", "W4A16"), ("glm4_moe", "W4A16_ASYM"),
-                                               ("qwen2_moe", "W3A16")])
+                                               ("qwen2_moe", "W3A16"), ("qwen3_moe", "W8A16")])
 def test_none_with_zero_iters_equals_rtn_checkpoint(tmp_path, tiny, model_type, scheme):
     ids = calibration_ids(rows=4, seq_len=32)
     model_dir = tiny / f"{model_type}-bf16"
@@ -361,3 +361,14 @@ def test_full_range_checkpoint_reloads_exactly_and_passes_check(tmp_path, tiny, 
     if scheme == "W4A16":
         report = check_checkpoint(tmp_path / "q")
         assert report.ok, report.table()
+
+
+def test_tuned_w8a16_on_a_bf16_model_is_refused_before_calibrating(tmp_path, tiny):
+    """Issue 44, item 5: iters 0 writes QuantizationModifier's checkpoint exactly (above); tuned 8-bit integers
+    cannot all be packed from bf16 weights, so the run is refused with the module, dtype and field named."""
+    from routealign.errors import InputError
+
+    ids = calibration_ids(rows=4, seq_len=32)
+    mod = RouterAlignedRoundingModifier(objective="none", iters=2, scheme="W8A16", targets="Linear", ignore=["lm_head"])
+    with pytest.raises(InputError, match=r"torch.bfloat16 with 8-bit integer weights \(scheme W8A16\).*iters: 0"):
+        _run(tiny / "qwen3_moe-bf16", mod, ids, dtype=torch.bfloat16)

@@ -176,6 +176,7 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
         if QuantizationMixin.has_config(self):
             self._resolve_targets(model, where)
         check_group_sizes(model, where)
+        self._check_packable_bits(model, where)
         if self.objective == "vsraq":
             check_router_settings(moe_layers, self.boundary, where)
         self._calibration, summary = CausalCalibration.draw(state, self._layer_order, where)
@@ -210,6 +211,24 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
                 raise InputError(
                     f"{where}: {n} lies outside the decoder layers and quantizes its input activations; "
                     "routealign calibrates those only for decoder layers and the LM head: add it to ignore"
+                )
+
+    def _check_packable_bits(self, model: torch.nn.Module, where: str) -> None:
+        """Tuned int weights of more than 4 bits on a model not in float32 are refused: compressed-tensors packs the
+        integers it re-derives from the written weight in the model's dtype, and bf16 cannot reach every 8-bit
+        integer that way (a tuned decision would be stored as another). ``iters: 0`` (RTN, identical to
+        QuantizationModifier) and float32 models are exact."""
+        if self.iters == 0:
+            return
+        for name in sorted(self._targets):
+            module = model.get_submodule(name)
+            args = module.quantization_scheme.weights
+            if args.type == "int" and int(args.num_bits) > 4 and module.weight.dtype != torch.float32:
+                raise InputError(
+                    f"{where}: {name} is {module.weight.dtype} with {args.num_bits}-bit integer weights "
+                    f"(scheme {self.scheme}): compressed-tensors packs integers re-derived in {module.weight.dtype}, "
+                    f"which cannot hold every tuned {args.num_bits}-bit decision. Set iters: 0 (RTN, identical to "
+                    "QuantizationModifier), load the model in float32, or use a scheme of at most 4 bits"
                 )
 
     def on_calibration_start(self, state: State, event: Event, **kwargs):

@@ -271,9 +271,14 @@ class TunedWeight:
         arithmetic rounded to (the restored snapshot's codes): signed gradient descent leaves many offsets just across
         a rounding boundary, and re-deriving the integers from a scale rounded to the model's dtype (relative error
         2^-9 in bf16) would undo those decisions at random. The dequantized value ``(q - zp) * scale`` is rounded
-        once to the model's dtype; compressed-tensors re-quantizes it to the same integers (<= 4 bits). The scale
-        written is the one the codes were rounded against (:meth:`qparams`: its value from the clipped range in the
-        model's dtype, exactly the observers' at clip 1)."""
+        once to the model's dtype. The scale written is the one the codes were rounded against (:meth:`qparams`: its
+        value from the clipped range in the model's dtype, exactly the observers' at clip 1).
+
+        compressed-tensors' compressor re-quantizes the written weight with the stored scale, in the model's dtype:
+        where that does not give back the integers (8 bits in bf16: ``(q * scale)`` rounded to 8 significant bits,
+        then divided in bf16), the written value is moved by one unit in the last place to one that does
+        (:func:`packable`). The checkpoint then holds exactly the integers tuned, or for untouched weights exactly
+        the integers llm-compressor's QuantizationModifier packs (those of the original weight)."""
         w = self.weight
         wmin, wmax = self.quantizer.group_minmax(w)
         # RTN as llm-compressor's observers compute it, in the weight's dtype (untouched weights and experts)
@@ -281,16 +286,77 @@ class TunedWeight:
         zero = self._zero_offset if self._codes is not None else self._zero_offsets()
         untouched = zero & (self.clip_lo == 1).flatten(start_dim=-2).all(-1) & (
             self.clip_hi == 1).flatten(start_dim=-2).all(-1)
+        stored = self._stored_dtype()
         if bool(untouched.all()):
-            return self.quantizer.fake_quant(w, rtn), rtn
+            written = self.quantizer.fake_quant(w, rtn)
+            return packable(written, packed_integers(w, rtn, self.quantizer.args, stored), rtn, self.quantizer.args,
+                            stored), rtn
         qp = self.qparams()
         codes = self._codes if self._codes is not None else self.quantizer.codes(w, qp, self.offset)
         tuned = self.quantizer.dequantize(codes, qp, w.dtype)
+        target = None if self.quantizer.is_fp4 else codes
         if self.stacked and bool(untouched.any()):  # those experts exactly RTN
-            tuned[untouched] = self.quantizer.fake_quant(w[untouched], QParams(
-                rtn.scale[untouched], rtn.zero_point[untouched], None if rtn.global_scale is None
-                else rtn.global_scale[untouched]))
-        return tuned, QParams(qp.scale, qp.zero_point, rtn.global_scale)
+            own = QParams(rtn.scale[untouched], rtn.zero_point[untouched],
+                          None if rtn.global_scale is None else rtn.global_scale[untouched])
+            tuned[untouched] = self.quantizer.fake_quant(w[untouched], own)
+            if target is not None:
+                target = target.clone()
+                target[untouched] = packed_integers(w[untouched], own, self.quantizer.args, stored)
+        qp = QParams(qp.scale, qp.zero_point, rtn.global_scale)
+        return packable(tuned, target, qp, self.quantizer.args, stored), qp
+
+    def _stored_dtype(self) -> torch.dtype:
+        """The dtype the checkpoint stores the scale in (compressed-tensors' ``weight_scale``)."""
+        scale = getattr(self.modules[0], "weight_scale", None)
+        return scale.dtype if scale is not None else self.dtype
+
+
+def _ct_integers(x: torch.Tensor, qp: QParams, args, stored: torch.dtype) -> torch.Tensor:
+    """The integers compressed-tensors' pack compressor stores for weight ``x`` (``[..., out, in]``) with scales
+    ``qp`` stored in ``stored``: its ``quantize`` (in ``x``'s dtype), as the compressor calls it."""
+    from compressed_tensors.quantization.lifecycle.forward import quantize
+
+    shape = x.shape
+    scale = qp.scale.to(stored)
+    zp = None if args.symmetric or qp.zero_point is None else qp.zero_point
+    rows = x.reshape(-1, shape[-1])
+    q = quantize(x=rows, scale=scale.reshape(-1, scale.shape[-1]),
+                 zero_point=None if zp is None else zp.reshape(-1, zp.shape[-1]), args=args, dtype=torch.int8)
+    return q.reshape(shape)
+
+
+def packed_integers(w: torch.Tensor, qp: QParams, args, stored: torch.dtype) -> torch.Tensor | None:
+    """What llm-compressor's QuantizationModifier checkpoint packs for the original weight ``w`` (int schemes; None for
+    FP4, whose values the NVFP4 compressor re-derives exactly)."""
+    if args.type != "int":
+        return None
+    return _ct_integers(w, qp, args, stored)
+
+
+@torch.no_grad()
+def packable(written: torch.Tensor, integers: torch.Tensor | None, qp: QParams, args,
+             stored: torch.dtype) -> torch.Tensor:
+    """``written`` (the model's dtype) with each value that compressed-tensors would not quantize back to its
+    ``integers`` moved by one unit in the last place, up or down, to one that it does; a
+    :class:`~routealign.errors.CheckpointError` if neither does (the checkpoint would not hold the decision).
+    ``integers`` None: nothing to check."""
+    if integers is None:
+        return written
+    wrong = _ct_integers(written, qp, args, stored) != integers
+    if not bool(wrong.any()):
+        return written
+    written = written.clone()
+    for direction in (float("inf"), float("-inf")):
+        moved = torch.nextafter(written, torch.full_like(written, direction))
+        fixed = wrong & (_ct_integers(moved, qp, args, stored) == integers)
+        written = torch.where(fixed, moved, written)
+        wrong &= ~fixed
+    if bool(wrong.any()):
+        from ...errors import CheckpointError
+
+        raise CheckpointError(f"{int(wrong.sum())} quantized values cannot be stored in {written.dtype} so that "
+                              f"compressed-tensors packs their integers ({args.num_bits}-bit {args.strategy})")
+    return written
 
 
 @dataclass
