@@ -30,12 +30,12 @@ def _digest(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def _quantized(model_dir: Path, iters: int = 0, seed: int = 0, rows: int = 2, **fields):
+def _quantized(model_dir: Path, iters: int = 0, seed: int = 0, rows: int = 2, scheme: str = "W4A16", **fields):
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     ids = calibration_ids(rows=rows, seq_len=16)
     data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     oneshot(model=model, dataset=data, num_calibration_samples=rows, max_seq_length=16,
-            recipe=RouterAlignedRoundingModifier(objective="vsraq", iters=iters, batch_size=1, seed=seed, scheme="W4A16",
+            recipe=RouterAlignedRoundingModifier(objective="vsraq", iters=iters, batch_size=1, seed=seed, scheme=scheme,
                                                  targets="Linear", ignore=["lm_head"], **fields))
     return model
 
@@ -45,18 +45,24 @@ def test_existing_output_and_input_folder_are_protected(tmp_path):
     save_tiny("qwen3_moe", src, seed=1)
     before = _digest(src)
     model = _quantized(src)
-    with pytest.raises(OutputExistsError, match="would write into the input model folder"):
+    with pytest.raises(OutputExistsError, match=f"would write into the input {src.resolve()}"):
         save_compressed(model, src)
-    with pytest.raises(OutputExistsError, match="would write into the input model folder"):
+    with pytest.raises(OutputExistsError, match=f"would write into the input {src.resolve()}"):
         save_compressed(model, src / "quantized")
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
     with pytest.raises(OutputExistsError, match=r"out already exists; pass overwrite=True \(--overwrite\)"):
         save_compressed(model, out)
+    # overwrite replaces a checkpoint, never a folder of other files (issue 44, 0b)
+    with pytest.raises(OutputExistsError, match="exists and is not a compressed-tensors checkpoint"):
+        save_compressed(model, out, overwrite=True)
     assert (out / "keep.txt").read_text() == "user data"
-    save_compressed(model, out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    (out / "keep.txt").unlink()
+    save_compressed(model, out, overwrite=True)  # an empty folder is replaced
+    (out / "stale.txt").write_text("from an earlier save")
+    save_compressed(model, out, overwrite=True)  # a checkpoint is replaced
+    assert not (out / "stale.txt").exists() and (out / "config.json").is_file()
     assert load_model(out, dtype=torch.float32) is not None
     assert _digest(src) == before  # the input folder was never written
     assert sorted(p.name for p in tmp_path.iterdir()) == ["input", "out"]  # no staging debris

@@ -223,6 +223,37 @@ def test_non_finite_or_zero_scales_fail(good, tmp_path, name):
                for f in report.findings), report.table()
 
 
+@pytest.mark.parametrize("scheme", ["W4A16", "W4A16_ASYM", "NVFP4A16"])
+@pytest.mark.parametrize("garbage", ["large", "small", "shuffled"])
+def test_weights_packed_with_a_finite_garbage_scale_fail(tmp_path, scheme, garbage):
+    """Issue 44, item 7: a weight_scale of uninitialised memory that happens to be finite (issue 44's expert chunks
+    at iters 0 left compressed-tensors' torch.empty scales) packs the weight into saturated or vanishing codes; the
+    scales alone look plausible, so ``check`` reads the packed codes of each weight's first rows."""
+    from transformers import AutoModelForCausalLM
+
+    save_tiny("qwen3_moe", tmp_path / "m", seed=2)
+    model = _quantized(tmp_path / "m", scheme=scheme)
+    module = model.get_submodule("model.layers.1.mlp.experts.3.gate_proj")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        scale = module.weight_scale
+        if garbage == "large":
+            scale.mul_(300)
+        elif garbage == "small":
+            scale.mul_(1 / 300)
+        else:  # another tensor's values in a random order, random signs: plausible magnitudes
+            other = model.get_submodule("model.layers.0.self_attn.q_proj").weight_scale.flatten()
+            picked = other[torch.randint(0, other.numel(), scale.shape, generator=gen)]
+            signs = torch.where(torch.rand(scale.shape, generator=gen) < 0.5, -1.0, 1.0)
+            scale.copy_((picked.float() * (signs if scheme == "W4A16" else 1.0) * 20).to(scale.dtype))
+    save_compressed(model, tmp_path / "q")
+    report, problems = _problems(tmp_path / "q")
+    key = "model.layers.1.mlp.experts.3.gate_proj.weight_packed"
+    assert list(problems) == [("codes", key)], report.table()
+    assert "packed with a scale that is not this weight's" in problems[("codes", key)]
+    del AutoModelForCausalLM
+
+
 def test_negative_expert_input_global_scale_fails(good, tmp_path, capsys):
     """llm-compressor's NVFP4 QuantizationModifier saved uninitialised input_global_scale values (negative, zero, NaN)
     for experts that calibration routed no token to on a 64-expert model (RESULTS section 14): served, they are

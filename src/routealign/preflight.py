@@ -17,6 +17,9 @@ module):
 - ``kernel``: group size and shapes that vLLM's MoE kernels take (int4/int8 Marlin MoE: group size -1, 32, 64 or
   128, hidden size a multiple of 128, intermediate size a multiple of max(64, group size); NVFP4: group size 16);
 - ``scales``: no NaN/Inf scale, no scale tensor that is mostly zeros;
+- ``codes``: in the first rows of every packed weight, the integers (or FP4 values) use the grid as a scale computed
+  from the weight does: every group reaches near its grid's end, few codes sit on the ends, few groups are all zero
+  (a scale of uninitialised memory that happens to be finite packs a weight into saturated or all-zero codes);
 - ``tied-embeddings``: architectures whose vLLM loader ignores ``tie_word_embeddings`` (GLM-4.5, DeepSeek-V3,
   OLMoE, GPT-OSS, Nemotron-H in vLLM 0.32) must store ``lm_head.weight``;
 - ``cpu-serving`` (``info``, not a problem for GPUs): NVFP4 experts, or quantized experts behind sigmoid/group
@@ -250,6 +253,7 @@ def check_checkpoint(path: str | Path) -> PreflightReport:
             report.add("error", "tensors", originals[key], f"shape {list(got)}, expected {list(shape)}")
 
     _check_scale_values(stored, originals, report)
+    _check_codes(stored, originals, schemes, report)
 
     # MoE rules
     layers = find_moe_layers(model, require=False)
@@ -357,6 +361,77 @@ def _check_global_scales(layer, stored: dict, originals: dict, report: Preflight
             report.add("error", "global-scale", base,
                        f"gate_proj and up_proj weight_global_scale differ ({values[0].item():.6g} vs "
                        f"{values[1].item():.6g}); vLLM fuses them into one w13 tensor with one global scale")
+
+
+_CODE_ROWS = 4  # rows of each packed weight read by the ``codes`` rule (a few KB per tensor)
+
+
+def _check_codes(stored: dict, originals: dict, schemes: dict, report: PreflightReport) -> None:
+    """The ``codes`` rule on the first :data:`_CODE_ROWS` rows of every packed weight: a group whose largest code
+    magnitude is below half its grid's end (a scale far too large), more than a quarter of a tensor's codes on the
+    grid's ends (half for FP4's 16-value groups; a scale far too small) or more than half of its groups all zero
+    is an error: the weight was packed with a scale that is not its own."""
+    from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from compressed_tensors.quantization.utils import calculate_range
+
+    by_file: dict[Path, list[str]] = {}
+    for name, (_, _, file) in stored.items():
+        if name.endswith(".weight_packed") and schemes.get(name[: -len(".weight_packed")]) is not None:
+            by_file.setdefault(file, []).append(name)
+    for file, names in by_file.items():
+        with read_safetensors(file) as handle:
+            for name in names:
+                module = name[: -len(".weight_packed")]
+                args = schemes[module].weights
+                shape_key = f"{module}.weight_shape"
+                packed = handle.get_slice(originals[name])[:_CODE_ROWS]
+                rows = packed.shape[0]
+                scale_shape = stored.get(f"{module}.weight_scale", (None, None, None))[1]
+                if not rows or scale_shape is None:
+                    continue
+                if packed.dtype not in (torch.int32, torch.uint8):
+                    continue  # the tensors rule reports the dtype
+                fp4 = packed.dtype == torch.uint8
+                if fp4:
+                    columns = packed.shape[1] * 2
+                    codes = unpack_fp4_from_uint8(packed, rows, columns, torch.float32)
+                    top, ends_share = 6.0, 0.5
+                else:
+                    if shape_key in stored:
+                        columns = int(handle.get_tensor(originals[shape_key])[1])
+                    else:
+                        columns = packed.shape[1] * 32 // int(args.num_bits)
+                    codes = unpack_from_int32(packed, int(args.num_bits), torch.Size((rows, columns))).float()
+                    q_min, q_max = (float(v) for v in calculate_range(args, torch.device("cpu")))
+                    top, ends_share = max(abs(q_min), q_max), 0.25
+                groups = scale_shape[-1]
+                if columns % groups or codes.numel() != rows * columns:
+                    continue  # shapes the tensors rule reports (or another scheme than the config's)
+                grouped = codes.reshape(rows, groups, columns // groups)
+                if args.symmetric or fp4:
+                    reach = grouped.abs().amax(-1)
+                    on_ends = (codes.abs() >= top).float().mean() if fp4 else \
+                        ((codes <= q_min) | (codes >= q_max)).float().mean()
+                    zero = reach == 0
+                    short = (reach < top / 2) & ~zero
+                else:  # asymmetric: the codes span the grid from the group's minimum to its maximum
+                    span = grouped.amax(-1) - grouped.amin(-1)
+                    on_ends = ((codes <= q_min) | (codes >= q_max)).float().mean()
+                    zero = span == 0
+                    short = (span < (q_max - q_min) / 2) & ~zero
+                total = zero.numel()
+                problems = []
+                if int(short.sum()):
+                    problems.append(f"{int(short.sum())} of {total} groups stop below half the grid's end")
+                if float(on_ends) > ends_share:
+                    problems.append(f"{float(on_ends):.0%} of the codes sit on the grid's ends")
+                if int(zero.sum()) * 2 > total:
+                    problems.append(f"{int(zero.sum())} of {total} groups are all zero")
+                if problems:
+                    report.add("error", "codes", originals[name],
+                               f"first {rows} rows: {'; '.join(problems)}: packed with a scale that is not this "
+                               "weight's (uninitialised weight_scale?)")
 
 
 def _uncalibrated_hint(name: str) -> str:
