@@ -82,20 +82,43 @@ def test_none_with_zero_iters_equals_rtn_nvfp4_values(tmp_path, tiny):
     assert all(torch.equal(ra[k], rb[k]) for k in ra)
 
 
-@pytest.mark.parametrize("scheme", ["W4A16", "W4A16_ASYM", "NVFP4", "NVFP4A16"])
-def test_tuned_checkpoint_reloads_to_the_in_memory_model(tmp_path, tiny, scheme):
-    ids = calibration_ids(rows=6, seq_len=32, seed=2)
-    mod = RouterAlignedRoundingModifier(objective="vsraq", router_scope="both", iters=6, batch_size=3,
-                                        scheme=scheme, targets="Linear", ignore=["lm_head"])
-    _, logits = _run(tiny / "glm4_moe", mod, ids, out=tmp_path / "q")
-    reloaded = load_model(tmp_path / "q", dtype=torch.float32)
+def _kept_iterations(report: list[dict]) -> list[int]:
+    """Per tuned layer, the iteration its kept arm kept (0: the RTN start)."""
+    return [row["arms"]["router" if row["router"] in ("kept", "ungated") else "plain"]["best_iter"] for row in report]
+
+
+def _rtn_weights(model_dir, scheme, ids, dtype):
+    """The weights of the same modifier at iters 0 (RTN on the same grid), by name."""
+    mod = RouterAlignedRoundingModifier(objective="none", iters=0, scheme=scheme, targets="Linear", ignore=["lm_head"])
+    model, _ = _run(model_dir, mod, ids, dtype=dtype)
+    return {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(".weight")}
+
+
+@pytest.mark.parametrize("scheme,dtype", [("W4A16", torch.float32), ("W4A16_ASYM", torch.float32),
+                                          ("NVFP4", torch.float32), ("NVFP4A16", torch.float32),
+                                          ("W4A16", torch.bfloat16), ("NVFP4", torch.bfloat16)])
+def test_tuned_checkpoint_reloads_to_the_in_memory_model(tmp_path, tiny, scheme, dtype):
+    """Learned codes (layers kept tuned iterations, not the RTN start; weights that differ from RTN's) survive
+    packing: the reloaded checkpoint computes the in-memory model's logits bit for bit."""
+    ids = calibration_ids(rows=16, seq_len=32, seed=2)
+    mod = RouterAlignedRoundingModifier(objective="vsraq", router_scope="both", iters=9, batch_size=4, lr=0.02,
+                                        holdout_every=3, router_gate=False, scheme=scheme, targets="Linear",
+                                        ignore=["lm_head"])
+    name = "glm4_moe" if dtype == torch.float32 else "glm4_moe-bf16"
+    model, logits = _run(tiny / name, mod, ids, dtype=dtype)
+    # tuned iterations kept (not the RTN start), and experts' and attention weights unlike RTN's: learned codes
+    assert sum(it > 0 for it in _kept_iterations(mod.report)) >= 2, _kept_iterations(mod.report)
+    rtn = _rtn_weights(tiny / name, scheme, ids, dtype)
+    moved = [n for n, p in model.named_parameters() if n in rtn and not torch.equal(p, rtn[n])]
+    assert any(".experts." in n for n in moved) and any("self_attn" in n for n in moved)
+    model.save_pretrained(str(tmp_path / "q"), save_compressed=True)
+    reloaded = load_model(tmp_path / "q", dtype=dtype)
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits, logits)
-    # every layer was tuned on exactly the 6 calibration sequences (the tuner's own forwards through the next
-    # layer must not be captured as that layer's inputs); that tuning lowers the held-out loss is tested in
-    # test_heldout.py (test_kept_iteration_has_the_lowest_held_out_loss)
-    assert [row["samples"] for row in mod.report] == [6, 6, 6]
-    assert all(row["iters"] == 6 for row in mod.report)
+    # every layer was tuned on exactly the 16 calibration sequences (the tuner's own forwards through the next
+    # layer must not be captured as that layer's inputs)
+    assert [row["samples"] for row in mod.report] == [16, 16, 16]
+    assert all(row["iters"] == 9 for row in mod.report)
     qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert qc["format"] == ("nvfp4-pack-quantized" if scheme.startswith("NVFP4") else "pack-quantized")
     assert {"model.layers.1.mlp.gate", "model.layers.2.mlp.gate"} <= set(qc["ignore"])
@@ -347,10 +370,11 @@ def test_full_range_checkpoint_reloads_exactly_and_passes_check(tmp_path, tiny, 
     from routealign.checkpoint import save_compressed
     from routealign.preflight import check_checkpoint
 
-    ids = calibration_ids(rows=6, seq_len=32, seed=2)
-    mod = RouterAlignedRoundingModifier(objective="none", iters=4, batch_size=3, full_range=True, scheme=scheme,
-                                        targets="Linear", ignore=["lm_head"])
+    ids = calibration_ids(rows=16, seq_len=32, seed=2)
+    mod = RouterAlignedRoundingModifier(objective="none", iters=9, batch_size=4, lr=0.02, holdout_every=3,
+                                        full_range=True, scheme=scheme, targets="Linear", ignore=["lm_head"])
     model, logits = _run(tiny / "glm4_moe", mod, ids)
+    assert all(it > 0 for it in _kept_iterations(mod.report)[1:]), _kept_iterations(mod.report)  # learned codes
     save_compressed(model, tmp_path / "q")
     reloaded = load_model(tmp_path / "q", dtype=torch.float32)
     with torch.no_grad():
