@@ -86,15 +86,18 @@ def test_written_result_does_not_reread_the_module():
         tuner = BlockTuner(block, targets, RouterLossConfig(objective="vsraq"),
                            TuningConfig(iters=3, lr=0.02, batch_size=2, min_expert_tokens=0), nxt)
         result = tuner.tune(q, q)
-        with torch.no_grad():  # what another rank's earlier write looks like from here
-            for w in tuner.weights:
-                w.module.weight.mul_(0.5)
+        with torch.no_grad():  # what another rank's earlier write looks like from here: every module, every expert
+            clobbered = [m for w in tuner.weights for m in w.modules]
+            for m in clobbered:
+                m.weight.mul_(0.5)
+        assert sum(".experts." in n for n, m in block.named_modules() if m in set(clobbered)) == 8 * 3
         again = [item for w in tuner.weights for item in quantized_writes(w, w.name)]
     assert len(again) == len(result.writes) > 10
     for (m0, n0, v0), (m1, n1, v1) in zip(result.writes, again):
         assert m0 is m1 and n0 == n1
         assert torch.equal(v0, v1), n0
-    assert any(not torch.equal(v, m.weight) for m, n, v in again if n == "weight")  # the clobber is visible
+    written = [(m, v) for m, n, v in again if n == "weight"]
+    assert all(not torch.equal(v, m.weight) for m, v in written)  # the clobber is visible in every module
 
 
 def _counts_and_maxima(rank: int, world: int, init: str, out: str) -> None:

@@ -63,7 +63,11 @@ def test_smoothing_is_exact_in_float32_on_every_family(tmp_path, model_type):
 
 
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "glm4_moe"])
-def test_search_mode_is_exact_and_never_worse_than_no_smoothing(tmp_path, model_type):
+def test_search_mode_is_exact_and_reports_the_local_errors_it_chose_by(tmp_path, model_type):
+    """The search folds exactly (logits and routes unchanged) and keeps, per mapping, a candidate whose quantized
+    reconstruction error on the calibration statistics is no larger than without smoothing (its own measure: that
+    the whole model quantizes better is not claimed; on these random models smoothing then RTN was 6% worse in
+    next-token KL than RTN alone, issue 44's note)."""
     model = _load(tmp_path, model_type)
     ids = calibration_ids(rows=2, seq_len=32, seed=9)
     logits0, routes0 = _logits_and_routes(model, ids)
