@@ -116,13 +116,27 @@ def test_two_ranks_write_the_single_process_checkpoint(case, tmp_path, sample_te
     # model's and not equal to them
     from routealign.checkpoint import load_model
 
-    source = dict(load_model(model, dtype=torch.float32).named_parameters())
-    reloaded = dict(load_model(tmp_path / "two", dtype=torch.float32).named_parameters())
+    from llmcompressor.modeling.moe.linearize import linearize_moe
+
+    unquantized = load_model(model, dtype=torch.float32)
+    linearize_moe(unquantized)  # per-expert 2-D weights under the checkpoint's names
+    source = dict(unquantized.named_parameters())
+    quantized = load_model(tmp_path / "two", dtype=torch.float32)
+    reloaded = dict(quantized.named_parameters())
     names = [k.replace("weight_packed", "weight") for k in packed]
     assert names and all(n in source and n in reloaded for n in names)
     for n in names:
         error = (reloaded[n] - source[n]).norm() / source[n].norm()
-        assert 0 < float(error) < 0.5, (n, float(error))
+        assert 0 < float(error), n
+        # smoothing folds its scales into the weights, so a weight alone need not stay near the input's: the
+        # model's function must
+        if case != "nvfp4_smoothing_first":
+            assert float(error) < 0.5, (n, float(error))
+    ids = torch.randint(3, 320, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = unquantized(input_ids=ids).logits, quantized(input_ids=ids).logits
+    error = float((got - want).norm() / want.norm())
+    assert 0 < error < 0.5, error
 
 
 def _disk_offloaded_rank(rank: int, init: str, folder: str) -> None:
