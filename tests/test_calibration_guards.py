@@ -1,6 +1,8 @@
 """Issue 6.2: NaN/Inf stops the run naming the layer and what state the model is left in; a router objective that
 cannot reach any weight is reported."""
 
+import dataclasses
+
 import pytest
 import torch
 from datasets import Dataset
@@ -122,3 +124,78 @@ def test_non_finite_expert_input_maximum_stops_the_run_naming_the_module(qwen, m
     with pytest.raises(NonFiniteError, match=r"^model\.layers\.1\.mlp\.experts\.2\.up_proj: largest input \(for "
                                              r"the input global scale\) contains 0 NaN and 1 Inf values"):
         _run(qwen, _modifier(objective="none", scheme="NVFP4", iters=1), calibration_ids(rows=2, seq_len=16))
+
+
+def _poison_writes(monkeypatch, module, prefix: str, nth: int, what: str) -> dict:
+    """Make the ``nth`` call of ``module.quantized_writes`` for a weight named under ``prefix`` return a NaN in
+    ``what`` (``weight`` or ``scale``) from ``TunedWeight.final``; returns the call counter."""
+    real = module.quantized_writes
+    calls = {"n": 0}
+
+    def poisoned(w, where, store=False):
+        if where.startswith(prefix):
+            calls["n"] += 1
+            if calls["n"] == nth:
+                final = w.final
+
+                def bad():
+                    weight, qp = final()
+                    if what == "weight":
+                        weight = weight.clone()
+                        weight.view(-1)[0] = float("nan")
+                    else:
+                        scale = qp.scale.clone()
+                        scale.view(-1)[-1] = float("nan")
+                        qp = dataclasses.replace(qp, scale=scale)
+                    return weight, qp
+
+                w.final = bad
+        return real(w, where, store)
+
+    monkeypatch.setattr(module, "quantized_writes", poisoned)
+    return calls
+
+
+@pytest.mark.parametrize("chunk,nth,what", [(0, 1, "scale"), (2, 2, "weight")])
+def test_non_finite_written_weight_stops_the_run_and_leaves_the_layer_as_it_was(qwen, monkeypatch, chunk, nth, what):
+    """A NaN in what would be written (a tuned weight's scale, or in the second chunk of experts its weight) raises
+    NonFiniteError naming the weight; the layers before it are quantized, it and the later layers are unchanged
+    (with chunks: the first chunk's experts included; the writes are applied once every chunk is finite)."""
+    from llmcompressor.modeling.moe.linearize import linearize_moe
+
+    from routealign.modifiers.rounding import tune
+
+    linearize_moe(qwen)  # per-expert weights under the names they keep through oneshot
+    before = {n: p.detach().clone() for n, p in qwen.named_parameters()}
+    calls = _poison_writes(monkeypatch, tune, "model.layers.1.mlp.experts", nth, what)
+    with pytest.raises(NonFiniteError, match=rf"^model\.layers\.1\.mlp\.experts\.\w+: quantized "
+                                             rf"{'weight_scale' if what == 'scale' else 'weight'} contains 1 NaN and "
+                                             r"0 Inf values$"):
+        _run(qwen, _modifier(iters=2, expert_chunk=chunk, min_expert_tokens=0), calibration_ids(rows=2, seq_len=16))
+    assert calls["n"] == nth
+    after = dict(qwen.named_parameters())
+    layer0 = [n for n in after if n.startswith("model.layers.0.") and n.endswith("proj.weight")]
+    assert layer0 and all(n in before for n in layer0)
+    assert all(not torch.equal(after[n], before[n]) for n in layer0), "layer 0 was not quantized"
+    later = [n for n in after if n in before and not n.startswith("model.layers.0.")]
+    assert any(".mlp.experts." in n for n in later) and any(n.startswith("model.layers.1.") for n in later)
+    changed = [n for n in later if not torch.equal(after[n], before[n])]
+    assert changed == []
+
+
+def test_non_finite_lm_head_weight_stops_the_run_naming_it(qwen, monkeypatch):
+    """The LM head (quantized outside the decoder layers) is checked like the tuned weights."""
+    from routealign.modifiers.rounding import base
+
+    _poison_writes(monkeypatch, base, "lm_head", 1, "scale")
+    with pytest.raises(NonFiniteError, match=r"^lm_head: quantized weight_scale contains 1 NaN and 0 Inf values$"):
+        _run(qwen, _modifier(iters=1, ignore=[]), calibration_ids(rows=2, seq_len=16))
+
+
+def test_non_finite_layer_output_stops_the_run_naming_the_layer(qwen):
+    """An unquantized layer whose output overflows stops the run at that layer, before it is tuned."""
+    with torch.no_grad():
+        qwen.model.layers[1].mlp.experts.down_proj.fill_(float("inf"))
+    with pytest.raises(NonFiniteError, match=r"^model\.layers\.1: the unquantized layer's output contains \d+ NaN "
+                                             r"and \d+ Inf values"):
+        _run(qwen, _modifier(iters=1), calibration_ids(rows=2, seq_len=16))

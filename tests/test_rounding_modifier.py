@@ -48,14 +48,18 @@ def tiny(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("model_type,scheme", [("qwen3_moe", "W4A16"), ("glm4_moe", "W4A16_ASYM"),
-                                               ("qwen2_moe", "W3A16"), ("qwen3_moe", "W8A16")])
-def test_none_with_zero_iters_equals_rtn_checkpoint(tmp_path, tiny, model_type, scheme):
+@pytest.mark.parametrize("model_type,scheme,chunk", [("qwen3_moe", "W4A16", 0), ("glm4_moe", "W4A16_ASYM", 0),
+                                                     ("qwen2_moe", "W3A16", 0), ("qwen3_moe", "W8A16", 0),
+                                                     ("qwen3_moe", "W2A16", 0), ("qwen3_moe", "W4A16", 3),
+                                                     ("glm4_moe", "W8A16", 5)])
+def test_none_with_zero_iters_equals_rtn_checkpoint(tmp_path, tiny, model_type, scheme, chunk):
+    """bf16 models, every integer width llm-compressor presets, experts whole or a chunk at a time (chunks that do
+    not divide the experts: the last is shorter)."""
     ids = calibration_ids(rows=4, seq_len=32)
     model_dir = tiny / f"{model_type}-bf16"
     quantize_with_llmcompressor(model_dir, tmp_path / "rtn", scheme, ids, dtype=torch.bfloat16)
     ours = RouterAlignedRoundingModifier(objective="none", iters=0, min_expert_tokens=0, scheme=scheme,
-                                         full_range=False, targets="Linear", ignore=["lm_head"])
+                                         full_range=False, targets="Linear", ignore=["lm_head"], expert_chunk=chunk)
     _run(model_dir, ours, ids, dtype=torch.bfloat16, out=tmp_path / "ours")
     a = load_file(tmp_path / "rtn" / "model.safetensors")
     b = load_file(tmp_path / "ours" / "model.safetensors")

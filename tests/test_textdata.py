@@ -46,3 +46,30 @@ def test_jsonl_text_is_the_text_field_of_each_record(tmp_path):
     (tmp_path / "broken.jsonl").write_text("{not json\n")
     with pytest.raises(InputError, match=r"broken.jsonl:1: not JSON"):
         encode_text(tmp_path / "broken.jsonl", tok)
+
+
+def test_drawing_calibration_rows_leaves_the_global_generators_as_they_were(tmp_path):
+    """Windows from a text file and samples from a dataset are drawn with their own seeded generators: Python's,
+    numpy's and torch's global generators are not advanced."""
+    import random
+
+    from datasets import Dataset
+
+    from routealign.textdata import dataset_rows
+
+    tokenizer = byte_tokenizer()
+    dataset = Dataset.from_dict({"text": [f"sample number {i} " * (i % 5 + 1) for i in range(40)]})
+    random.seed(5), np.random.seed(5), torch.manual_seed(5)
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    windows = calibration_windows(torch.arange(1000), n=8, seq_len=16, seed=1)
+    rows = dataset_rows(dataset, tokenizer, samples=6, seq_len=12, seed=2)
+    packed = dataset_rows(dataset, tokenizer, samples=3, seq_len=12, seed=2, packing=True)
+    assert random.getstate() == states[0]
+    after = np.random.get_state()
+    assert after[0] == states[1][0] and np.array_equal(after[1], states[1][1]) and after[2:] == states[1][2:]
+    assert torch.equal(torch.get_rng_state(), states[2])
+    # and the draws depend on their seeds only
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    assert torch.equal(calibration_windows(torch.arange(1000), n=8, seq_len=16, seed=1), windows)
+    assert dataset_rows(dataset, tokenizer, samples=6, seq_len=12, seed=2) == rows
+    assert torch.equal(dataset_rows(dataset, tokenizer, samples=3, seq_len=12, seed=2, packing=True), packed)

@@ -390,12 +390,13 @@ def quantized_writes(w: TunedWeight, where: str, store: bool = False) -> list[tu
     quantized weight replaces ``w.weight``'s values (a part of a layer's stack: the later parts are tuned against it)
     and the writes read it there."""
     weight, qp = w.final()
-    if store:
-        w.weight.copy_(weight)
-        weight = w.weight
+    # checked before anything is stored: a non-finite part leaves the stack the later parts are tuned against as it was
     for what, value in (("weight", weight), ("weight_scale", qp.scale), ("weight_global_scale", qp.global_scale)):
         if value is not None:
             check_finite(value, f"{where}: quantized {what}")
+    if store:
+        w.weight.copy_(weight)
+        weight = w.weight
     writes = []
     for e, module in enumerate(w.modules):
         pick = (lambda t: t[e]) if w.stacked else (lambda t: t)  # noqa: E731
