@@ -1,5 +1,9 @@
 """The recipes shipped with routealign, by name (package data: they work from an installed wheel).
 
+The files are the repository's top-level ``recipes/`` folder, where users browse them; ``files`` here is a link to
+it, which a built wheel carries as real files (one copy of each; ``tests/test_recipes.py`` and the wheel test check
+that what ships is that folder, byte for byte).
+
     from routealign import recipes
     recipes.names()                      # every shipped recipe
     recipes.describe()                   # {name: its one-line description}
@@ -20,7 +24,7 @@ from ..errors import InputError
 
 __all__ = ["names", "describe", "path", "resolve", "for_scheme", "text", "SCHEMES"]
 
-_HERE = Path(__file__).resolve().parent
+_HERE = Path(__file__).resolve().parent / "files"
 
 # the recipe ``--scheme`` picks: plain learned rounding at W4A16 (issue 30: ahead of AutoRoundModifier and of the
 # router-term recipe on the two models tried there; every method ties on the shared tiny models), and at NVFP4 VSRAQ
