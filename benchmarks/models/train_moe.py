@@ -84,7 +84,8 @@ def perplexity(model, rows: torch.Tensor, batch: int = 4) -> float:
 
 def _rtn_copy(model, scheme: str):
     """A copy of ``model`` with every expert and attention weight fake-quantized round-to-nearest under ``scheme``
-    (routers, embeddings and the LM head untouched, as the recipes ignore them)."""
+    (routers, embeddings and the LM head untouched, as the recipes ignore them; so is a weight whose input dimension
+    the group size does not divide, such as MLA's ``kv_b_proj``, which a recipe for that model must ignore too)."""
     from compressed_tensors.quantization import preset_name_to_scheme
 
     from routealign.routing import find_moe_layers
@@ -102,6 +103,8 @@ def _rtn_copy(model, scheme: str):
                 if p.ndim < 2:  # biases, norms, correction biases
                     continue
                 w = p.data.float()  # [out, in] or stacked experts [E, out, in]
+                if quantizer.args.group_size and w.shape[-1] % int(quantizer.args.group_size):
+                    continue
                 p.data.copy_(quantizer.fake_quant(w, quantizer.rtn_qparams(w, quantizer.global_scale(w))))
     return rtn
 

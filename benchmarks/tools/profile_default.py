@@ -6,7 +6,8 @@
 Each recipe runs ``oneshot`` once under cProfile in this process (one after the other, same threads, same windows):
 its wall time, and the cumulative seconds of routealign's tuning functions (the loop, its minibatch losses, the sign
 step, the held-out losses and decisions, the next-layer forwards). Prints a table and writes JSON. A model without
-a tokenizer folder is fine: the windows are random token ids (a cost profile, not a quality measurement).
+a tokenizer folder is fine: the windows are random token ids (a cost profile, not a quality measurement); with
+``--data`` they are windows of that text.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ WATCH = {  # reported name -> (file suffix, function)
 def _recipe(name: str, scheme: str, iters: int, extra: dict) -> dict:
     import routealign.recipes
 
-    recipe = yaml.safe_load(Path(routealign.recipes.path(name)).read_text())
+    recipe = yaml.safe_load(Path(routealign.recipes.resolve(name)).read_text())
     for stage in recipe.values():
         for modifiers in stage.values():
             for key, fields in modifiers.items():
@@ -81,7 +82,10 @@ def run(model_dir: Path, recipe: dict, ids: torch.Tensor) -> tuple[float, dict, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--recipe", action="append", help="shipped recipe names (default: vsraq_w4a16, autoround_w4a16)")
+    parser.add_argument("--recipe", action="append",
+                        help="shipped recipe names or YAML files (default: vsraq_w4a16, autoround_w4a16)")
+    parser.add_argument("--data", type=Path, help="calibration windows from this text with the model's tokenizer "
+                                                  "(default: random token ids)")
     parser.add_argument("--scheme", default="W3A16")
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--samples", type=int, default=32)
@@ -92,7 +96,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = json.loads((args.model / "config.json").read_text())
-    ids = torch.randint(3, config["vocab_size"], (args.samples, args.seq_len), generator=torch.Generator().manual_seed(0))
+    if args.data:
+        from routealign.textdata import calibration_windows, encode_text, find_tokenizer
+
+        ids = calibration_windows(encode_text(args.data, find_tokenizer(args.model)), args.samples, args.seq_len)
+    else:
+        ids = torch.randint(3, config["vocab_size"], (args.samples, args.seq_len),
+                            generator=torch.Generator().manual_seed(0))
     rows = {}
     for name in args.recipe or ["vsraq_w4a16", "autoround_w4a16"]:
         wall, seconds, report = run(args.model, _recipe(name, args.scheme, args.iters, json.loads(args.extra)), ids)
