@@ -2,6 +2,7 @@
 the rounding parameters' gradients are all-reduced, so every rank writes identical parameters. CPU, gloo, 2
 processes."""
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -29,7 +30,7 @@ def _setup(samples_seed: int):
     return block, nxt, targets, q
 
 
-def _tune(rank: int, world: int, init: str, out: str) -> None:
+def _tune(rank: int, world: int, init: str, out: str, balance: str = "grad_norm") -> None:
     torch.set_num_threads(1)
     if world > 1:
         dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
@@ -42,7 +43,8 @@ def _tune(rank: int, world: int, init: str, out: str) -> None:
     # (linearized experts are offloaded; under torch.distributed their storage is shared by the ranks)
     with suspended_offloading(block, nxt):
         tuner = BlockTuner(block, targets, RouterLossConfig(objective="vsraq"),
-                           TuningConfig(iters=6, lr=0.02, batch_size=2, router_scope="next", min_expert_tokens=0),
+                           TuningConfig(iters=6, lr=0.02, batch_size=2, router_scope="next", min_expert_tokens=0,
+                                        router_balance=balance),
                            nxt)
         result = tuner.tune(q, q)
     result.write()
@@ -51,16 +53,17 @@ def _tune(rank: int, world: int, init: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def test_ranks_write_identical_parameters(tmp_path):
+@pytest.mark.parametrize("balance", ["grad_norm", "output"])
+def test_ranks_write_identical_parameters(tmp_path, balance):
     init = f"file://{tmp_path / 'rendezvous'}"
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_tune, args=(r, 2, init, str(tmp_path / f"rank{r}.pt"))) for r in range(2)]
+    procs = [ctx.Process(target=_tune, args=(r, 2, init, str(tmp_path / f"rank{r}.pt"), balance)) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(timeout=600)
     assert [p.exitcode for p in procs] == [0, 0]
-    _tune(0, 1, "", str(tmp_path / "alone.pt"))  # rank 0's samples without the reduction
+    _tune(0, 1, "", str(tmp_path / "alone.pt"), balance)  # rank 0's samples without the reduction
     r0, r1, alone = (torch.load(tmp_path / f, weights_only=False) for f in ("rank0.pt", "rank1.pt", "alone.pt"))
     assert r0["history"] == r1["history"]  # the same global loss, so the same best iteration
     for run in (r0, alone):  # tuning moved away from RTN, so the last assertion tests the reduction
@@ -70,6 +73,56 @@ def test_ranks_write_identical_parameters(tmp_path):
         assert torch.equal(r0["state"][key], r1["state"][key]), key
     changed = [k for k in r0["state"] if not torch.equal(r0["state"][k], alone["state"][k])]
     assert any(k.endswith(".weight") for k in changed)  # the other rank's gradients did count
+
+
+def _tune_split(rank: int, world: int, init: str, out: str, balance: str) -> None:
+    """Tuning on 8 calibration sequences: with ``world`` 2 each rank holds 4 of them (``offset``, ``total``), with
+    ``world`` 1 one process holds all 8."""
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    from routealign.distributed import suspended_offloading
+    from routealign.losses import RouterLossConfig
+    from routealign.modifiers.rounding import BlockTuner, TuningConfig
+    from routealign.streams import BlockInputs
+
+    block, nxt, targets, q0 = _setup(100)
+    _, _, _, q1 = _setup(101)
+    if world == 1:
+        q = BlockInputs(torch.cat([q0.hidden, q1.hidden]), q0.kwargs)
+    else:
+        q = (q0, q1)[rank]
+    with suspended_offloading(block, nxt):
+        tuner = BlockTuner(block, targets, RouterLossConfig(objective="vsraq"),
+                           TuningConfig(iters=6, lr=0.02, batch_size=4, router_scope="next", min_expert_tokens=0,
+                                        holdout=0.25, router_gate=False, router_balance=balance), nxt)
+        result = tuner.tune(q, q, offset=4 * rank if world > 1 else 0, total=8)
+    result.write()
+    torch.save({"state": {k: v.clone() for k, v in block.state_dict().items()}, "history": result.history}, out)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("balance", ["grad_norm", "output"])
+def test_two_ranks_take_the_steps_of_one_process_holding_both_halves(tmp_path, balance):
+    """What the ranks sum (losses, gradients, the norms the router term is balanced with) is what one process
+    computes on the whole set: the same losses, and the same written weights up to float summation order."""
+    init = f"file://{tmp_path / 'rendezvous'}"
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_tune_split, args=(r, 2, init, str(tmp_path / f"rank{r}.pt"), balance))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=600)
+    assert [p.exitcode for p in procs] == [0, 0]
+    _tune_split(0, 1, "", str(tmp_path / "one.pt"), balance)
+    r0, one = (torch.load(tmp_path / f, weights_only=False) for f in ("rank0.pt", "one.pt"))
+    assert r0["history"] == pytest.approx(one["history"], rel=1e-5)
+    weights = [k for k in one["state"] if k.endswith(".weight") and not k.endswith("norm.weight")]
+    same = sum(int((r0["state"][k] == one["state"][k]).sum()) for k in weights)
+    total = sum(one["state"][k].numel() for k in weights)
+    assert same / total > 0.999, same / total
 
 
 def test_written_result_does_not_reread_the_module():

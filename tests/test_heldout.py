@@ -214,11 +214,12 @@ def test_router_gate_off_or_no_held_out_tunes_with_the_router_term_only():
         assert set(res.arms) == {"router"} and res.decision is RouterDecision.UNGATED
 
 
-@pytest.mark.parametrize("balance", ["grad_norm", "none"])
+@pytest.mark.parametrize("balance", ["grad_norm", "none", "output"])
 def test_router_balance_combines_the_gradients_as_documented(balance):
     """The gradient the signed step takes, checked against the MSE and router gradients taken apart: with
     ``grad_norm`` each tensor's (each expert's, in a stack) router gradient rescaled to router_weight times its
-    MSE gradient's norm, then added; with ``none`` the gradient of MSE + router_weight x router."""
+    MSE gradient's norm, then added; with ``none`` the gradient of MSE + router_weight x router; with ``output`` the
+    gradient of MSE + c x router, c = router_weight x |dMSE/dy| / |drouter/dy| at the block output y."""
     block, nxt, targets, q, nkw = _setup()
     lam = 0.1
     with suspended_offloading(block, nxt):
@@ -230,14 +231,20 @@ def test_router_balance_combines_the_gradients_as_documented(balance):
         params = [p for w in tuner.weights for p in w.parameters()]
         with torch.enable_grad():
             mse, router = tuner.step_losses(q, reference, idx, use_router=True)
+            if balance == "output":
+                y = tuner._output
+                assert y is not None and y.requires_grad
+                c = lam * (torch.autograd.grad(mse, y, retain_graph=True)[0].norm()
+                           / torch.autograd.grad(router, y, retain_graph=True)[0].norm())
+                assert 0 < float(c) and float(c) != lam  # the rescaling does something here
             g_mse = torch.autograd.grad(mse, params, retain_graph=True, allow_unused=True)
             g_rt = torch.autograd.grad(router, params, allow_unused=True)
             expected = []
             for w, p, gm, gr in zip([w for w in tuner.weights for _ in w.parameters()], params, g_mse, g_rt):
                 gm = torch.zeros_like(p) if gm is None else gm
                 gr = torch.zeros_like(p) if gr is None else gr
-                if balance == "none":
-                    expected.append(gm + lam * gr)
+                if balance in ("none", "output"):
+                    expected.append(gm + (lam if balance == "none" else c) * gr)
                     continue
                 dims = (-2, -1) if w.stacked else tuple(range(p.ndim))
                 nm = torch.linalg.vector_norm(gm, dim=dims, keepdim=True)

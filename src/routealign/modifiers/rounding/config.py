@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = ["TuningConfig", "RouterScope"]
 
@@ -49,8 +49,11 @@ class TuningConfig(BaseModel):
     # how the router term's gradient is combined with the MSE gradient before the sign step: ``none`` adds
     # ``router_weight`` times it; ``grad_norm`` rescales it per tensor to ``router_weight`` times the MSE
     # gradient's norm (signed steps ignore magnitudes, so an unbalanced router gradient decides the sign of every
-    # coordinate where it outweighs the MSE gradient, whatever lambda is)
-    router_balance: Literal["none", "grad_norm"] = "grad_norm"
+    # coordinate where it outweighs the MSE gradient, whatever lambda is); ``output`` balances the two at the block's
+    # output instead (the router term's gradient there rescaled to ``router_weight`` times the MSE's, over the
+    # minibatch), so one backward through the block forms the step, not two (``router_scope: next`` only: the router
+    # term must reach the block through its output)
+    router_balance: Literal["none", "grad_norm", "output"] = "grad_norm"
     # where the clip ranges start: ``minmax`` (the group's full range, RTN, as AutoRound) or ``mse`` (per group the
     # clip factor on CLIP_GRID that minimises the weight reconstruction error: a better start for few iterations)
     init: Literal["minmax", "mse"] = "minmax"
@@ -92,6 +95,13 @@ class TuningConfig(BaseModel):
     # keep a layer's calibration streams (the quantized and unquantized inputs, the unquantized outputs) in host
     # memory instead of on the block's device during its tuning: minibatches are then copied in each iteration
     offload_activations: bool = False
+
+    @model_validator(mode="after")
+    def _output_balance_needs_next_scope(self):
+        if self.router_balance == "output" and self.router_scope != "next":
+            raise ValueError(f"router_balance: output balances the router term at the block's output, which only "
+                             f"router_scope: next reaches the block through; router_scope is {self.router_scope}")
+        return self
 
     @property
     def learning_rate(self) -> float:

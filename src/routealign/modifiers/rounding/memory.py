@@ -50,7 +50,7 @@ def arms_of(config, objective: str) -> tuple[int, bool]:
     """``(decisions kept, whether the router term's gradient is balanced)`` of a block tuned with ``config``."""
     router = objective != "none" and config.router_weight > 0
     arms = 2 if router and config.router_gate and config.holdout > 0 else 1
-    return arms, router and config.router_balance != "none"
+    return arms, router and config.router_balance == "grad_norm"
 
 
 def expert_chunk(bases: list, singles: list, config, objective: str = "none") -> int:

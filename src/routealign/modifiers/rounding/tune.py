@@ -151,6 +151,7 @@ class BlockTuner:
         # float32 copies of what is not tuned (the tuned weights are bound per forward: fake-quantized or unquantized)
         self._params32 = float_params(block, exclude=tuned)
         self._router_scale: dict | None = None
+        self._output: torch.Tensor | None = None  # the block output of the last minibatch (router_balance: output)
 
     @property
     def device(self) -> torch.device:
@@ -460,6 +461,7 @@ class BlockTuner:
         loss = masked_mse(runner.normed(y), runner.normed(target), reference.valid(idx))
         with self._autocast():
             router = self._router_loss(reference, y, logits, kwargs, idx) if use_router else None
+        self._output = y if router is not None and self.config.router_balance == "output" else None
         return loss, router
 
     def _loop(self, q: BlockInputs, reference: Reference, heldout: HeldOut, tuned: list[TunedWeight],
@@ -564,7 +566,9 @@ class BlockTuner:
         if world_size() > 1:
             (flag,) = all_reduce([torch.tensor([float(combine)])], op="max")
             combine = bool(flag)
-        if combine and (cfg.router_balance != "none" or it == 0):
+        if combine and cfg.router_balance == "output":
+            self._output_balanced_backward(params, loss, router)
+        elif combine and (cfg.router_balance != "none" or it == 0):
             self._combine_gradients(params, loss, router, measure_only=cfg.router_balance == "none")
         if not combine or cfg.router_balance == "none":
             if total is not None and total.requires_grad:
@@ -593,6 +597,40 @@ class BlockTuner:
                     torch._foreach_clamp_max_(tensors, high)
         for p in params:
             p.grad = None
+
+    def _output_balanced_backward(self, params: list[torch.Tensor], mse: torch.Tensor | None,
+                                  router: torch.Tensor | None) -> None:
+        """``router_balance: output``: the MSE's and the router term's gradients at the block's output (the router's
+        backward goes through the next layer only), the router's rescaled to ``router_weight`` times the MSE's norm
+        over the minibatch (every rank's tokens), then one backward through the block; gradients summed over ranks.
+        Records at the first call what :meth:`_combine_gradients` records, measured at the output."""
+        lam, y = self.config.router_weight, self._output
+        self._output = None
+        if mse is not None and y is not None:
+            gm = torch.autograd.grad(mse, y, retain_graph=True)[0]
+            gr = torch.autograd.grad(router, y, retain_graph=True, allow_unused=True)[0] \
+                if router.requires_grad else None
+            gr = torch.zeros_like(gm) if gr is None else gr
+            squares = [gm.double().pow(2).sum(), gr.double().pow(2).sum()]
+        else:  # a rank that holds none of the minibatch: zero gradients, its share of the collectives
+            gm = gr = None
+            squares = [torch.zeros((), dtype=torch.float64)] * 2
+        if world_size() > 1:
+            nm2, nr2 = all_sum([float(v) for v in squares])
+        else:
+            nm2, nr2 = squares
+        nm, nr = torch.as_tensor(nm2).sqrt(), torch.as_tensor(nr2).sqrt()
+        if gm is not None:
+            scale = (lam * nm / nr.clamp_min(1e-30)).to(gm.dtype).to(gm.device)
+            y.backward(gm.add_(gr.mul_(scale)))
+        all_reduce_grads(params)
+        if self._router_scale is None:
+            mse_value, router_value = all_sum([0.0 if mse is None else float(mse.detach()),
+                                               0.0 if router is None else float(router.detach())]) \
+                if world_size() > 1 else (float(mse.detach()), float(router.detach()))
+            self._router_scale = {"loss_ratio": lam * router_value / max(mse_value, 1e-30),
+                                  "grad_norm_ratio": lam * float(nr) / max(float(nm), 1e-30),
+                                  "measured_at": "block output"}
 
     def _combine_gradients(self, params: list[torch.Tensor], mse: torch.Tensor | None, router: torch.Tensor | None,
                            measure_only: bool) -> None:
