@@ -6,7 +6,8 @@ built from configs (no ../shared), so that a refactor can be checked to change n
 
 Runs (one thread, float32, 8 x 32 calibration tokens): plain rounding W4A16, gated VSRAQ W4A16 (next-router
 decisions, headroom rule), VSRAQ with LM-head decisions W3A16, NVFP4 with smoothing first, ExpertQuant on a sigmoid
-router, padded calibration rows; on qwen3_moe, glm4_moe, deepseek_v3 and nemotron_h as listed in RUNS.
+router, padded calibration rows, experts tuned in chunks, the router term balanced at the block output; on
+qwen3_moe, glm4_moe, deepseek_v3 and nemotron_h as listed in RUNS.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ RUNS = {
     "nemotron_vsraq_w4": ("nemotron_h", [("round", {"objective": "vsraq", "scheme": "W4A16", "router_gate": False,
                                                     "router_scope": "both"})]),
     "qwen_padded_w4": ("qwen3_moe", [("round", {"objective": "vsraq", "scheme": "W4A16", "router_headroom": False})]),
+    "qwen_chunked_vsraq_w4": ("qwen3_moe", [("round", {"objective": "vsraq", "scheme": "W4A16", "expert_chunk": 3,
+                                                       "router_gate_z": 0.0, "router_headroom": False})]),
+    "glm_output_balance_w4": ("glm4_moe", [("round", {"objective": "vsraq", "scheme": "W4A16", "router_gate": False,
+                                                      "router_balance": "output"})]),
 }
 
 
