@@ -19,6 +19,18 @@ DESCRIPTION = "Router-stable MoE quantization: quantize, check for vLLM, evaluat
 _DTYPES = ("bfloat16", "float16", "float32")
 
 
+
+def _objective_names() -> tuple[str, ...]:
+    """The router objectives, one module each in ``routealign/losses`` (read from the folder: the entry point imports
+    nothing heavy)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("routealign")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "losses"
+    found = sorted(p.stem for p in folder.glob("*.py") if p.stem not in ("__init__", "base", "config")
+                   and not p.stem.startswith("_"))
+    return tuple(sorted(found, key=lambda n: (n != "none", n)))
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -67,8 +79,7 @@ def parser() -> argparse.ArgumentParser:
     how.add_argument("--recipe", help="a shipped recipe's name (routealign recipes) or a recipe YAML file (a path wins)")
     how.add_argument("--scheme", help="W4A16 or NVFP4: the recipe recommended for it (the default: W4A16)")
     qz.add_argument("--iters", type=int, help="override the recipe's tuning iterations")
-    qz.add_argument("--objective", choices=("none", "vsraq", "expertquant", "topk_mse", "kl"),
-                    help="override the recipe's router objective")
+    qz.add_argument("--objective", choices=_objective_names(), help="override the recipe's router objective")
     data = qz.add_mutually_exclusive_group(required=True)
     data.add_argument("--data", type=Path,
                       help="calibration text: a text file or .jsonl ('text' field); cut into --samples windows")

@@ -6,6 +6,9 @@ import pytest
 import torch
 
 from routealign.losses import OBJECTIVES, RouterLoss, RouterLossConfig
+from routealign.losses.expertquant import gap_hinge, soft_rank_jaccard
+from routealign.losses.kl import kl as kl_term
+from routealign.losses.vsraq import rank_loss
 from routealign.metrics import rank_weighted_jaccard
 from routealign.routing import find_moe_layers
 from routealign.tiny import tiny_model
@@ -66,9 +69,9 @@ def test_anchored_rank_is_zero_when_gap_grows():
     family, router, z_fp, _ = _hand_case()
     loss = RouterLoss(RouterLossConfig(objective="vsraq"), family, router)
     wider = torch.tensor([[3.5, 2.0, 1.0, 0.0]])
-    assert loss.rank_loss(wider, loss.target(z_fp)).item() == 0.0
+    assert rank_loss(loss, wider, loss.target(z_fp)).item() == 0.0
     paper = RouterLoss(RouterLossConfig(objective="vsraq", rank_anchor=False), family, router)
-    assert paper.rank_loss(wider, paper.target(z_fp)).item() == pytest.approx(sp(-1.5))
+    assert rank_loss(paper, wider, paper.target(z_fp)).item() == pytest.approx(sp(-1.5))
 
 
 def test_topk_mse_kl_gap_hinge_hand_computed():
@@ -77,9 +80,9 @@ def test_topk_mse_kl_gap_hinge_hand_computed():
     kl = RouterLoss(RouterLossConfig(objective="kl"), family, router)
     p = [sig(1.0), 1 - sig(1.0)]  # softmax over the two chosen logits (norm_topk_prob)
     q = [sig(0.3), 1 - sig(0.3)]
-    assert kl.kl(z_q, tgt).item() == pytest.approx(sum(a * math.log(a / b) for a, b in zip(p, q)), rel=1e-5)
+    assert kl_term(kl, z_q, tgt).item() == pytest.approx(sum(a * math.log(a / b) for a, b in zip(p, q)), rel=1e-5)
     eq = RouterLoss(RouterLossConfig(objective="expertquant"), family, router)
-    assert eq.gap_hinge(z_q, tgt).item() == pytest.approx((3 - 2) - (2.5 - 2.2), rel=1e-6)
+    assert gap_hinge(eq, z_q, tgt).item() == pytest.approx((3 - 2) - (2.5 - 2.2), rel=1e-6)
 
 
 def test_soft_jaccard_tends_to_exact_rank_weighted_jaccard():
@@ -88,10 +91,10 @@ def test_soft_jaccard_tends_to_exact_rank_weighted_jaccard():
     z_q = torch.tensor([[4.0, 3.0, 0.9, 1.0, 0.0, -1.0, -2.0, -3.0]])  # experts 2 and 3 swap
     loss = RouterLoss(RouterLossConfig(objective="expertquant", tau=1e-3), family, router)
     exact = 1 - rank_weighted_jaccard(torch.tensor([[0, 1, 2, 3]]), torch.tensor([[0, 1, 3, 2]])).item()
-    assert loss.soft_rank_jaccard(z_q, loss.target(z_fp)).item() == pytest.approx(exact, abs=1e-4)
+    assert soft_rank_jaccard(loss, z_q, loss.target(z_fp)).item() == pytest.approx(exact, abs=1e-4)
     dropped = torch.tensor([[4.0, 3.0, 2.0, -0.5, 0.0, -1.0, -2.0, -3.0]])  # expert 3 leaves, 4 enters
     exact = 1 - rank_weighted_jaccard(torch.tensor([[0, 1, 2, 3]]), torch.tensor([[0, 1, 2, 4]])).item()
-    assert loss.soft_rank_jaccard(dropped, loss.target(z_fp)).item() == pytest.approx(exact, abs=1e-4)
+    assert soft_rank_jaccard(loss, dropped, loss.target(z_fp)).item() == pytest.approx(exact, abs=1e-4)
 
 
 def test_gradients_push_toward_full_precision_order():
@@ -170,3 +173,38 @@ def test_logit_space_margin_gradient_is_not_damped_by_the_sigmoid():
     # d/dz of (Δq - Δfp)^2 on logits is 2|Δq - Δfp| = 1.0; on scores it carries sigmoid'(z) <= 0.25 twice over
     assert grads["logits"] == pytest.approx(1.0, rel=1e-5)
     assert grads["scores"] < 0.25 * grads["logits"]
+
+
+def test_a_new_objective_is_one_module(tmp_path, monkeypatch):
+    """A module in the objectives' package that registers an Objective is found by name: the modifier's field
+    accepts it and the loss computes its terms; an unknown name is refused with the list of known ones."""
+    import routealign.losses as losses
+    from routealign.losses.base import REGISTRY
+
+    (tmp_path / "abs_topk.py").write_text(
+        "from routealign.losses.base import Objective, gather, register\n\n"
+        "@register\n"
+        "class AbsTopK(Objective):\n"
+        "    name = 'abs_topk'\n\n"
+        "    def terms(self, loss, zq, tgt):\n"
+        "        idx = tgt.order[:, : loss.k]\n"
+        "        return {'abs': (gather(zq, idx) - gather(tgt.logits, idx)).abs().mean()}\n\n"
+        "    def weights(self, config):\n"
+        "        return {'abs': 2.0}\n")
+    monkeypatch.setattr(losses, "__path__", [*losses.__path__, str(tmp_path)])
+    monkeypatch.setattr("routealign.losses.base.REGISTRY", REGISTRY)
+    try:
+        assert "abs_topk" in losses.names()
+        family, router = _router("qwen3_moe", num_experts=4, num_experts_per_tok=2)
+        loss = RouterLoss(RouterLossConfig(objective="abs_topk"), family, router)
+        z_fp = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+        value = loss(torch.tensor([[2.5, 2.2, 1.1, 0.0]]), loss.target(z_fp))
+        assert value.item() == pytest.approx(2.0 * (0.5 + 0.2) / 2, rel=1e-6)
+        from routealign import RouterAlignedRoundingModifier
+
+        assert RouterAlignedRoundingModifier(objective="abs_topk", scheme="W4A16", targets="Linear").objective \
+            == "abs_topk"
+    finally:
+        REGISTRY.pop("abs_topk", None)
+    with pytest.raises(ValueError, match=r"unknown router objective 'abs_topk'; known: none, expertquant, kl"):
+        RouterLossConfig(objective="abs_topk")
