@@ -19,6 +19,7 @@ from ...errors import InputError, NotMoEError
 from ...routing import MoELayer, find_moe_layers
 from ...schemes import WeightQuantizer
 from ...streams import run_block
+from ..fields import document
 from ..common import (CausalCalibration, decoder_layer_order, keep_pipeline_passes_skipped, restore_pipeline_passes,
                       skip_pipeline_passes)
 from .folds import (
@@ -48,6 +49,7 @@ from .sites import (
 __all__ = ["ExpertAwareSmoothingModifier"]
 
 
+@document
 class ExpertAwareSmoothingModifier(Modifier):
     """ExpertQuant's Expert-Aware Scale, folded exactly into the weights so that the checkpoint stays a standard
     compressed-tensors checkpoint that stock vLLM serves. Statistics come from the tokens the router really sends
@@ -92,28 +94,24 @@ class ExpertAwareSmoothingModifier(Modifier):
         - run the folded layer on the causal stream: the next layer's input
     - on_calibration_end
         - remove hooks
-
-    :param mode: ``search`` or ``expertquant``
-    :param alpha: migration strength ``a`` of ``expertquant`` mode (paper: 0.6)
-    :param grid: candidate ``a`` values of ``search`` mode (no smoothing is always a candidate)
-    :param mappings: which folds to apply (see :mod:`routealign.modifiers.smoothing.folds`)
-    :param s_min: lower clip of every scale
-    :param s_max: upper clip of every scale
-    :param search_tokens: calibration tokens kept per mapping site for the search
-    :param scheme: quantization preset the search assumes when no quantizing modifier has configured the model
     """
 
     requires_calibration_data: bool = True
     routealign_own_streams: ClassVar[bool] = True  # nothing taken from llm-compressor's pipeline passes
 
-    mode: Literal["search", "expertquant"] = "search"
-    alpha: float = Field(0.6, ge=0, le=1)
-    grid: list[float] = Field(default_factory=lambda: [round(0.1 * i, 1) for i in range(11)])
-    mappings: list[Mapping] = Field(default_factory=lambda: list(MAPPINGS))
-    s_min: float = Field(1e-4, gt=0)
-    s_max: float = Field(1e4, gt=0)
-    search_tokens: int = Field(4096, ge=16)
-    scheme: str | None = None
+    mode: Literal["search", "expertquant"] = Field("search", description=(
+        "`search` (per mapping, the `a` on `grid`, or none, that minimises the quantized consumers' reconstruction "
+        "error on routed calibration tokens) or `expertquant` (the paper's eq. 4 with `alpha`)."))
+    alpha: float = Field(0.6, ge=0, le=1, description="migration strength `a` of `expertquant` mode (paper: 0.6).")
+    grid: list[float] = Field(default_factory=lambda: [round(0.1 * i, 1) for i in range(11)], description=(
+        "candidate `a` values of `search` mode (no smoothing is always a candidate)."))
+    mappings: list[Mapping] = Field(default_factory=lambda: list(MAPPINGS), description=(
+        "which folds to apply (`routealign.modifiers.smoothing.folds`)."))
+    s_min: float = Field(1e-4, gt=0, description="lower clip of every scale.")
+    s_max: float = Field(1e4, gt=0, description="upper clip of every scale.")
+    search_tokens: int = Field(4096, ge=16, description="calibration tokens kept per fold site for the search.")
+    scheme: str | None = Field(None, description=(
+        "the quantization preset the search assumes when no quantizing modifier has configured the model."))
 
     _layers: dict[str, MoELayer] = PrivateAttr(default_factory=dict)
     _norms: dict[str, str] = PrivateAttr(default_factory=dict)
@@ -210,7 +208,7 @@ class ExpertAwareSmoothingModifier(Modifier):
 
 
     @torch.no_grad()
-    def _run_causal(self, model, name: str, record: bool, chunk: int = 8) -> torch.Tensor:
+    def _run_causal(self, model, name: str, record: bool, per_pass: int = 8) -> torch.Tensor:
         """Layer ``name`` on the modifier's own causal stream (routealign.streams: the model's own masks and
         attention); with ``record`` only the statistics hooks fire, otherwise no hook does. Returns its output."""
         if self._hidden is None:
@@ -225,7 +223,7 @@ class ExpertAwareSmoothingModifier(Modifier):
         try:
             with HooksMixin.disable_hooks(keep=self._stat_hooks if record else set()):
                 # every sequence cut to its real length: the statistics hooks see no padded position
-                for idx, hidden, kwargs in inputs.by_length(chunk):
+                for idx, hidden, kwargs in inputs.by_length(per_pass):
                     y, _ = run_block(block, None, hidden, kwargs)
                     out[idx, : hidden.shape[1]] = y.to(out.dtype)
         finally:
@@ -306,13 +304,6 @@ class ExpertAwareSmoothingModifier(Modifier):
         for key in [k for k in self._stats if inside(k)]:
             del self._stats[key]
 
-    def _choose(self, candidate, error, where: str, mapping: str) -> FoldPlan:
-        if self.mode == "expertquant":
-            return FoldPlan(mapping, where, candidate(self.alpha), self.alpha)
-        alpha, scale, before, after = search_alpha(candidate, error, tuple(self.grid))
-        return FoldPlan(mapping, where, scale, alpha, before, after,
-                        note="" if scale is not None else "no alpha beat no smoothing")
-
     def _context(self) -> SiteContext:
         return SiteContext(self.s_min, self.s_max, lambda module: _quantizers(module, self.scheme))
 
@@ -325,39 +316,33 @@ class ExpertAwareSmoothingModifier(Modifier):
                  for site in expert_down_sites(layer, stats, self._powers[layer.name], self._context())]
         self._log_plans(plans, layer.experts_name, "expert_down")
 
+    def _fold_at(self, key: str, where: str, mapping: str, site) -> None:
+        """Fold the site ``site(stats)`` builds from the statistics recorded at ``key`` (nothing without them)."""
+        stats = self._stats.get(key)
+        if stats is not None and stats.max is not None:
+            self._log_plans([self._fold(site(stats))], where, mapping)
+
     def _fold_moe_input(self, model, layer: MoELayer) -> None:
-        stats = self._stats.get(layer.name)
-        if stats is None or stats.max is None:
-            return
-        plan = self._fold(moe_input_site(model, layer, self._norms[layer.name], stats, self._context()))
-        self._log_plans([plan], layer.name, "moe_input")
+        self._fold_at(layer.name, layer.name, "moe_input", lambda stats: moe_input_site(
+            model, layer, self._norms[layer.name], stats, self._context()))
 
     def _fold_attention(self, model, v_name: str, o_name: str, head_dim: int) -> None:
-        stats = self._stats.get(o_name)
-        if stats is None or stats.max is None:
-            return
-        site = attention_vo_site(model, v_name, o_name, head_dim, stats, self._context())
-        self._log_plans([self._fold(site)], site.where, "attention_vo")
+        self._fold_at(o_name, o_name.rpartition(".")[0], "attention_vo", lambda stats: attention_vo_site(
+            model, v_name, o_name, head_dim, stats, self._context()))
 
     def _fold_attention_input(self, model, attn: str, consumer_names: list[str]) -> None:
-        stats = self._stats.get(attn)
-        if stats is None or stats.max is None:
-            return
-        site = attention_input_site(model, attn, self._norms[attn], consumer_names, stats, self._context())
-        self._log_plans([self._fold(site)], attn, "attention_input")
+        self._fold_at(attn, attn, "attention_input", lambda stats: attention_input_site(
+            model, attn, self._norms[attn], consumer_names, stats, self._context()))
 
     def _fold_mlp(self, model, mlp: str, up_name: str, down_name: str, power: int) -> None:
-        stats = self._stats.get(down_name)
-        if stats is None or stats.max is None:
-            return
-        site = mlp_down_site(model, mlp, up_name, down_name, power, stats, self._context())
-        self._log_plans([self._fold(site)], mlp, "mlp_down")
+        self._fold_at(down_name, mlp, "mlp_down", lambda stats: mlp_down_site(
+            model, mlp, up_name, down_name, power, stats, self._context()))
 
     def _fold(self, site: Site) -> FoldPlan:
         """The one skeleton of every mapping: choose a scale (``expertquant``: the formula at ``alpha``;
         ``search``: the grid or none, by ``site.error``), fold it (``site.apply`` returns the modules whose inputs
         it rescaled, with their input scales), rescale GPTQ Hessians accordingly, return the plan for the report."""
-        plan = self._choose(site.candidate, site.error, site.where, site.mapping)
+        plan = _plan(site, self.mode, self.alpha, tuple(self.grid))
         if plan.scale is not None:
             _rescale_hessians(site.apply(plan.scale))
         plan.extra.update(site.extra)
@@ -389,6 +374,15 @@ class ExpertAwareSmoothingModifier(Modifier):
 
     def on_finalize(self, state: State, **kwargs) -> bool:
         return True
+
+
+def _plan(site: Site, mode: str, alpha: float, grid: tuple[float, ...]) -> FoldPlan:
+    """The scale of a site: ``expertquant``, the formula at ``alpha``; ``search``, the best on ``grid`` or none."""
+    if mode == "expertquant":
+        return FoldPlan(site.mapping, site.where, site.candidate(alpha), alpha)
+    best, scale, before, after = search_alpha(site.candidate, site.error, grid)
+    return FoldPlan(site.mapping, site.where, scale, best, before, after,
+                    note="" if scale is not None else "no alpha beat no smoothing")
 
 
 def _report_row(plan: FoldPlan) -> dict:
