@@ -256,7 +256,7 @@ def test_router_balance_combines_the_gradients_as_documented(balance):
             torch._foreach_sign_ = lambda grads: (captured.extend(g.clone() for g in grads), original(grads))[1]
             try:
                 mse, router = tuner.step_losses(q, reference, idx, use_router=True)
-                tuner._step(params, mse, router, mse + lam * router, 1, 4)
+                tuner.step(params, mse, router, mse + lam * router, 1, 4)
             finally:
                 torch._foreach_sign_ = original
     nonzero = [e for e in expected if e is not None]
@@ -424,19 +424,19 @@ def test_refined_router_arm_continues_the_plain_arm_for_a_fraction_of_the_steps(
     refine_fraction of the iterations; the gate compares it with the plain arm's kept iteration as before."""
     block, nxt, targets, q, nkw = _setup(seed=1)
     steps = []
-    original = BlockTuner._minibatch_losses
+    original = BlockTuner.minibatch_losses
 
     def counted(self, q, reference, batch, use_router, offset):
         mse, router = original(self, q, reference, batch, use_router, offset)
         steps.append((use_router, float(mse)))
         return mse, router
 
-    BlockTuner._minibatch_losses = counted
+    BlockTuner.minibatch_losses = counted
     try:
         _, res = _tune(block, nxt, targets, q, nkw, "vsraq", holdout=0.25, router_weight=1.0, seed=1,
                        router_gate_z=0.0, router_headroom=False, router_arm="refine", refine_fraction=0.25, lr=0.05)
     finally:
-        BlockTuner._minibatch_losses = original
+        BlockTuner.minibatch_losses = original
     assert [router for router, _ in steps] == [False] * 12 + [True] * 3
     assert len(res.arms["router"]["heldout_curve"]) == 2  # iterations 0 and 3 of the refinement
     assert res.gate is not None and res.decision in (RouterDecision.KEPT, RouterDecision.DROPPED)

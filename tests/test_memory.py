@@ -35,8 +35,8 @@ def _tune(dtype, chunk, objective):
 
 
 def _predicted(tuner, config, objective, dtype, chunk):
-    per_expert = sum(b.weight[0].numel() for b in tuner._bases)
-    other = sum(w.module.weight.numel() for w in tuner._singles)
+    per_expert = sum(b.weight[0].numel() for b in tuner.experts.stacks)
+    other = sum(w.module.weight.numel() for w in tuner.experts.singles)
     arms, router = arms_of(config, objective)
     return layer_bytes(per_expert, EXPERTS, other, torch.finfo(dtype).bits // 8, arms, chunk, router), \
         per_expert, other
@@ -51,17 +51,17 @@ def peaks():
     """Per case: (measured peak, the formula's), each case run once."""
     import os
 
-    os.environ["ROUTEALIGN_CHUNK_ELEMENTS"] = "65536"  # an accelerator's pieces would be large; these stay small
+    os.environ["ROUTEALIGN_PIECE_ELEMENTS"] = "65536"  # an accelerator's pieces would be large; these stay small
     try:
         out = {}
         for dtype, chunk, objective in CASES:
             config, run = _tune(dtype, chunk, objective)
             (tuner, _), peak, _ = peak_bytes(run)
-            assert tuner.chunks == (EXPERTS // chunk if chunk else 1)
+            assert tuner.experts.count == (EXPERTS // chunk if chunk else 1)
             out[(dtype, chunk, objective)] = (peak, _predicted(tuner, config, objective, dtype, chunk)[0])
         return out
     finally:
-        del os.environ["ROUTEALIGN_CHUNK_ELEMENTS"]
+        del os.environ["ROUTEALIGN_PIECE_ELEMENTS"]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{str(c[0])[6:]}-chunk{c[1]}-{c[2]}")
@@ -82,7 +82,7 @@ def test_no_float32_copy_of_untuned_experts_is_saved_for_the_backward(dtype, mon
     """Experts tuned 2 of 16 at a time: what autograd keeps for the backward of a tuning step is the stack itself
     (one storage, in the model's dtype), the chunk's rounding offsets and activations; before, a bf16 model's untuned
     experts were saved as float32 copies (14 experts' worth in each chunk)."""
-    monkeypatch.setenv("ROUTEALIGN_CHUNK_ELEMENTS", "65536")
+    monkeypatch.setenv("ROUTEALIGN_PIECE_ELEMENTS", "65536")
     steps = []
     original = BlockTuner.step_losses
 
@@ -96,7 +96,7 @@ def test_no_float32_copy_of_untuned_experts_is_saved_for_the_backward(dtype, mon
     config, run = _tune(dtype, CHUNK, "none")
     tuner, _ = run()
     _, per_expert, other = _predicted(tuner, config, "none", dtype, CHUNK)
-    stacks = sum(b.weight.untyped_storage().nbytes() for b in tuner._bases)
+    stacks = sum(b.weight.untyped_storage().nbytes() for b in tuner.experts.stacks)
     assert stacks == (torch.finfo(dtype).bits // 8) * per_expert * EXPERTS and len(steps) == 2 * EXPERTS // CHUNK
     # the chunk's offsets and the attention's (4 bytes each), the activations of a few tokens
     allowance = 4 * (CHUNK * per_expert + other) + 2 * 2**20
@@ -113,7 +113,7 @@ def test_max_tuning_gib_keeps_the_measured_peak_inside_the_budget(peaks, monkeyp
     runs stays inside the budget (within the formula's proven 15%); a chunk given explicitly wins over the budget."""
     from routealign.modifiers.rounding.memory import GIB
 
-    monkeypatch.setenv("ROUTEALIGN_CHUNK_ELEMENTS", "65536")
+    monkeypatch.setenv("ROUTEALIGN_PIECE_ELEMENTS", "65536")
     budget = 0.4 * peaks[(torch.bfloat16, 0, "none")][0]
     block, nxt, targets, q, nkw = _block(EXPERTS, dtype=torch.bfloat16, rows=8, seq_len=16, moe_intermediate_size=1024)
     config = TuningConfig(iters=2, batch_size=1, min_expert_tokens=0, holdout=0.25, max_tuning_gib=budget / GIB)
@@ -124,8 +124,8 @@ def test_max_tuning_gib_keeps_the_measured_peak_inside_the_budget(peaks, monkeyp
             return tuner, tuner.tune(q, q)
 
     (tuner, _), peak, _ = peak_bytes(run)
-    assert 1 <= tuner.chunk < EXPERTS and tuner.chunks > 1
-    assert peak <= 1.15 * budget, (peak, budget, tuner.chunk)
+    assert 1 <= tuner.experts.size < EXPERTS and tuner.experts.count > 1
+    assert peak <= 1.15 * budget, (peak, budget, tuner.experts.size)
     explicit = BlockTuner(block, targets, RouterLossConfig(objective="none"),
                           config.model_copy(update={"expert_chunk": 3}), [nxt], next_kwargs=[nkw])
-    assert explicit.chunk == 3
+    assert explicit.experts.size == 3

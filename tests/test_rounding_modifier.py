@@ -171,7 +171,7 @@ def test_recipe_typo_fails_with_pydantic_message(tmp_path, tiny):
                       "      objectiv: vsraq\n      scheme: W4A16\n")
     with pytest.raises(Exception, match=r"objectiv[\s\S]*Extra inputs are not permitted"):
         _run(tiny / "qwen3_moe", str(recipe), calibration_ids(rows=2, seq_len=16))
-    with pytest.raises(Exception, match="Input should be 'none', 'topk_mse', 'kl', 'vsraq' or 'expertquant'"):
+    with pytest.raises(Exception, match="unknown router objective 'vsrq'; known: none, expertquant, kl, topk_mse, vsraq"):
         RouterAlignedRoundingModifier(objective="vsrq", scheme="W4A16")
     with pytest.raises(Exception, match="router_scope"):
         RouterAlignedRoundingModifier(router_scope="previous", scheme="W4A16")
@@ -400,3 +400,16 @@ def test_tuned_w8a16_on_a_bf16_model_is_refused_before_calibrating(tmp_path, tin
     mod = RouterAlignedRoundingModifier(objective="none", iters=2, scheme="W8A16", targets="Linear", ignore=["lm_head"])
     with pytest.raises(InputError, match=r"torch.bfloat16 with 8-bit integer weights \(scheme W8A16\).*iters: 0"):
         _run(tiny / "qwen3_moe-bf16", mod, ids, dtype=torch.bfloat16)
+
+
+def test_finalize_refuses_a_run_that_left_a_layer_with_targets_untuned(tiny):
+    """As GPTQModifier's on_finalize does: a decoder layer whose sequential epoch never ended would be saved with
+    uninitialised scales. A full run finalizes; the same modifier with one layer's tuning missing is refused."""
+    ids = calibration_ids(rows=2, seq_len=16)
+    mod = RouterAlignedRoundingModifier(objective="none", iters=0, scheme="W4A16", targets="Linear",
+                                        ignore=["lm_head"])
+    _run(tiny / "qwen3_moe", mod, ids)
+    assert mod.on_finalize(None) is True and len(mod.report) == 2
+    mod._report = [row for row in mod._report if row["layer"] != "model.layers.1"]
+    with pytest.raises(ValueError, match=r"1 decoder layers with targets were never tuned \(model.layers.1\)"):
+        mod.on_finalize(None)

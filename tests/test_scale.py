@@ -77,7 +77,7 @@ def _composed(quant, w, qp, offset):
 @pytest.mark.parametrize("name,full_range,shape,chunk", list(itertools.product(
     ["W4A16", "W4A16_ASYM", "W3A16", "NVFP4"], [False, True], [(48, 256), (3, 16, 256)], [1 << 26, 37])))
 def test_offset_fake_quant_equals_the_composition_bit_for_bit(name, full_range, shape, chunk, monkeypatch):
-    monkeypatch.setenv("ROUTEALIGN_CHUNK_ELEMENTS", str(chunk))  # 37: many row chunks, one not full
+    monkeypatch.setenv("ROUTEALIGN_PIECE_ELEMENTS", str(chunk))  # 37: many row chunks, one not full
     quant = WeightQuantizer(preset_name_to_scheme(name, ["Linear"]).weights, full_range=full_range)
     w = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.05
     w[..., 3] = 0.9
@@ -124,7 +124,7 @@ def _iteration_dispatches(num_experts: int, objective: str, holdout: float, **tu
                            TuningConfig(**{"iters": 3, "batch_size": 2, "min_expert_tokens": 0, "holdout": holdout,
                                            "holdout_every": 10, "router_gate": False, **tuning}),
                            [nxt], next_kwargs=[nkw])
-        losses, step = tuner._minibatch_losses, tuner._step
+        losses, step = tuner.minibatch_losses, tuner.step
 
         def counted(fn):
             def run(*args, **kwargs):
@@ -134,7 +134,7 @@ def _iteration_dispatches(num_experts: int, objective: str, holdout: float, **tu
                 return out
             return run
 
-        tuner._minibatch_losses, tuner._step = counted(losses), counted(step)
+        tuner.minibatch_losses, tuner.step = counted(losses), counted(step)
         tuner.tune(q, q)
     per_iteration = [a[0] + b[0] for a, b in zip(counts[0::2], counts[1::2])]
     reads = [a[1] + b[1] for a, b in zip(counts[0::2], counts[1::2])]
@@ -145,7 +145,7 @@ def _iteration_dispatches(num_experts: int, objective: str, holdout: float, **tu
 @pytest.mark.parametrize("objective,holdout", [("none", 0.25), ("vsraq", 0.25), ("none", 0.0)])
 def test_an_iteration_runs_the_same_operations_whatever_the_number_of_experts(objective, holdout, monkeypatch):
     # an accelerator's chunking of the elementwise passes (the CPU's is cache-sized: more pieces for more experts)
-    monkeypatch.setenv("ROUTEALIGN_CHUNK_ELEMENTS", str(1 << 26))
+    monkeypatch.setenv("ROUTEALIGN_PIECE_ELEMENTS", str(1 << 26))
     few, reads_few, stacks = _iteration_dispatches(4, objective, holdout)
     many, reads_many, _ = _iteration_dispatches(32, objective, holdout)
     assert len(stacks) == 3 and all(len(w.modules) == 4 for w in stacks)  # gate, up, down: one tensor each
@@ -166,7 +166,7 @@ def test_host_reads_per_iteration_in_an_accelerators_layouts(layout, chunk, offl
     boundaries once per forward (not once per product: three before); offloaded streams add no read."""
     import routealign.accelerator as accelerator
 
-    monkeypatch.setenv("ROUTEALIGN_CHUNK_ELEMENTS", str(1 << 26))
+    monkeypatch.setenv("ROUTEALIGN_PIECE_ELEMENTS", str(1 << 26))
     monkeypatch.setattr(accelerator, "LAYOUT", layout)
     with accelerator.simulated((9, 0)):
         _, reads, _ = _iteration_dispatches(8, "vsraq", 0.25, expert_chunk=chunk, offload_activations=offload)
@@ -188,8 +188,8 @@ def test_the_layout_by_device():
                                       ((10, 0), torch.bfloat16, "padded"), ((8, 0), torch.bfloat16, "padded")):
         with accelerator.simulated(capability):
             assert accelerator.expert_layout("cpu", dtype) == layout, (capability, dtype)
-            assert accelerator.chunk_elements("cpu") == accelerator.CHUNK_ELEMENTS["accelerator"]
-    assert accelerator.chunk_elements("cpu") == accelerator.CHUNK_ELEMENTS["cpu"]
+            assert accelerator.piece_elements("cpu") == accelerator.PIECE_ELEMENTS["accelerator"]
+    assert accelerator.piece_elements("cpu") == accelerator.PIECE_ELEMENTS["cpu"]
 
 
 def test_frozen_experts_of_a_stack_keep_their_mse_clipped_rtn(monkeypatch):
@@ -342,7 +342,7 @@ def test_iters_zero_in_chunks_writes_every_expert_as_the_unchunked_rtn(chunk):
     unchunked RTN's, tensor for tensor (before, only the first chunk was written: 9 of 24 expert weights)."""
     whole, whole_result, _ = _chunked(0, iters=0)
     chunked, result, _ = _chunked(chunk, iters=0)
-    assert chunked.chunks == -(-8 // chunk)
+    assert chunked.experts.count == -(-8 // chunk)
     a, b = _written(whole_result), _written(result)
     names = {id(m): n for n, m in chunked.block.named_modules()}
     whole_names = {id(m): n for n, m in whole.block.named_modules()}
@@ -358,10 +358,10 @@ def test_experts_tuned_in_chunks_cover_every_expert_once():
     quantized; every expert's weight is written once, tuned (not left at RTN), and the result beats RTN."""
     whole, whole_result, whole_error = _chunked(0)
     same, same_result, _ = _chunked(8)
-    assert same.chunks == 1 and same_result.chunks is None  # a chunk as large as the layer: no chunks
+    assert same.experts.count == 1 and same_result.chunks is None  # a chunk as large as the layer: no chunks
     chunked, result, error = _chunked(3)
     rtn, rtn_result, rtn_error = _chunked(3, iters=0)
-    assert chunked.chunks == 3 and [c["experts"] for c in result.chunks] == [[0, 3], [3, 6], [6, 8]]
+    assert chunked.experts.count == 3 and [c["experts"] for c in result.chunks] == [[0, 3], [3, 6], [6, 8]]
     assert all(c["arms"]["plain"]["best_iter"] > 0 for c in result.chunks)  # each chunk kept a tuned iteration
     written, rtn_written = _written(result), _written(rtn_result)
     assert len(written) == len(_written(whole_result)) == len(rtn_written)

@@ -347,7 +347,7 @@ def run_worker(args, method: str, model_dir: Path, out: Path, iters: int | None 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
                MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     if count:  # the operations a GPU run dispatches: its chunking of the elementwise passes over tuned weights
-        env["ROUTEALIGN_CHUNK_ELEMENTS"] = str(1 << 26)
+        env["ROUTEALIGN_PIECE_ELEMENTS"] = str(1 << 26)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
     if proc.returncode != 0 or not out.exists():
         return {"method": method, "error": (proc.stderr or proc.stdout)[-2000:]}

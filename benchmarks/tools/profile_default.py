@@ -23,14 +23,14 @@ import torch
 import yaml
 
 WATCH = {  # reported name -> (file suffix, function)
-    "loop (all iterations, per arm)": ("rounding/tune.py", "_loop"),
-    "minibatch forwards + losses": ("rounding/tune.py", "_minibatch_losses"),
+    "loop (all iterations, per arm)": ("rounding/loop.py", "run_arm"),
+    "minibatch forwards + losses": ("rounding/tune.py", "minibatch_losses"),
     "router loss": ("rounding/tune.py", "_router_loss"),
-    "sign step (backward + update)": ("rounding/tune.py", "_step"),
+    "sign step (backward + update)": ("rounding/tune.py", "step"),
     "held-out tuning loss": ("rounding/heldout.py", "loss"),
     "held-out lm_head errors": ("rounding/heldout.py", "lm_head_errors"),
     "held-out downstream errors": ("rounding/heldout.py", "downstream_errors"),
-    "headroom rule": ("rounding/tune.py", "_headroom"),
+    "headroom rule": ("rounding/arms.py", "headroom_rule"),
     "next layer forwards": ("routealign/runner.py", "run_next"),
     "reference outputs": ("rounding/tune.py", "reference"),
     "tune (whole layer)": ("rounding/tune.py", "tune"),

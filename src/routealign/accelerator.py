@@ -2,7 +2,7 @@
 
 - :func:`expert_layout`: how the batched experts multiply (``grouped``: one grouped GEMM over expert-sorted tokens,
   no host read; ``padded``: tokens padded per expert, one batched matmul, the capacity read once per forward);
-- :func:`chunk_elements`: the size of the pieces the elementwise passes over tuned weights run in;
+- :func:`piece_elements`: the size of the pieces the elementwise passes over tuned weights run in;
 - :func:`to_host` / :func:`rows`: where offloaded tensors live (host memory, pinned for an accelerator) and how a
   minibatch of their rows reaches the device (gathered into a pinned staging buffer, then an asynchronous copy:
   indexing a pinned tensor gives pageable memory, whose copies are synchronous).
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Profile", "profile_of", "is_accelerator", "expert_layout", "chunk_elements", "to_host", "rows",
-           "is_pinned", "simulated", "LAYOUT", "CHUNK_ELEMENTS", "STAGED"]
+__all__ = ["Profile", "profile_of", "is_accelerator", "expert_layout", "piece_elements", "to_host", "rows",
+           "is_pinned", "simulated", "LAYOUT", "PIECE_ELEMENTS", "STAGED"]
 
 
 @dataclass(frozen=True)
@@ -44,8 +44,8 @@ LAYOUT: str | None = None
 # quantization, the clip search): on an accelerator large (few kernels; temporaries bounded to a few bytes per element
 # of a piece), on the CPU the size of a core's cache, where chains of elementwise operations are memory-bound (a
 # stacked tensor of all experts streamed through memory once per operation ran 2-3x slower than cache-sized pieces).
-# ``ROUTEALIGN_CHUNK_ELEMENTS`` overrides both (the scale benchmark counts a GPU run's operations on the CPU with it)
-CHUNK_ELEMENTS = {"cpu": 1 << 18, "accelerator": 1 << 26}
+# ``ROUTEALIGN_PIECE_ELEMENTS`` overrides both (the scale benchmark counts a GPU run's operations on the CPU with it)
+PIECE_ELEMENTS = {"cpu": 1 << 18, "accelerator": 1 << 26}
 
 
 @dataclass
@@ -92,12 +92,12 @@ def expert_layout(device: torch.device | str, dtype: torch.dtype) -> str:
     return "padded"
 
 
-def chunk_elements(device: torch.device | str) -> int:
-    """Elements per piece of the elementwise passes over tuned weights on ``device`` (:data:`CHUNK_ELEMENTS`)."""
-    forced = os.environ.get("ROUTEALIGN_CHUNK_ELEMENTS")
+def piece_elements(device: torch.device | str) -> int:
+    """Elements per piece of the elementwise passes over tuned weights on ``device`` (:data:`PIECE_ELEMENTS`)."""
+    forced = os.environ.get("ROUTEALIGN_PIECE_ELEMENTS")
     if forced:
         return int(forced)
-    return CHUNK_ELEMENTS["accelerator" if is_accelerator(device) else "cpu"]
+    return PIECE_ELEMENTS["accelerator" if is_accelerator(device) else "cpu"]
 
 
 def _pin(tensor: torch.Tensor) -> torch.Tensor:

@@ -141,12 +141,12 @@ class CalibrationTokens:
         return int(self.ids.numel() if self.lengths is None else self.lengths.sum())
 
     @torch.no_grad()
-    def first_inputs(self, engine, chunk: int = 8) -> torch.Tensor:
+    def first_inputs(self, engine, per_pass: int = 8) -> torch.Tensor:
         """The hidden states entering the first decoder layer (``[N, T, H]`` on the CPU, zeros at padded positions),
         from the model's own forward (:meth:`routealign.streams.StreamEngine.capture`)."""
         outs = []
-        for start in range(0, self.ids.shape[0], chunk):
-            hidden, _ = engine.capture(self.ids[start : start + chunk])
+        for start in range(0, self.ids.shape[0], per_pass):
+            hidden, _ = engine.capture(self.ids[start : start + per_pass])
             outs.append(hidden.detach().cpu())
         hidden = torch.cat(outs)
         if self.lengths is not None:

@@ -11,7 +11,7 @@ import torch
 
 from .errors import InputError
 
-__all__ = ["init_distributed", "synchronize_cpu_qparam_broadcasts", "world_size", "rank", "shard_bounds",
+__all__ = ["Ranks", "init_distributed", "synchronize_cpu_qparam_broadcasts", "world_size", "rank", "shard_bounds",
            "all_reduce", "all_sum", "gather_slices", "all_reduce_grads", "all_reduce_counts", "write_parameters",
            "suspended_offloading", "refuse_disk_offload"]
 
@@ -190,6 +190,42 @@ def write_parameters(writes: list[tuple[torch.nn.Module, str, torch.Tensor]]) ->
         else:
             _update_onloaded_copy(module, name, value)
     dist.barrier()
+
+
+class Ranks:
+    """The data-parallel reductions of a tuning (llm-compressor's distributed mode splits the calibration set over
+    ranks), in one place: each sum a step or a decision needs over every rank's share. With one process
+    (:attr:`alone`) every one is the value itself and reads nothing from the device."""
+
+    @property
+    def alone(self) -> bool:
+        return world_size() == 1
+
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any rank (every rank then takes the same branch)."""
+        if self.alone:
+            return flag
+        (value,) = all_reduce([torch.tensor([float(flag)])], op="max")
+        return bool(value)
+
+    def sum(self, values: list) -> list:
+        """Scalars (floats or 0-d tensors) summed over ranks in float64, as Python floats; alone, ``values``
+        unchanged (tensors stay on their device, unread)."""
+        if self.alone:
+            return list(values)
+        return all_sum([float(v) for v in values])
+
+    def tensors(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``tensors`` summed over ranks (one flat all-reduce); alone, unchanged."""
+        return list(tensors) if self.alone else all_reduce(list(tensors))
+
+    def grads(self, params: list[torch.Tensor]) -> None:
+        """Every parameter's gradient summed over ranks (:func:`all_reduce_grads`)."""
+        all_reduce_grads(params)
+
+    def counts(self, counts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-name integer counts summed over ranks (:func:`all_reduce_counts`)."""
+        return all_reduce_counts(counts)
 
 
 def all_reduce_counts(counts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

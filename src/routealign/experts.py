@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .accelerator import chunk_elements, expert_layout
+from .accelerator import piece_elements, expert_layout
 
 __all__ = ["batched_forward", "batched_experts", "input_quantizers", "input_quantization_plans",
            "StackedInputQuantizer", "supports_batching", "layout", "Stacked", "Parts"]
@@ -101,7 +101,7 @@ class Stacked:
     None). Subclasses compute the weights inside the product (the tuner's fake-quantized stacks).
 
     A product that must convert the weights (a bf16 model's experts in a float32 forward) or stack them runs in
-    pieces of experts of at most :func:`~routealign.accelerator.chunk_elements` elements: never a float32 copy, or a
+    pieces of experts of at most :func:`~routealign.accelerator.piece_elements` elements: never a float32 copy, or a
     stacked copy, of a whole layer's projection (on DeepSeek-V3, 15 GB)."""
 
     weight: torch.Tensor | None
@@ -122,13 +122,13 @@ class Stacked:
 
     def pieces(self, dtype: torch.dtype) -> list[tuple[int, int]]:
         """Expert ranges the product in ``dtype`` runs in: all at once where the weight is one tensor already in
-        ``dtype``, else pieces of :func:`~routealign.accelerator.chunk_elements`."""
+        ``dtype``, else pieces of :func:`~routealign.accelerator.piece_elements`."""
         sample = self.weight if self.weight is not None else self.modules[0].weight
         count = self.experts
         if self.weight is not None and sample.dtype == dtype:
             return [(0, count)]
         per = sample[0].numel() if self.weight is not None else sample.numel()
-        step = max(1, chunk_elements(sample.device) // max(per, 1))
+        step = max(1, piece_elements(sample.device) // max(per, 1))
         return [(a, min(a + step, count)) for a in range(0, count, step)]
 
     def matmul(self, tokens: torch.Tensor, offsets: torch.Tensor | None, dtype: torch.dtype,

@@ -165,11 +165,11 @@ class BlockRunner:
 
     def tail_logprobs(self, ys: list[torch.Tensor], force: list[dict[str, torch.Tensor]] | None = None,
                       route: bool = False) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
-        """Log-probabilities of the next token after each of ``ys`` (this block's outputs, one per chunk of
-        sequences) through the rest of the model, unquantized; ``force``: per chunk, expert indices the next
-        routers return instead of their own; with ``route`` also the next routers' own choices per chunk. The rest
+        """Log-probabilities of the next token after each of ``ys`` (this block's outputs, one per pass of
+        sequences) through the rest of the model, unquantized; ``force``: per pass, expert indices the next
+        routers return instead of their own; with ``route`` also the next routers' own choices per pass. The rest
         of the model runs one module at a time (:class:`LMTail`: onloaded, converted to float32 and dropped again),
-        each on every chunk."""
+        each on every pass."""
         tail = self.lm_tail
         hs, chosen = list(ys), [{} for _ in ys]
         for module, kw in zip(tail.layers, self._tail_kw32):
@@ -196,15 +196,15 @@ class BlockRunner:
             return y
         return functional_call(self.output_norm, self._norm32, (y,))
 
-    def chunks(self, inputs: BlockInputs, chunk: int = 8):
-        """``(float32 hidden chunk, float32 kwargs, real-token mask or None)`` over the calibration sequences in
+    def passes(self, inputs: BlockInputs, per_pass: int = 8):
+        """``(float32 hidden of a pass, float32 kwargs, real-token mask or None)`` over the calibration sequences in
         order, on the block's device (padded sequences stay padded: for values, not for statistics taken by hooks,
         see :meth:`BlockInputs.by_length`)."""
         kwargs = self.kwargs32(inputs.kwargs)
         mask = inputs.mask()
-        for start in range(0, inputs.hidden.shape[0], chunk):
-            yield (inputs.hidden[start : start + chunk].to(self.device, torch.float32), kwargs,
-                   None if mask is None else mask[start : start + chunk].to(self.device))
+        for start in range(0, inputs.hidden.shape[0], per_pass):
+            yield (inputs.hidden[start : start + per_pass].to(self.device, torch.float32), kwargs,
+                   None if mask is None else mask[start : start + per_pass].to(self.device))
 
     # -- input activations (NVFP4) ------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -260,7 +260,7 @@ class BlockRunner:
         return scales
 
     @torch.no_grad()
-    def routed_input_amax(self, q: BlockInputs, names: list[str], chunk: int = 8,
+    def routed_input_amax(self, q: BlockInputs, names: list[str], per_pass: int = 8,
                           all_tokens: bool = False) -> dict[str, torch.Tensor]:
         """Largest absolute input each named module sees when the block (with its current weights) runs on the
         quantized stream; experts see only their routed tokens (``all_tokens``: every token, as under
@@ -277,7 +277,7 @@ class BlockRunner:
         handles = [modules[n].register_forward_pre_hook(lambda mod, args, n=n: hook(mod, args, n)) for n in names]
         try:
             # every sequence cut to its real length: a hook inside the block cannot tell a padded token from a real one
-            for _, h, kwargs in q.by_length(chunk):
+            for _, h, kwargs in q.by_length(per_pass):
                 kwargs = self.kwargs32(kwargs)
                 h = h.to(self.device, torch.float32)
                 self.run(self.block, params, h, kwargs, [], all_experts=all_tokens, batched=False)  # hooks
@@ -292,13 +292,13 @@ class BlockRunner:
     # -- the quantized stream -----------------------------------------------------------------------------
     @torch.no_grad()
     def propagate(self, q: BlockInputs, quantizers: dict[str, ActivationQuantizer] | None = None,
-                  chunk: int = 8) -> torch.Tensor:
+                  per_pass: int = 8) -> torch.Tensor:
         """The block's output with its current (written) weights and, with ``quantizers``, its quantized input
         activations, on the quantized stream: the next block's quantized-stream input (in the input dtype)."""
         params = float_params(self.block)
         outs = []
         with self.simulating(quantizers or {}):
-            for h, kwargs, valid in self.chunks(q, chunk):
+            for h, kwargs, valid in self.passes(q, per_pass):
                 y, _ = self.run(self.block, params, h, kwargs, [])
                 y = y if valid is None else y.masked_fill(~valid.unsqueeze(-1), 0)  # padded positions: zeros
                 outs.append(y.to(q.hidden.dtype).to(q.hidden.device))

@@ -23,10 +23,10 @@ from compressed_tensors.quantization import QuantizationArgs, QuantizationStrate
 from compressed_tensors.quantization.quant_args import FP4_E2M1_DATA, FP8_E4M3_DATA, round_to_quantized_type_args
 from compressed_tensors.quantization.utils import calculate_qparams, calculate_range
 
-from .accelerator import chunk_elements
+from .accelerator import piece_elements
 
 __all__ = ["ActivationQuantizer", "WeightQuantizer", "QParams", "nvfp4_global_scale", "input_global_scale",
-           "chunk_elements", "row_chunks"]
+           "piece_elements", "row_pieces"]
 
 
 @dataclass
@@ -53,9 +53,9 @@ class _RoundSTE(torch.autograd.Function):
         return grad * inside, None, None, None
 
 
-def row_chunks(rows: int, size: int, device: torch.device) -> list[tuple[int, int]]:
-    """``[start, end)`` ranges of ``rows`` rows of ``size`` elements, a :func:`chunk_elements` piece each."""
-    step = max(1, chunk_elements(device) // max(size, 1))
+def row_pieces(rows: int, size: int, device: torch.device) -> list[tuple[int, int]]:
+    """``[start, end)`` ranges of ``rows`` rows of ``size`` elements, a :func:`piece_elements` piece each."""
+    step = max(1, piece_elements(device) // max(size, 1))
     return [(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
@@ -78,7 +78,7 @@ def _centred(q, zp, dtype):
 
 def _fake_rows(x, scale, zp, offset, args, q_min, q_max, out: torch.Tensor) -> torch.Tensor:
     """The learned-rounding fake quantization of weight rows ``x`` written into ``out`` (its dtype), in chunks."""
-    for a, b in row_chunks(*x.shape, x.device):
+    for a, b in row_pieces(*x.shape, x.device):
         z = None if zp is None else zp[a:b]
         _, q = _rounded(x[a:b], scale[a:b], z, offset[a:b], args, q_min, q_max)
         out[a:b] = _centred(q, z, scale.dtype) * scale[a:b]
@@ -89,7 +89,7 @@ def _fake_rows_backward(grad, x, scale, zp, offset, args, q_min, q_max, need_sca
     """Gradients of :func:`_fake_rows` for the incoming float32 ``grad`` ``[R, g]`` (overwritten: it becomes the
     offset's gradient) and, with ``need_scale``, the scale's ``[R, 1]``; the rounding recomputed in chunks."""
     grad_scale = torch.empty_like(scale) if need_scale else None
-    for a, b in row_chunks(*x.shape, x.device):
+    for a, b in row_pieces(*x.shape, x.device):
         s, z = scale[a:b], None if zp is None else zp[a:b]
         scaled, q = _rounded(x[a:b], s, z, offset[a:b], args, q_min, q_max)
         dq = _centred(q, z, scale.dtype)
@@ -117,7 +117,7 @@ class _OffsetFakeQuant(torch.autograd.Function):
     those of that expression written as separate autograd operations (the division's gradient to ``scale``
     ``-grad * ((x / scale) / scale)``, the product's ``grad * dq``), computed in the same order, so they are equal bit
     for bit. Nothing of ``x``'s size is saved for the backward: it recomputes the rounding in chunks of rows
-    (:func:`chunk_elements`), and the offset's gradient is formed in the incoming gradient's buffer."""
+    (:func:`piece_elements`), and the offset's gradient is formed in the incoming gradient's buffer."""
 
     @staticmethod
     def forward(ctx, x, scale, zp, offset, args, q_min, q_max, out_dtype):
@@ -427,7 +427,7 @@ class WeightQuantizer:
         x, scale, zp = self._rows(w, *self._effective(qp))
         off = None if offset is None else offset.reshape(x.shape)
         out = torch.empty(x.shape, dtype=torch.int8, device=x.device)
-        for a, b in row_chunks(*x.shape, x.device):
+        for a, b in row_pieces(*x.shape, x.device):
             _, q = _rounded(x[a:b], scale[a:b], None if zp is None else zp[a:b], None if off is None else off[a:b],
                             self.args, q_min, q_max)
             out[a:b] = q * 2 if self.is_fp4 else q
@@ -439,7 +439,7 @@ class WeightQuantizer:
         what :meth:`fake_quant` returns for the weight and offset the codes were taken from."""
         c, scale, zp = self._rows(codes, *self._effective(qp))
         out = torch.empty(c.shape, dtype=dtype, device=c.device)
-        for a, b in row_chunks(*c.shape, c.device):
+        for a, b in row_pieces(*c.shape, c.device):
             q = c[a:b].to(scale.dtype)
             out[a:b] = _centred(q / 2 if self.is_fp4 else q, None if zp is None else zp[a:b], scale.dtype) * scale[a:b]
         return out.reshape(codes.shape)

@@ -70,22 +70,22 @@ class BlockInputs:
         """The same sequences (lengths, keyword arguments) with other hidden states (the other stream)."""
         return BlockInputs(hidden, self.kwargs, self.lengths, self.kwargs_for)
 
-    def by_length(self, chunk: int = 8):
-        """``(indices, hidden [n, L, H], kwargs for L)`` over the sequences, in chunks of at most ``chunk`` sequences
+    def by_length(self, per_pass: int = 8):
+        """``(indices, hidden [n, L, H], kwargs for L)`` over the sequences, in passes of at most ``per_pass`` sequences
         of one real length ``L``, cut to it (no padded position); in order when nothing is padded."""
         n, seq = self.hidden.shape[:2]
         if not self.padded:
-            for start in range(0, n, chunk):
-                idx = torch.arange(start, min(start + chunk, n))
-                yield idx, self.hidden[start : start + chunk], self.kwargs
+            for start in range(0, n, per_pass):
+                idx = torch.arange(start, min(start + per_pass, n))
+                yield idx, self.hidden[start : start + per_pass], self.kwargs
             return
         if self.kwargs_for is None:
             raise RuntimeError("padded calibration inputs need kwargs_for (keyword arguments per length)")
         for length in sorted(set(self.lengths.tolist())):
             same = torch.nonzero(self.lengths == length).flatten()
             kwargs = self.kwargs if length == seq else self.kwargs_for(length)
-            for start in range(0, same.numel(), chunk):
-                idx = same[start : start + chunk]
+            for start in range(0, same.numel(), per_pass):
+                idx = same[start : start + per_pass]
                 yield idx, self.hidden[idx, :length], kwargs
 
 

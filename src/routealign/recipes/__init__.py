@@ -24,7 +24,7 @@ from ..errors import InputError
 
 __all__ = ["names", "describe", "path", "resolve", "for_scheme", "text", "SCHEMES"]
 
-_HERE = Path(__file__).resolve().parent / "files"
+_HERE = (Path(__file__).resolve().parent / "files").resolve()  # in a checkout: the top-level recipes/
 
 # the recipe ``--scheme`` picks: plain learned rounding at W4A16 (issue 30: ahead of AutoRoundModifier and of the
 # router-term recipe on the two models tried there; every method ties on the shared tiny models), and at NVFP4 VSRAQ

@@ -29,7 +29,8 @@ from ...validation import check_group_sizes, check_router_settings
 from ..common import (CausalCalibration, decoder_layer_order, final_norm, keep_pipeline_passes_skipped,
                       restore_pipeline_passes, skip_pipeline_passes)
 from .config import TuningConfig
-from .tune import BlockTuner, RouterDecision, TuneResult
+from .report import layer_report, unreachable_routers
+from .tune import BlockTuner
 from .weights import TunedWeight, quantized_writes
 
 __all__ = ["RouterAlignedRoundingModifier"]
@@ -79,6 +80,8 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
           for activation-quantized NVFP4 ``input_global_scale`` from routed tokens
     - on_calibration_end
         - remove hooks; freeze quantization (observers removed, quantization enabled)
+    - on_finalize
+        - refuse a run in which a decoder layer with targets was never tuned (its scales would be uninitialised)
 
     :param objective: router objective (see :mod:`routealign.losses`); ``none`` is plain learned rounding
     :param router_scope: which routers the objective sees (see :mod:`routealign.modifiers.rounding.tune`)
@@ -119,9 +122,7 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
 
     requires_calibration_data: bool = True
     routealign_own_streams: ClassVar[bool] = True  # nothing taken from llm-compressor's pipeline passes
-
     # every algorithm field (and its default and range) is declared once, in TuningConfig and RouterLossConfig
-
     _layer_names: dict[int, str] = PrivateAttr(default_factory=dict)
     _layer_order: list[str] = PrivateAttr(default_factory=list)
     _calibration: CausalCalibration | None = PrivateAttr(default=None)
@@ -131,7 +132,6 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
     _targets: set[str] = PrivateAttr(default_factory=set)
     _outside: list[str] = PrivateAttr(default_factory=list)
 
-    # -- configuration ------------------------------------------------------------------------------------
     def loss_config(self) -> RouterLossConfig:
         return RouterLossConfig.of(self)
 
@@ -289,7 +289,7 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
                 tuner = BlockTuner(block, targets, self.loss_config(), self.tuning_config(), downstream, name,
                                    output_norm=output_norm, activations=activations,
                                    next_kwargs=[layer_kwargs[n] for n in chain], lm_tail=lm_tail)
-                unreachable = self._unreachable(tuner, name)
+                unreachable = unreachable_routers(tuner, name)
                 result = tuner.tune(q, fp, calibration.offset, calibration.total)
             result.write()
             with suspended_offloading(block):
@@ -302,33 +302,8 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
                 quantizers = tuner.runner.activation_quantizers(q, scales) if simulate else {}
                 self._q_hidden = tuner.runner.propagate(q, quantizers).cpu()
         self._fp_hidden = result.outputs.cpu()
-        self._report_layer(name, chain, calibration.total, tuner, result, unreachable, time.perf_counter() - start)
-
-    def _report_layer(self, name: str, chain: list[str], samples: int, tuner: BlockTuner, result: TuneResult,
-                      unreachable: list[str], seconds: float) -> None:
-        history = result.history
-        row = {"layer": name, "samples": samples, "weights": tuner.tuned_modules, "iters": len(history),
-               "loss_first": history[0] if history else None, "loss_best": min(history) if history else None,
-               "seconds": round(seconds, 3), "rtn_fallback": dict(result.fallback or {}),
-               "router_unreachable": unreachable,
-               "routers": [f"{w}:{(name if w == 'block' else chain[-1])}.{l.router_name}" for w, l in tuner.scoped],
-               "router": result.decision.value, "arms": result.arms, "gate": result.gate,
-               "router_scale": result.router_scale}
-        if result.chunks:  # expert_chunk: each chunk's experts, decision and arms (the row's own are the first's)
-            row["chunks"] = result.chunks
-            decisions = {c["router"] for c in result.chunks}
-            row["router"] = decisions.pop() if len(decisions) == 1 else "mixed"
-        self._report.append(row)
-        if history:
-            kept = {RouterDecision.KEPT: ", router term kept", RouterDecision.UNGATED: ", router term (ungated)",
-                    RouterDecision.DROPPED: ", router term dropped (held-out)",
-                    RouterDecision.NOT_TRIED: ", router term not tried (forcing the unquantized experts gains "
-                                              "nothing on held-out)"}.get(result.decision, "")
-            if result.chunks:
-                kept = ", experts " + ", ".join(f"{a}-{b - 1}: {c['router']}" for c in result.chunks
-                                                for a, b in [c["experts"]])
-            logger.info(f"{name}: tuned {tuner.tuned_modules} weights, {len(history)} iters, loss "
-                        f"{history[0]:.4g} -> best {min(history):.4g}{kept} ({seconds:.1f} s)")
+        self._report.append(layer_report(name, chain, calibration.total, tuner, result, unreachable,
+                                         time.perf_counter() - start))
 
     def _downstream(self, model: torch.nn.Module, name: str) -> list[str]:
         """The decoder layers after ``name`` up to and including the first one that routes (all remaining layers
@@ -340,21 +315,6 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
             if find_moe_layers(model.get_submodule(later), require=False):
                 break
         return chain
-
-    def _unreachable(self, tuner: BlockTuner, name: str) -> list[str]:
-        """Routers in scope whose objective cannot reach any tuned weight (``block`` scope when every target lies
-        after the router, e.g. a Nemotron-H block that holds only the MoE). Logged as a warning and listed in the
-        report row, never silently ignored."""
-        unreachable = []
-        for where, layer in tuner.scoped:
-            if where != "block":
-                continue
-            prefix = layer.name.removeprefix(name).lstrip(".")
-            if all(w.name.startswith(prefix) for w in tuner.weights):
-                unreachable.append(f"{name}.{layer.router_name}")
-                logger.warning(f"{name}: the router objective at router_scope 'block' cannot reach any tuned weight "
-                               f"(every target lies after {layer.router_name}); use router_scope 'next' or 'both'")
-        return unreachable
 
     @torch.no_grad()
     def _quantize_outside(self, model: torch.nn.Module) -> None:
@@ -391,6 +351,20 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
             self._calibration.release()
         self._fp_hidden = None
         self._q_hidden = None
+
+
+    def on_finalize(self, state: State, **kwargs) -> bool:
+        """End if llm-compressor did not; refuse (as GPTQModifier does) a run that left a layer with targets untuned."""
+        if not self.ended_:
+            self.on_end(state, None)
+        tuned = {row["layer"] for row in self._report}
+        missing = [n for n in self._layer_order
+                   if n not in tuned and any(t.startswith(n + ".") for t in self._targets)]
+        if missing:
+            raise ValueError(f"RouterAlignedRoundingModifier: {len(missing)} decoder layers with targets were never "
+                             f"tuned ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): no sequential "
+                             "epoch ended for them; nothing is saved")
+        return True
 
 
 @contextlib.contextmanager

@@ -58,7 +58,7 @@ def paired_gate(diff: torch.Tensor, z: float) -> dict:
 @dataclass
 class Reference:
     """The unquantized block on the unquantized stream: its float32 outputs ``[N, T, H]`` (padded positions zero),
-    the real-token mask (None: nothing padded) and, per router in scope ``(where, layer name)``, the router target."""
+    the real-token mask (None: nothing padded) and, per router in scope ``(scope, layer name)``, the router target."""
 
     outputs: torch.Tensor
     mask: torch.Tensor | None
@@ -101,7 +101,7 @@ class HeldOut:
 
     def __init__(self, runner: BlockRunner, reference: Reference, q: BlockInputs, held: torch.Tensor,
                  params: Callable[[], dict], router_loss: Callable | None, router_weight: float,
-                 lm_head: bool, autocast: Callable[[], contextlib.AbstractContextManager], chunk: int = 8,
+                 lm_head: bool, autocast: Callable[[], contextlib.AbstractContextManager], per_pass: int = 8,
                  offset: int = 0, iteration_on_lm_head: bool = False):
         mine = (held >= offset) & (held < offset + q.hidden.shape[0])
         self.runner, self.reference, self.q, self.held = runner, reference, q, held[mine] - offset
@@ -110,7 +110,7 @@ class HeldOut:
         self.lm_head = lm_head  # the decisions (router gate, headroom) compare next-token KLs at the LM head
         self.iteration_on_lm_head = iteration_on_lm_head  # and so does the choice of the iteration kept
         self._autocast = autocast
-        self.chunk = chunk
+        self.per_pass = per_pass
         self._down_fp: list[torch.Tensor] = []
         self._down_fp_idx: list[dict[str, torch.Tensor]] = []
         self._tail_fp: list[torch.Tensor] = []
@@ -120,13 +120,13 @@ class HeldOut:
         return bool(self.count)
 
     def _outputs(self, layers: list):
-        """Per chunk: ``(indices, block output, router logits of layers, unquantized target, float32 kwargs)``."""
+        """Per pass: ``(indices, block output, router logits of layers, unquantized target, float32 kwargs)``."""
         runner = self.runner
         kwargs = runner.kwargs32(self.q.kwargs)
         params, stacked = self._params()
         held = self.held.to(self.q.hidden.device)
-        for start in range(0, held.numel(), self.chunk):
-            idx = held[start : start + self.chunk]
+        for start in range(0, held.numel(), self.per_pass):
+            idx = held[start : start + self.per_pass]
             y, logits = runner.run(runner.block, params, rows(self.q.hidden, idx, runner.device, torch.float32),
                                    kwargs, layers, stacked=stacked)
             yield idx, y, logits, self.reference.output(idx, y.device), kwargs

@@ -15,7 +15,7 @@ Per element of a weight being tuned, at the peak (the backward of a tuning step)
   first and kept while the MSE backward forms each tensor's gradient, one projection's worth more: 4/3.
 
 Not counted: the activations (they scale with the minibatch's tokens, not with the weights), and conversions of
-untuned experts (bounded pieces of :func:`routealign.accelerator.chunk_elements`, not per element). Proven by
+untuned experts (bounded pieces of :func:`routealign.accelerator.piece_elements`, not per element). Proven by
 ``tests/test_memory.py``: the allocator's peak while a block is tuned, float32 and bf16, chunked and not, with
 and without the router term, is within 15% of :func:`layer_bytes`.
 """

@@ -41,45 +41,26 @@ switched off, so each expert sees only its routed tokens.
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
-from enum import Enum
 
 import torch
 from loguru import logger
 
 from ...accelerator import rows, to_host
-from ...distributed import all_reduce, all_reduce_counts, all_reduce_grads, all_sum, world_size, write_parameters
-from ...errors import NonFiniteError
+from ...distributed import Ranks, write_parameters
 from ...losses import RouterLoss
 from ...routing import MoELayer
-from ...experts import Parts, Stacked
 from ...runner import BlockRunner, LMTail, float_params
-from ...schemes import row_chunks
 from ...streams import BlockInputs
 from ...validation import check_finite
 from .config import TuningConfig
-from .heldout import HeldOut, Reference, masked_mse, mean_of, paired_gate
-from .memory import expert_chunk
-from .weights import CLIP_GRID, CyclicBatches, Snapshot, TunedWeight, quantized_writes, tuned_weights
+from .heldout import HeldOut, Reference, masked_mse
+from .arms import UNTUNED, RouterDecision, tune_arms
+from .chunks import ExpertChunks
+from .steps import balanced_at_output, balanced_per_tensor, signed_update
+from .weights import CLIP_GRID, TunedWeight, quantized_writes, tuned_weights
 
 __all__ = ["BlockTuner", "TuneResult", "RouterDecision"]
-
-
-class RouterDecision(str, Enum):
-    """What a block's tuning did with the router term."""
-
-    NONE = "none"  # no router objective in scope: plain learned rounding
-    UNTUNED = "untuned"  # nothing tuned (iters 0 or no target): RTN
-    UNGATED = "ungated"  # the router term in the loss, no comparison (router_gate off, or nothing held out)
-    KEPT = "kept"  # both arms tuned; the router arm won on the held-out sequences
-    DROPPED = "dropped"  # both arms tuned; the plain arm won
-    NOT_TRIED = "not_tried"  # the headroom rule found nothing to gain; only the plain arm ran
-
-    @property
-    def router_used(self) -> bool:
-        """Whether the kept rounding was tuned with the router term."""
-        return self in (RouterDecision.UNGATED, RouterDecision.KEPT)
 
 
 @dataclass
@@ -131,13 +112,8 @@ class BlockTuner:
         # `weights`: the other targets and, per stack, the part of its experts being tuned (all of them at once
         # unless expert_chunk / max_tuning_gib split them)
         every = tuned_weights(block, targets, config.full_range)
-        self._bases = [w for w in every if w.stacked]
-        self._singles = [w for w in every if not w.stacked]
-        self.chunk = expert_chunk(self._bases, self._singles, config, loss_config.objective)
-        self.weights: list[TunedWeight] = list(self._singles)
-        self._parts: dict[int, TunedWeight] = {}  # id(base) -> the part being tuned
-        self._span: dict[int, tuple[int, int]] = {}
-        self._select(0)
+        self.experts = ExpertChunks(every, config, loss_config.objective)
+        self.weights: list[TunedWeight] = self.experts.select(0)
         self.own_layers, self.next_layers = self.runner.own_layers, self.runner.next_layers
         scope = config.router_scope if loss_config.objective != "none" else None
         self.scoped: list[tuple[str, MoELayer]] = []
@@ -145,12 +121,13 @@ class BlockTuner:
             self.scoped += [("block", l) for l in self.own_layers]
         if scope in ("next", "both"):
             self.scoped += [("next", l) for l in self.next_layers]
-        self.losses = {(where, l.name): RouterLoss(loss_config, l.family, l.router) for where, l in self.scoped}
+        self.losses = {(scope, l.name): RouterLoss(loss_config, l.family, l.router) for scope, l in self.scoped}
         self._names = {id(m): n for n, m in block.named_modules()}
         tuned = {f"{self._names[id(m)]}.weight" for w in every for m in w.modules}
         # float32 copies of what is not tuned (the tuned weights are bound per forward: fake-quantized or unquantized)
         self._params32 = float_params(block, exclude=tuned)
         self._router_scale: dict | None = None
+        self.ranks = Ranks()  # sums over data-parallel ranks (each the value itself in one process)
         self._output: torch.Tensor | None = None  # the block output of the last minibatch (router_balance: output)
 
     @property
@@ -160,11 +137,11 @@ class BlockTuner:
     @property
     def tuned_modules(self) -> int:
         """How many Linear modules the block tunes (each expert's projection counted)."""
-        return len(self._singles) + sum(len(b.modules) for b in self._bases)
+        return self.experts.modules
 
     # -- the unquantized side and the routed tokens -------------------------------------------------------
     @torch.no_grad()
-    def reference(self, fp: BlockInputs, chunk: int = 8) -> Reference:
+    def reference(self, fp: BlockInputs, per_pass: int = 8) -> Reference:
         """The unquantized block's outputs and router targets on the unquantized stream ``fp``; with
         ``offload_activations`` the outputs in host memory (each chunk moved there as it is computed: the whole set is
         never on the accelerator), pinned for an accelerator."""
@@ -173,7 +150,7 @@ class BlockTuner:
         outs, own, nxt = [], {l.name: [] for l in self.own_layers}, {l.name: [] for l in self.next_layers}
         mask = fp.mask()
         params, stacked = self.bind(quantized=False)
-        for h, kwargs, valid in runner.chunks(fp, chunk):
+        for h, kwargs, valid in runner.passes(fp, per_pass):
             y, logits = runner.run(self.block, params, h, kwargs, self.own_layers, stacked=stacked)
             out = y if valid is None else y.masked_fill(~valid.unsqueeze(-1), 0)  # padded: zeros
             outs.append(out.cpu() if offload else out)
@@ -184,19 +161,19 @@ class BlockTuner:
                 for n in nxt:
                     nxt[n].append(logits[n].float())
         targets = {}
-        for (where, name), loss in self.losses.items():
-            z = torch.cat(own[name] if where == "block" else nxt[name])
-            targets[(where, name)] = loss.target(z.reshape(-1, z.shape[-1]))
+        for (scope, name), loss in self.losses.items():
+            z = torch.cat(own[name] if scope == "block" else nxt[name])
+            targets[(scope, name)] = loss.target(z.reshape(-1, z.shape[-1]))
         outputs = torch.cat(outs)
         return Reference(to_host(outputs, self.device) if offload else outputs,
                          None if mask is None else mask.to(self.device), targets)
 
     @torch.no_grad()
-    def expert_token_counts(self, q: BlockInputs, chunk: int = 8) -> dict[str, torch.Tensor]:
+    def expert_token_counts(self, q: BlockInputs, per_pass: int = 8) -> dict[str, torch.Tensor]:
         """Routed calibration tokens per expert of each MoE layer in the block, on the quantized stream."""
         counts = {l.name: torch.zeros(l.num_experts, dtype=torch.long) for l in self.own_layers}
         params, stacked = self.bind(quantized=False)
-        for h, kwargs, valid in (self.runner.chunks(q, chunk) if self.own_layers else ()):
+        for h, kwargs, valid in (self.runner.passes(q, per_pass) if self.own_layers else ()):
             _, logits = self.runner.run(self.block, params, h, kwargs, self.own_layers, stop_after=True,
                                         stacked=stacked)
             for l in self.own_layers:
@@ -237,28 +214,6 @@ class BlockTuner:
                 w.mse_clip_fallback(CLIP_GRID)
                 fallback[w.name] = starving[w.expert]
         return fallback
-
-    # -- expert chunks --------------------------------------------------------------------------------------
-    @property
-    def chunks(self) -> int:
-        """How many chunks of experts a layer is tuned in (1: all experts at once)."""
-        if not self.chunk or not self._bases:
-            return 1
-        return max(-(-len(b.modules) // self.chunk) for b in self._bases)
-
-    def _select(self, index: int) -> None:
-        """Tune chunk ``index`` of every stack next (the other targets only with the first chunk; afterwards they
-        keep the decision it made)."""
-        for base in self._bases:
-            n = len(base.modules)
-            start, end = (0, n) if self.chunks == 1 else (min(index * self.chunk, n), min((index + 1) * self.chunk, n))
-            self._span[id(base)] = (start, end)
-            if end > start:
-                self._parts[id(base)] = base.part(start, end)
-            else:
-                self._parts.pop(id(base), None)
-        singles = self._singles if index == 0 else []
-        self.weights = singles + [self._parts[id(b)] for b in self._bases if id(b) in self._parts]
 
     # -- the decision -------------------------------------------------------------------------------------
     def split(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -310,100 +265,29 @@ class BlockTuner:
             # unquantized model's)
             local = self.reference(q)
             reference = Reference(local.outputs, local.mask, reference.router_targets)
-        fallback = self._fallback(all_reduce_counts(self.expert_token_counts(q)))
+        fallback = self._fallback(self.ranks.counts(self.expert_token_counts(q)))
         cfg = self.config
         tuning = cfg.iters > 0 and bool(self.weights)
         if tuning:
             total = q.hidden.shape[0] if total is None else total
             train, held = self.split(total)
             heldout = self.heldout(q, reference, held, offset)
-        untuned = ([], {}, RouterDecision.UNTUNED, None, None)
         # every path, iters 0 included, goes over every chunk of experts: each chunk's weights are written once
         chunks, writes, first = [], [], None
-        for index in range(self.chunks):
+        many = self.experts.count > 1
+        for index in range(self.experts.count):
             if index:
-                self._select(index)
+                self.weights = self.experts.select(index)
                 fallback.update(self._freeze_starving())
-            result = self._tune_selected(q, heldout, reference, train, held, offset) if tuning else untuned
-            writes += self._writes(store=self.chunks > 1)
-            if self.chunks > 1:  # the part's tuning state goes before the next part's is made
-                for w in self.weights:
-                    if w.stacked:
-                        w.release()
-                chunks.append({"experts": list(self._span[id(self._bases[0])]), "router": result[2].value,
-                               "arms": result[1], "gate": result[3]})
-            first = first or result
-        history, info, decision, gate, headroom = first
-        return TuneResult(outputs, writes, history, info, decision, gate, headroom, self._router_scale, fallback,
-                          chunks or None)
-
-    def _tune_selected(self, q: BlockInputs, heldout: HeldOut, reference: Reference, train: torch.Tensor,
-                       held: torch.Tensor, offset: int):
-        """The loop or loops (both arms with the router gate) over the weights being tuned; the decision kept is
-        restored. Returns ``(history, arms, decision, gate, headroom)``."""
-        cfg = self.config
-        if cfg.init == "mse":
-            for w in self.weights:
-                if w.trainable:
-                    w.mse_clip(CLIP_GRID)
-        tuned = [w for w in self.weights if w.trainable]
-        arms = ["router"] if self.scoped else ["plain"]
-        if self.scoped and cfg.router_gate and held.numel() and cfg.router_weight > 0:
-            arms = ["plain", "router"]
-        simulate = cfg.quantize_activations and bool(self.activations)
-        start = [w.start() for w in tuned]
-        kept: dict[str, list[Snapshot]] = {}
-        info: dict[str, dict] = {}
-        history: dict[str, list[float]] = {}
-        gate = headroom = None
-        all_tokens = cfg.activation_scale_tokens == "all"
-        with self.runner.simulating(self.runner.activation_quantizers(q, all_tokens=all_tokens) if simulate else {}):
-            first = arms[0]
-            _reset(tuned, start)
-            kept[first], info[first], history[first] = self._loop(q, reference, heldout, tuned, train,
-                                                                  first == "router", offset)
-            decision = RouterDecision.UNGATED if arms[0] == "router" else RouterDecision.NONE
-            if len(arms) == 2:
-                # the plain arm's held-out errors with its kept parameters (the loop ends on the last iteration's):
-                # used by the headroom rule and by the gate
-                last = [w.start() for w in tuned]  # its last iteration's clip factors (a refinement continues there)
-                _restore(tuned, kept["plain"])
-                plain = heldout.errors()
-                info["plain"]["downstream_heldout"] = mean_of(plain)
-                headroom = self._headroom(heldout, plain)
-                if headroom is not None and not headroom["keep"]:
-                    gate, decision = {"keep": False, "headroom": headroom}, RouterDecision.NOT_TRIED
-                else:
-                    if cfg.router_arm == "refine":  # from the plain arm's last iteration, a fraction of the steps
-                        for w, clips in zip(tuned, last):
-                            w.resume(clips)
-                        iters = max(1, round(cfg.iters * cfg.refine_fraction))
-                    else:
-                        _reset(tuned, start)
-                        iters = cfg.iters
-                    kept["router"], info["router"], history["router"] = self._loop(q, reference, heldout, tuned,
-                                                                                   train, True, offset, iters)
-                    _restore(tuned, kept["router"])
-                    router = heldout.errors()
-                    info["router"]["downstream_heldout"] = mean_of(router)
-                    gate = {**paired_gate(router - plain, cfg.router_gate_z), "headroom": headroom}
-                    decision = RouterDecision.KEPT if gate["keep"] else RouterDecision.DROPPED
-        chosen = "router" if decision.router_used else "plain"
-        _restore(tuned, kept[chosen])
-        for w in tuned:
-            w.drop_offsets()
-        return history[chosen], info, decision, gate, headroom
-
-    def _headroom(self, heldout: HeldOut, own: torch.Tensor) -> dict | None:
-        """With the plain arm's kept parameters set and ``own`` its held-out errors: whether forcing the
-        unquantized expert choices at the next routers lowers them significantly (``router_headroom``;
-        ``keep`` false: nothing to gain). None where the rule does not apply."""
-        cfg = self.config
-        if not (cfg.router_headroom and self.runner.chain and self.next_layers
-                and any(where == "next" for where, _ in self.scoped)):
-            return None
-        forced = heldout.errors(forced=True)
-        return {**paired_gate(forced - own, cfg.router_gate_z), "own": mean_of(own), "forced": mean_of(forced)}
+            result = tune_arms(self, q, heldout, reference, train, held, offset) if tuning else UNTUNED
+            writes += self._writes(store=many)
+            if many:  # the part's tuning state goes before the next part's is made
+                self.experts.release(self.weights)
+                chunks.append({"experts": self.experts.experts(), "router": result.decision.value,
+                               "arms": result.arms, "gate": result.gate})
+            first = result if first is None else first
+        return TuneResult(outputs, writes, first.history, first.arms, first.decision, first.gate, first.headroom,
+                          self._router_scale, fallback, chunks or None)
 
     # -- the loop -----------------------------------------------------------------------------------------
     def bind(self, quantized: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
@@ -414,30 +298,11 @@ class BlockTuner:
         dtype = torch.get_autocast_dtype(kind) if quantized and self.config.amp and torch.is_autocast_enabled(kind) \
             else None
         params, stacked = dict(self._params32), {}
-        for w in self._singles:
+        for w in self.experts.singles:
             params[f"{self._names[id(w.module)]}.weight"] = w.fake_weight(dtype) if quantized else w.weight.float()
-        for base in self._bases:
-            stacked.setdefault(base.experts, {})[base.projection] = self._stack(base, quantized, dtype)
+        for base in self.experts.stacks:
+            stacked.setdefault(base.experts, {})[base.projection] = self.experts.stack(base, quantized, dtype)
         return params, stacked
-
-    def _stack(self, base: TunedWeight, quantized: bool, dtype: torch.dtype | None) -> Stacked:
-        """A stack of expert weights as the batched experts multiply it: unquantized, or the part being tuned
-        fake-quantized between the experts tuned before (quantized, written into the stack) and after it."""
-        if not quantized:
-            return Stacked(base.weight, base.bias)
-        start, end = self._span[id(base)]
-        count = len(base.modules)
-        part = self._parts.get(id(base))
-        if (start, end) == (0, count):
-            return part.as_stacked(True, dtype)
-        # the experts before and after the chunk in pieces of at most a chunk (a bf16 model's piece is converted
-        # to float32 for its backward, one piece at a time: a chunk's worth, not every untuned expert's)
-        step = max(self.chunk, 1)
-        pieces = [(a, min(a + step, b), Stacked(base.weight[a:min(a + step, b)]))
-                  for lo, hi in ((0, start), (end, count)) for a in range(lo, hi, step) for b in [hi]]
-        if part is not None:
-            pieces.append((start, end, part.as_stacked(True, dtype)))
-        return Parts(None, base.bias, parts=tuple(sorted(pieces, key=lambda piece: piece[0])))
 
     def _autocast(self):
         """bfloat16 autocast on the block's device when ``amp`` (else nothing)."""
@@ -464,271 +329,66 @@ class BlockTuner:
         self._output = y if router is not None and self.config.router_balance == "output" else None
         return loss, router
 
-    def _loop(self, q: BlockInputs, reference: Reference, heldout: HeldOut, tuned: list[TunedWeight],
-              train: torch.Tensor, use_router: bool, offset: int = 0,
-              iters: int | None = None) -> tuple[list[Snapshot], dict, list[float]]:
-        """Signed gradient descent on minibatches of ``train`` (global indices; this rank's sequences are
-        ``offset`` onwards); returns the decisions of the iteration with the lowest held-out loss (lowest training
-        loss when nothing is held out), a summary and the training losses.
-
-        Nothing in an iteration waits for the device (one process): the minibatch order is drawn up front and
-        copied once, the training losses stay on the device and are read, and checked finite, at the held-out
-        evaluations and at the end; with nothing held out the lowest loss and its decisions are tracked on the
-        device."""
-        cfg = self.config
-        params = [p for w in tuned for p in w.parameters()]
-        batches = CyclicBatches(train, cfg.batch_size, torch.Generator().manual_seed(cfg.seed))
-        iters = cfg.iters if iters is None else iters
-        order = [batches.next() for _ in range(iters)]
-        local = world_size() == 1
-        if local and order:
-            order = torch.stack(order).to(q.hidden.device, non_blocking=True)
-        losses = torch.full((iters,), math.nan, dtype=torch.float64, device=self.device)
-        best_loss, best, best_it = math.inf, None, -1
-        tracked = None  # nothing held out: (lowest loss, its iteration, its decisions), on the device
-        curve: list[tuple[int, float]] = []
-        with torch.enable_grad():
-            for it in range(iters + 1):
-                if heldout and (it % cfg.holdout_every == 0 or it == iters):
-                    self._check_finite(losses, it, best_loss, best_it)
-                    curve.append((it, heldout.loss(use_router)))
-                    if curve[-1][1] < best_loss:
-                        best_loss, best_it, best = curve[-1][1], it, [w.snapshot() for w in tuned]
-                if it == iters:
-                    break
-                loss, router = self._minibatch_losses(q, reference, order[it], use_router, offset)
-                total = None if loss is None else loss + cfg.router_weight * router if router is not None else loss
-                if local:
-                    value = total.detach().double()
-                    losses[it] = value
-                else:
-                    (value,) = all_sum([0.0 if total is None else float(total.detach())])
-                    losses[it] = value
-                    value = losses[it]
-                if not heldout:
-                    tracked = _track(tracked, value, it, tuned)
-                self._step(params, loss, router, total, it, iters)
-        self._check_finite(losses, iters, best_loss, best_it)
-        history = losses.tolist()
-        if not heldout and tracked is not None:
-            best_loss, best_it, best = float(tracked[0]), int(tracked[1]), tracked[2]
-        info = {"best_iter": best_it, "train_first": history[0] if history else None,
-                "train_best": min(history) if history else None,
-                "heldout_first": curve[0][1] if curve else None,
-                "heldout_best": best_loss if curve else None, "heldout_curve": curve}
-        return best, info, history
-
-    def _check_finite(self, losses: torch.Tensor, upto: int, best_loss: float, best_it: int) -> None:
-        """:class:`NonFiniteError` at the first non-finite training loss before iteration ``upto``."""
-        if upto == 0 or bool(torch.isfinite(losses[:upto]).all()):
-            return
-        values = losses[:upto].tolist()
-        it = next(i for i, v in enumerate(values) if not math.isfinite(v))
-        if best_it < 0 and it > 0:
-            best_loss, best_it = min((v, i) for i, v in enumerate(values[:it]))
-        last = f"last finite loss {best_loss:.6g} at iteration {best_it}" if best_it >= 0 else "no finite loss yet"
-        raise NonFiniteError(
-            f"{self.name}: tuning loss is {values[it]} at iteration {it} ({last}); the run stops: layers "
-            f"before {self.name} are quantized, {self.name} and later layers are unchanged"
-        )
-
-    def _minibatch_losses(self, q: BlockInputs, reference: Reference, batch: torch.Tensor, use_router: bool,
+    def minibatch_losses(self, q: BlockInputs, reference: Reference, batch: torch.Tensor, use_router: bool,
                           offset: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """:meth:`step_losses` of minibatch ``batch`` (global indices). Under torch.distributed: of this rank's
         sequences of it, each loss weighted by this rank's share of the minibatch's real tokens (both losses are
         means over real tokens), so the sums over ranks of the losses and of their gradients are one process's;
         ``(None, None)`` where this rank holds none of the minibatch."""
-        if world_size() == 1:
+        if self.ranks.alone:
             return self.step_losses(q, reference, batch, use_router)
         mine = (batch >= offset) & (batch < offset + q.hidden.shape[0])
         local = batch[mine] - offset
         valid = reference.valid(local)
         tokens = float(local.numel() * q.hidden.shape[1] if valid is None else valid.sum())
-        (everyone,) = all_sum([tokens])
+        (everyone,) = self.ranks.sum([tokens])
         if not local.numel():
             return None, None
         loss, router = self.step_losses(q, reference, local, use_router)
         share = tokens / everyone
         return loss * share, None if router is None else router * share
 
-    def _step(self, params: list[torch.Tensor], loss: torch.Tensor | None, router: torch.Tensor | None,
-              total: torch.Tensor | None, it: int, iters: int) -> None:
-        """One signed step: gradients (balanced with ``router_balance``), summed over ranks, then
-        ``p -= lr_t * sign(grad)`` and the parameters clamped to their ranges, for every tuned tensor at once (a few
-        ``torch._foreach_*`` calls; frozen experts of a stack do not move). ``loss`` is None on a rank that holds
-        none of the minibatch (it contributes zero gradients)."""
+    def step(self, params: list[torch.Tensor], loss: torch.Tensor | None, router: torch.Tensor | None,
+             total: torch.Tensor | None, it: int, iters: int) -> None:
+        """One signed step: gradients (balanced with ``router_balance``, :mod:`.steps`), summed over ranks, then
+        :func:`~.steps.signed_update` at iteration ``it``'s learning rate. ``loss`` is None on a rank that holds none
+        of the minibatch (it contributes zero gradients)."""
         cfg = self.config
         for p in params:
             p.grad = None
         # a router term that reaches no tuned weight (unreachable, reported) has no gradient to combine; every rank
         # takes the same branch (the ranks' collectives must match)
-        combine = router is not None and router.requires_grad
-        if world_size() > 1:
-            (flag,) = all_reduce([torch.tensor([float(combine)])], op="max")
-            combine = bool(flag)
+        combine = self.ranks.any(router is not None and router.requires_grad)
+        record, scale = self._router_scale is None, None
         if combine and cfg.router_balance == "output":
-            self._output_balanced_backward(params, loss, router)
+            scale = balanced_at_output(self.ranks, params, self._output, loss, router, cfg.router_weight, record)
         elif combine and (cfg.router_balance != "none" or it == 0):
-            self._combine_gradients(params, loss, router, measure_only=cfg.router_balance == "none")
+            owners = {id(p): w for w in self.weights for p in w.parameters()}
+            scale = balanced_per_tensor(self.ranks, params, owners, loss, router, cfg.router_weight,
+                                        measure_only=cfg.router_balance == "none", record=record)
+        self._output = None
         if not combine or cfg.router_balance == "none":
             if total is not None and total.requires_grad:
                 total.backward()
-            all_reduce_grads(params)
-        lr = cfg.learning_rate * (1 - it / iters)
-        with torch.no_grad():
-            moved, grads, bounded = [], [], {(-0.5, 0.5): [], (0.0, 1.0): []}
-            for w in self.weights:
-                if not w.trainable:
-                    continue
-                for p in w.parameters():
-                    if p.grad is not None:
-                        moved.append(p)
-                        grads.append(p.grad)
-                        if w.step_mask is not None:  # frozen experts of a stack: no step (sign 0)
-                            p.grad.mul_(w.step_mask)
-                bounded[(-0.5, 0.5)].append(w.offset)
-                bounded[(0.0, 1.0)] += [w.clip_lo, w.clip_hi]
-            if moved:
-                torch._foreach_sign_(grads)
-                torch._foreach_add_(moved, grads, alpha=-lr)
-            for (low, high), tensors in bounded.items():
-                if tensors:
-                    torch._foreach_clamp_min_(tensors, low)
-                    torch._foreach_clamp_max_(tensors, high)
+            self.ranks.grads(params)
+        if scale is not None:
+            self._router_scale = scale
+        signed_update(self.weights, cfg.learning_rate * (1 - it / iters))
         for p in params:
             p.grad = None
-
-    def _output_balanced_backward(self, params: list[torch.Tensor], mse: torch.Tensor | None,
-                                  router: torch.Tensor | None) -> None:
-        """``router_balance: output``: the MSE's and the router term's gradients at the block's output (the router's
-        backward goes through the next layer only), the router's rescaled to ``router_weight`` times the MSE's norm
-        over the minibatch (every rank's tokens), then one backward through the block; gradients summed over ranks.
-        Records at the first call what :meth:`_combine_gradients` records, measured at the output."""
-        lam, y = self.config.router_weight, self._output
-        self._output = None
-        if mse is not None and y is not None:
-            gm = torch.autograd.grad(mse, y, retain_graph=True)[0]
-            gr = torch.autograd.grad(router, y, retain_graph=True, allow_unused=True)[0] \
-                if router.requires_grad else None
-            gr = torch.zeros_like(gm) if gr is None else gr
-            squares = [gm.double().pow(2).sum(), gr.double().pow(2).sum()]
-        else:  # a rank that holds none of the minibatch: zero gradients, its share of the collectives
-            gm = gr = None
-            squares = [torch.zeros((), dtype=torch.float64)] * 2
-        if world_size() > 1:
-            nm2, nr2 = all_sum([float(v) for v in squares])
-        else:
-            nm2, nr2 = squares
-        nm, nr = torch.as_tensor(nm2).sqrt(), torch.as_tensor(nr2).sqrt()
-        if gm is not None:
-            scale = (lam * nm / nr.clamp_min(1e-30)).to(gm.dtype).to(gm.device)
-            y.backward(gm.add_(gr.mul_(scale)))
-        all_reduce_grads(params)
-        if self._router_scale is None:
-            mse_value, router_value = all_sum([0.0 if mse is None else float(mse.detach()),
-                                               0.0 if router is None else float(router.detach())]) \
-                if world_size() > 1 else (float(mse.detach()), float(router.detach()))
-            self._router_scale = {"loss_ratio": lam * router_value / max(mse_value, 1e-30),
-                                  "grad_norm_ratio": lam * float(nr) / max(float(nm), 1e-30),
-                                  "measured_at": "block output"}
-
-    def _combine_gradients(self, params: list[torch.Tensor], mse: torch.Tensor | None, router: torch.Tensor | None,
-                           measure_only: bool) -> None:
-        """Separate MSE and router gradients (each summed over ranks); records at the first call how they compare
-        (``router_scale``: loss ratio, gradient-norm ratio and the fraction of coordinates whose step sign the
-        weighted router gradient changes); unless ``measure_only``, sets ``p.grad`` to the MSE gradient plus the
-        router gradient rescaled per tensor (per expert in a stack) to ``router_weight`` times the MSE gradient's
-        norm. ``mse`` and ``router`` are None on a rank that holds none of the minibatch.
-
-        In one process the router gradient is taken first and kept, and each tensor's MSE gradient is combined with
-        it as the backward reaches that tensor (a hook): one set of gradients is alive, not two."""
-        lam = self.config.router_weight
-        record = self._router_scale is None
-        owners = {id(p): w for w in self.weights for p in w.parameters()}
-        order = {id(p): i for i, p in enumerate(params)}
-        sums: list[tuple[int, torch.Tensor]] = []  # recorded once, per tensor, read together in the params' order
-
-        def combine(p: torch.Tensor, gm: torch.Tensor | None, gr: torch.Tensor | None) -> torch.Tensor | None:
-            w = owners[id(p)]
-            gm = torch.zeros_like(p) if gm is None else gm
-            gr = torch.zeros_like(p) if gr is None else gr
-            if w.stacked:  # one norm per expert
-                nm = torch.linalg.vector_norm(gm, dim=(-2, -1), keepdim=True)
-                nr = torch.linalg.vector_norm(gr, dim=(-2, -1), keepdim=True)
-            else:
-                nm, nr = gm.norm(), gr.norm()
-            if record:
-                mask = w.step_mask if w.step_mask is not None else torch.ones((), device=gm.device)
-                sums.append((order[id(p)], torch.stack([
-                    (nm.double().pow(2) * mask).sum(), (nr.double().pow(2) * mask).sum(),
-                    _sign_flips(gm, gr, lam, mask), mask.expand_as(gm).sum().double()])))
-            if measure_only:
-                return None
-            return gm.add_(gr.mul_(lam).mul_(nm / nr.clamp_min(1e-30)))
-
-        if world_size() == 1 and mse is not None and not measure_only:
-            g_rt = torch.autograd.grad(router, params, retain_graph=True, allow_unused=True) \
-                if router.requires_grad else [None] * len(params)
-            pending = {id(p): g for p, g in zip(params, g_rt)}
-            del g_rt  # each router gradient is freed once combined
-            # combined in the MSE gradient's own buffer, which the backward then stores as the gradient (returning
-            # a new tensor from the hook would have it copied)
-            def hook(gm: torch.Tensor, p: torch.Tensor) -> None:
-                combine(p, gm, pending.pop(id(p)))
-
-            handles = [p.register_hook(lambda gm, p=p: hook(gm, p)) for p in params]
-            try:
-                mse.backward()
-            finally:
-                for handle in handles:
-                    handle.remove()
-            for p in params:  # not reached by the MSE: its gradient is zero, and so is the combination's
-                if id(p) in pending:
-                    pending.pop(id(p))
-                    if record:
-                        combine(p, None, None)
-        else:
-            if mse is None:
-                g_mse = g_rt = [None] * len(params)
-            else:
-                g_mse = torch.autograd.grad(mse, params, retain_graph=True, allow_unused=True)
-                g_rt = torch.autograd.grad(router, params, retain_graph=measure_only, allow_unused=True) \
-                    if router.requires_grad else [None] * len(params)
-            g_mse = [torch.zeros_like(p) if g is None else g for p, g in zip(params, g_mse)]
-            g_rt = [torch.zeros_like(p) if g is None else g for p, g in zip(params, g_rt)]
-            if world_size() > 1:
-                reduced = all_reduce(g_mse + g_rt)
-                g_mse, g_rt = reduced[: len(params)], reduced[len(params):]
-            for p, gm, gr in zip(params, g_mse, g_rt):
-                combined = combine(p, gm, gr)
-                if combined is not None:
-                    p.grad = combined
-        if record:
-            sums.sort(key=lambda item: item[0])
-            norm_m, norm_r, flips, total = (torch.stack([t for _, t in sums]).sum(0).tolist() if sums
-                                            else (0.0, 0.0, 0.0, 0.0))
-            if world_size() == 1:
-                ratio = float(lam * router.detach() / mse.detach().clamp_min(1e-30))
-            else:
-                mse_value, router_value = all_sum([0.0 if mse is None else float(mse.detach()),
-                                                   0.0 if router is None else float(router.detach())])
-                ratio = lam * router_value / max(mse_value, 1e-30)
-            self._router_scale = {"loss_ratio": ratio,
-                                  "grad_norm_ratio": lam * (norm_r ** 0.5) / max(norm_m ** 0.5, 1e-30),
-                                  "sign_flip_fraction": flips / max(total, 1.0)}
 
     def _router_loss(self, reference: Reference, y, logits, kwargs, idx):
         if not self.scoped:
             return None
         next_logits = {}
-        if any(where == "next" for where, _ in self.scoped):
+        if any(scope == "next" for scope, _ in self.scoped):
             _, next_logits = self.runner.run_next(y, kwargs, stop_after=True)
         valid = reference.valid(idx)
         total = None
-        for (where, name), loss in self.losses.items():
-            z = logits[name] if where == "block" else next_logits[name]
+        for (scope, name), loss in self.losses.items():
+            z = logits[name] if scope == "block" else next_logits[name]
             z = (z if valid is None else z[valid.reshape(-1).to(z.device)]).float()
-            value = loss(z, reference.router_target((where, name), idx))
+            value = loss(z, reference.router_target((scope, name), idx))
             total = value if total is None else total + value
         return total / len(self.losses)
 
@@ -737,46 +397,3 @@ class BlockTuner:
         in the stack, for the chunks after it)."""
         return [item for w in self.weights
                 for item in quantized_writes(w, f"{self.name}.{w.name}", store=store and w.stacked)]
-
-
-def _reset(weights: list[TunedWeight], start: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    for w, clips in zip(weights, start):
-        w.reset(clips)
-
-
-def _restore(weights: list[TunedWeight], snapshots: list[Snapshot]) -> None:
-    for w, snap in zip(weights, snapshots):
-        w.restore(snap)
-
-
-@torch.no_grad()
-def _track(tracked, value: torch.Tensor, it: int, weights: list[TunedWeight]):
-    """AutoRound's rule with nothing held out, without reading the loss: ``(lowest loss, its iteration, the
-    decisions it was measured with)`` updated on the device with iteration ``it``'s ``value`` (taken before its
-    step; a NaN loss never counts as lower)."""
-    current = [w.snapshot() for w in weights]
-    if tracked is None:
-        lowest = torch.full_like(value, math.inf)
-        better = value < lowest
-        return (torch.where(better, value, lowest), torch.where(better, it, -1), current)
-    lowest, at, kept = tracked
-    better = value < lowest
-    merged = [Snapshot(*(torch.where(better, new, old) for new, old in
-                         zip((c.codes, c.clip_lo, c.clip_hi, c.zero_offset), (k.codes, k.clip_lo, k.clip_hi,
-                                                                             k.zero_offset))))
-              for c, k in zip(current, kept)]
-    return torch.where(better, value, lowest), torch.where(better, it, at), merged
-
-
-@torch.no_grad()
-def _sign_flips(gm: torch.Tensor, gr: torch.Tensor, lam: float, mask: torch.Tensor) -> torch.Tensor:
-    """How many coordinates' step sign the weighted router gradient changes (``mask``: experts counted), in pieces
-    (:func:`~routealign.schemes.row_chunks`: no temporary of the gradient's size)."""
-    rows = gm.reshape(-1, gm.shape[-1])
-    weights = mask.expand(*gm.shape[:-1], 1).reshape(-1, 1)
-    total = torch.zeros((), dtype=torch.float64, device=gm.device)
-    for a, b in row_chunks(*rows.shape, rows.device):
-        g = rows[a:b]
-        changed = g.sign() != (g + lam * gr.reshape(rows.shape)[a:b]).sign()
-        total += (changed * weights[a:b]).sum().double()
-    return total

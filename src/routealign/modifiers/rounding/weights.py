@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ...experts import Stacked
-from ...schemes import QParams, WeightQuantizer, chunk_elements
+from ...schemes import QParams, WeightQuantizer, piece_elements
 from ...validation import check_finite
 
 __all__ = ["TunedWeight", "Snapshot", "tuned_weights", "quantized_writes", "CyclicBatches", "FUSED_GROUPS",
@@ -236,9 +236,9 @@ class TunedWeight:
     def mse_clip(self, grid: tuple[float, ...]) -> None:
         """Per group, the clip factor on ``grid`` that minimises the weight reconstruction error (symmetric clip),
         as the clip ranges; rounding offsets zero. A stack is searched a few experts at a time
-        (:func:`~routealign.schemes.chunk_elements`)."""
+        (:func:`~routealign.schemes.piece_elements`)."""
         per = self.weight[0].numel() if self.stacked else self.weight.numel()
-        step = max(1, chunk_elements(self.weight.device) // per) if self.stacked else 1
+        step = max(1, piece_elements(self.weight.device) // per) if self.stacked else 1
         parts = [slice(a, a + step) for a in range(0, len(self.modules), step)] if self.stacked else [slice(None)]
         for part in parts:
             gs = None if self._gs32 is None else (self._gs32[part] if self.stacked else self._gs32)
