@@ -30,6 +30,24 @@ def _setup(samples_seed: int):
     return block, nxt, targets, q
 
 
+def _on_two_ranks(tmp_path, target, *args) -> None:
+    """``target(rank, 2, init, tmp_path/rank{r}.pt, *args)`` in two spawned processes (gloo), both exiting 0."""
+    init = f"file://{tmp_path / 'rendezvous'}"
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=target, args=(r, 2, init, str(tmp_path / f"rank{r}.pt"), *args)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=600)
+    assert [p.exitcode for p in procs] == [0, 0]
+
+
+def _save(block, result, out: str) -> None:
+    """Write the tuned block and save its state and training losses to ``out``."""
+    result.write()
+    torch.save({"state": {k: v.clone() for k, v in block.state_dict().items()}, "history": result.history}, out)
+
+
 def _tune(rank: int, world: int, init: str, out: str, balance: str = "grad_norm") -> None:
     torch.set_num_threads(1)
     if world > 1:
@@ -47,22 +65,14 @@ def _tune(rank: int, world: int, init: str, out: str, balance: str = "grad_norm"
                                         router_balance=balance),
                            nxt)
         result = tuner.tune(q, q)
-    result.write()
-    torch.save({"state": {k: v.clone() for k, v in block.state_dict().items()}, "history": result.history}, out)
+    _save(block, result, out)
     if world > 1:
         dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("balance", ["grad_norm", "output"])
 def test_ranks_write_identical_parameters(tmp_path, balance):
-    init = f"file://{tmp_path / 'rendezvous'}"
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_tune, args=(r, 2, init, str(tmp_path / f"rank{r}.pt"), balance)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=600)
-    assert [p.exitcode for p in procs] == [0, 0]
+    _on_two_ranks(tmp_path, _tune, balance)
     _tune(0, 1, "", str(tmp_path / "alone.pt"), balance)  # rank 0's samples without the reduction
     r0, r1, alone = (torch.load(tmp_path / f, weights_only=False) for f in ("rank0.pt", "rank1.pt", "alone.pt"))
     assert r0["history"] == r1["history"]  # the same global loss, so the same best iteration
@@ -97,8 +107,7 @@ def _tune_split(rank: int, world: int, init: str, out: str, balance: str) -> Non
                            TuningConfig(iters=6, lr=0.02, batch_size=4, router_scope="next", min_expert_tokens=0,
                                         holdout=0.25, router_gate=False, router_balance=balance), nxt)
         result = tuner.tune(q, q, offset=4 * rank if world > 1 else 0, total=8)
-    result.write()
-    torch.save({"state": {k: v.clone() for k, v in block.state_dict().items()}, "history": result.history}, out)
+    _save(block, result, out)
     if world > 1:
         dist.destroy_process_group()
 
@@ -107,15 +116,7 @@ def _tune_split(rank: int, world: int, init: str, out: str, balance: str) -> Non
 def test_two_ranks_take_the_steps_of_one_process_holding_both_halves(tmp_path, balance):
     """What the ranks sum (losses, gradients, the norms the router term is balanced with) is what one process
     computes on the whole set: the same losses, and the same written weights up to float summation order."""
-    init = f"file://{tmp_path / 'rendezvous'}"
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_tune_split, args=(r, 2, init, str(tmp_path / f"rank{r}.pt"), balance))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=600)
-    assert [p.exitcode for p in procs] == [0, 0]
+    _on_two_ranks(tmp_path, _tune_split, balance)
     _tune_split(0, 1, "", str(tmp_path / "one.pt"), balance)
     r0, one = (torch.load(tmp_path / f, weights_only=False) for f in ("rank0.pt", "one.pt"))
     assert r0["history"] == pytest.approx(one["history"], rel=1e-5)
@@ -180,15 +181,7 @@ def _expert(weight: str) -> int:
 def test_routed_token_counts_and_expert_input_maxima_are_reduced_over_ranks(tmp_path):
     """The starved-expert fallback is decided on the routed-token counts summed over ranks, and the expert input
     maxima (NVFP4 input global scales) are the maxima over ranks: every rank decides and writes the same."""
-    init = f"file://{tmp_path / 'rendezvous'}"
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_counts_and_maxima, args=(r, 2, init, str(tmp_path / f"rank{r}.pt")))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=600)
-    assert [p.exitcode for p in procs] == [0, 0]
+    _on_two_ranks(tmp_path, _counts_and_maxima)
     for r in range(2):
         _counts_and_maxima(r, 1, "", str(tmp_path / f"alone{r}.pt"))
     r0, r1, a0, a1 = (torch.load(tmp_path / f"{f}.pt", weights_only=False)

@@ -54,7 +54,7 @@ class ExpertChunks:
         singles = self.singles if index == 0 else []
         return singles + [self._parts[id(b)] for b in self.stacks if id(b) in self._parts]
 
-    def experts(self) -> list[int]:
+    def span(self) -> list[int]:
         """``[start, end)`` of the experts of the chunk selected (of the first stack)."""
         return list(self._span[id(self.stacks[0])])
 

@@ -68,6 +68,7 @@ def run_arm(tuner, q: BlockInputs, reference: Reference, heldout: HeldOut, tuned
             "heldout_best": best_loss if curve else None, "heldout_curve": curve}
     return best, info, history
 
+
 def check_losses(name: str, losses: torch.Tensor, upto: int, best_loss: float, best_it: int) -> None:
     """:class:`NonFiniteError` at the first non-finite training loss before iteration ``upto``."""
     if upto == 0 or bool(torch.isfinite(losses[:upto]).all()):

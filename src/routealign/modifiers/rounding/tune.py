@@ -283,7 +283,7 @@ class BlockTuner:
             writes += self._writes(store=many)
             if many:  # the part's tuning state goes before the next part's is made
                 self.experts.release(self.weights)
-                chunks.append({"experts": self.experts.experts(), "router": result.decision.value,
+                chunks.append({"experts": self.experts.span(), "router": result.decision.value,
                                "arms": result.arms, "gate": result.gate})
             first = result if first is None else first
         return TuneResult(outputs, writes, first.history, first.arms, first.decision, first.gate, first.headroom,
