@@ -101,3 +101,17 @@ def test_no_import_circle():
 def test_the_checks_see_the_package():
     modules = _modules()
     assert "routealign.modifiers.rounding.tune" in modules and len(modules) > 30
+
+
+def test_the_rounding_modifier_has_at_most_twelve_top_level_fields_and_the_rest_in_groups():
+    from routealign.modifiers.fields import field_lines, groups, own_fields
+    from routealign.modifiers.rounding import RouterAlignedRoundingModifier
+
+    top = own_fields(RouterAlignedRoundingModifier)
+    assert len(top) <= 12, sorted(top)
+    assert {n for n, info in top.items() if groups(info)} == {"holdout", "gate", "memory", "rounding", "loss"}
+    # every nested field is documented under its dotted name
+    for line in ("  - `gate.z` (1.645)", "  - `memory.expert_chunk` (0)", "    - `loss.vsraq.alpha` (0.3)",
+                 "    - `loss.expertquant.tau` (0.5)"):
+        assert any(l.startswith(line) for l in field_lines(RouterAlignedRoundingModifier)), line
+

@@ -10,7 +10,6 @@ from compressed_tensors.quantization import preset_name_to_scheme
 from llmcompressor.modeling.moe.linearize import linearize_moe
 
 from routealign.distributed import suspended_offloading
-from routealign.losses import RouterLossConfig
 from routealign.modifiers.rounding import BlockTuner, TuningConfig
 from routealign.modifiers.rounding.heldout import HeldOut
 from routealign.modifiers.rounding.weights import TunedWeight, _ct_integers
@@ -113,8 +112,9 @@ def test_a_bf16_block_written_has_the_held_out_loss_its_tuning_kept():
     block, nxt, targets, q, nkw = _bf16_block()
     assert q.hidden.dtype == torch.bfloat16
     with suspended_offloading(block, nxt):
-        tuner = BlockTuner(block, targets, RouterLossConfig(objective="none"),
-                           TuningConfig(iters=30, batch_size=4, min_expert_tokens=0, holdout=0.25, holdout_every=5),
+        tuner = BlockTuner(block, targets,
+                           TuningConfig(objective="none", iters=30, batch_size=4, rounding={"min_expert_tokens": 0},
+                                        holdout={"fraction": 0.25, "every": 5}),
                            [nxt], next_kwargs=[nkw])
         result = tuner.tune(q, q)
         info = result.arms["plain"]

@@ -171,7 +171,7 @@ def test_non_finite_written_weight_stops_the_run_and_leaves_the_layer_as_it_was(
     with pytest.raises(NonFiniteError, match=rf"^model\.layers\.1\.mlp\.experts\.\w+: quantized "
                                              rf"{'weight_scale' if what == 'scale' else 'weight'} contains 1 NaN and "
                                              r"0 Inf values$"):
-        _run(qwen, _modifier(iters=2, expert_chunk=chunk, min_expert_tokens=0), calibration_ids(rows=2, seq_len=16))
+        _run(qwen, _modifier(iters=2, memory={"expert_chunk": chunk}, rounding={"min_expert_tokens": 0}), calibration_ids(rows=2, seq_len=16))
     assert calls["n"] == nth
     after = dict(qwen.named_parameters())
     layer0 = [n for n in after if n.startswith("model.layers.0.") and n.endswith("proj.weight")]

@@ -52,7 +52,6 @@ def _tune(rank: int, world: int, init: str, out: str, balance: str = "grad_norm"
     torch.set_num_threads(1)
     if world > 1:
         dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    from routealign.losses import RouterLossConfig
     from routealign.distributed import suspended_offloading
     from routealign.modifiers.rounding import BlockTuner, TuningConfig
 
@@ -60,9 +59,9 @@ def _tune(rank: int, world: int, init: str, out: str, balance: str = "grad_norm"
     # as the modifier does it: tune with offloading suspended, write through compressed-tensors' offload caches
     # (linearized experts are offloaded; under torch.distributed their storage is shared by the ranks)
     with suspended_offloading(block, nxt):
-        tuner = BlockTuner(block, targets, RouterLossConfig(objective="vsraq"),
-                           TuningConfig(iters=6, lr=0.02, batch_size=2, router_scope="next", min_expert_tokens=0,
-                                        router_balance=balance),
+        tuner = BlockTuner(block, targets,
+                           TuningConfig(objective="vsraq", iters=6, lr=0.02, batch_size=2, router_scope="next", rounding={"min_expert_tokens": 0},
+                                        loss={"balance": balance}),
                            nxt)
         result = tuner.tune(q, q)
     _save(block, result, out)
@@ -92,7 +91,6 @@ def _tune_split(rank: int, world: int, init: str, out: str, balance: str) -> Non
     if world > 1:
         dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     from routealign.distributed import suspended_offloading
-    from routealign.losses import RouterLossConfig
     from routealign.modifiers.rounding import BlockTuner, TuningConfig
     from routealign.streams import BlockInputs
 
@@ -103,9 +101,10 @@ def _tune_split(rank: int, world: int, init: str, out: str, balance: str) -> Non
     else:
         q = (q0, q1)[rank]
     with suspended_offloading(block, nxt):
-        tuner = BlockTuner(block, targets, RouterLossConfig(objective="vsraq"),
-                           TuningConfig(iters=6, lr=0.02, batch_size=4, router_scope="next", min_expert_tokens=0,
-                                        holdout=0.25, router_gate=False, router_balance=balance), nxt)
+        tuner = BlockTuner(block, targets,
+                           TuningConfig(objective="vsraq", iters=6, lr=0.02, batch_size=4, router_scope="next", holdout=0.25,
+                                        rounding={"min_expert_tokens": 0}, gate={"enabled": False},
+                                        loss={"balance": balance}), nxt)
         result = tuner.tune(q, q, offset=4 * rank if world > 1 else 0, total=8)
     _save(block, result, out)
     if world > 1:
@@ -130,15 +129,14 @@ def test_written_result_does_not_reread_the_module():
     """Under torch.distributed another rank may write its (identical) result into storage the ranks share before
     this rank computes its own; the written weights must come from the weights as tuning found them."""
     from routealign.distributed import suspended_offloading
-    from routealign.losses import RouterLossConfig
     from routealign.modifiers.rounding import BlockTuner, TuningConfig
     from routealign.modifiers.rounding.weights import quantized_writes
 
     torch.manual_seed(0)
     block, nxt, targets, q = _setup(100)
     with suspended_offloading(block, nxt):
-        tuner = BlockTuner(block, targets, RouterLossConfig(objective="vsraq"),
-                           TuningConfig(iters=3, lr=0.02, batch_size=2, min_expert_tokens=0), nxt)
+        tuner = BlockTuner(block, targets,
+                           TuningConfig(objective="vsraq", iters=3, lr=0.02, batch_size=2, rounding={"min_expert_tokens": 0}), nxt)
         result = tuner.tune(q, q)
         with torch.no_grad():  # what another rank's earlier write looks like from here: every module, every expert
             clobbered = [m for w in tuner.weights for m in w.modules]
@@ -160,12 +158,11 @@ def _counts_and_maxima(rank: int, world: int, init: str, out: str) -> None:
     torch.set_num_threads(1)
     if world > 1:
         dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    from routealign.losses import RouterLossConfig
     from routealign.modifiers.rounding import BlockTuner, TuningConfig
 
     block, nxt, targets, q = _setup(100 + rank)
-    tuner = BlockTuner(block, targets, RouterLossConfig(objective="none"),
-                       TuningConfig(iters=0, min_expert_tokens=24), nxt)
+    tuner = BlockTuner(block, targets,
+                       TuningConfig(objective="none", iters=0, rounding={"min_expert_tokens": 24}), nxt)
     experts = [n for n in targets if ".experts." in n and n.endswith("gate_proj")]
     result = tuner.tune(q, q)
     torch.save({"counts": tuner.expert_token_counts(q), "fallback": result.fallback,

@@ -11,7 +11,6 @@ from transformers import AutoModelForCausalLM
 
 import routealign  # noqa: F401
 from routealign import RouterAlignedRoundingModifier
-from routealign.losses import RouterLossConfig
 from routealign.streams import BlockInputs, StreamEngine
 from routealign.tiny import save_tiny, tiny_model
 from routealign.distributed import suspended_offloading
@@ -35,11 +34,13 @@ def _setup(model_type="qwen3_moe", rows=8, seq_len=24, seed=4):
     return block, nxt, targets, BlockInputs(h, kwargs[names[0]]), kwargs[names[1]]
 
 
-def _tune(block, nxt, targets, q, next_kwargs, objective, **config):
+def _tune(block, nxt, targets, q, next_kwargs, objective, holdout=0.125, **config):
+    config = {"objective": objective, "iters": 12, "batch_size": 2, "rounding": {"min_expert_tokens": 0},
+              "holdout": {"fraction": holdout, "every": 3}, **config}
+    if "rounding" in config and "min_expert_tokens" not in config["rounding"]:
+        config["rounding"] = {"min_expert_tokens": 0, **config["rounding"]}
     with suspended_offloading(block, nxt):
-        tuner = BlockTuner(block, targets, RouterLossConfig(objective=objective),
-                           TuningConfig(**{"iters": 12, "batch_size": 2, "min_expert_tokens": 0, "holdout_every": 3,
-                                           **config}), [nxt], next_kwargs=[next_kwargs])
+        tuner = BlockTuner(block, targets, TuningConfig(**config), [nxt], next_kwargs=[next_kwargs])
         result = tuner.tune(q, q)
     return tuner, result
 
@@ -57,17 +58,17 @@ def _state(tuner):
 
 def test_split_is_seeded_disjoint_and_complete():
     block, nxt, targets, q, nkw = _setup()
-    tuner = BlockTuner(block, targets, RouterLossConfig(objective="none"), TuningConfig(holdout=0.25), [nxt])
+    tuner = BlockTuner(block, targets,  TuningConfig(objective="none", holdout=0.25), [nxt])
     train, held = tuner.split(8)
     assert held.numel() == 2 and train.numel() == 6
     assert sorted(train.tolist() + held.tolist()) == list(range(8))
-    again = BlockTuner(block, targets, RouterLossConfig(objective="none"), TuningConfig(holdout=0.25), [nxt])
+    again = BlockTuner(block, targets,  TuningConfig(objective="none", holdout=0.25), [nxt])
     assert torch.equal(again.split(8)[1], held)
-    other = BlockTuner(block, targets, RouterLossConfig(objective="none"), TuningConfig(holdout=0.25, seed=1), [nxt])
+    other = BlockTuner(block, targets,  TuningConfig(objective="none", holdout=0.25, seed=1), [nxt])
     assert [other.split(40)[1].tolist()] != [tuner.split(40)[1].tolist()]
     # fewer than one sequence to hold out, or none left to tune on: nothing held out
     assert tuner.split(3)[1].numel() == 0
-    none = BlockTuner(block, targets, RouterLossConfig(objective="none"), TuningConfig(holdout=0.0), [nxt])
+    none = BlockTuner(block, targets,  TuningConfig(objective="none", holdout=0.0), [nxt])
     assert none.split(8)[1].numel() == 0
 
 
@@ -121,7 +122,7 @@ def _arms_alone(block, nxt, targets, q, nkw, seed, **config):
     """Each arm tuned on its own: objective none, and the router term ungated (the gated run's two arms start from
     the same place on the same minibatches)."""
     plain, _ = _tune(block, nxt, targets, q, nkw, "none", holdout=0.25, seed=seed, lr=0.02)
-    router, _ = _tune(block, nxt, targets, q, nkw, "vsraq", holdout=0.25, seed=seed, lr=0.02, router_gate=False,
+    router, _ = _tune(block, nxt, targets, q, nkw, "vsraq", holdout=0.25, seed=seed, lr=0.02, gate={"enabled": False},
                       **config)
     return plain, router
 
@@ -140,7 +141,7 @@ def test_router_gate_keeps_the_arm_with_the_smaller_held_out_downstream_error(ro
 
     block, nxt, targets, q, nkw = _setup(seed=seed, rows=rows)
     gated, res = _tune(block, nxt, targets, q, nkw, "vsraq", holdout=0.25, router_weight=1.0, seed=seed, lr=0.02,
-                       router_headroom=False, router_gate_z=z)
+                       gate={"headroom": False, "z": z})
     plain, router = _arms_alone(block, nxt, targets, q, nkw, seed, router_weight=1.0)
     plain_errors, router_errors = _errors(plain, q), _errors(router, q)
     expected = paired_gate(router_errors - plain_errors, z)
@@ -161,7 +162,7 @@ def test_router_arm_runs_only_where_forcing_the_right_experts_helps(seed):
 
     block, nxt, targets, q, nkw = _setup(seed=seed)
     gated, res = _tune(block, nxt, targets, q, nkw, "vsraq", holdout=0.25, router_weight=1.0, seed=seed,
-                       router_gate_z=0.0)
+                       gate={"z": 0.0})
     plain, _ = _tune(block, nxt, targets, q, nkw, "none", holdout=0.25, seed=seed)
     own, forced = _errors(plain, q), _errors(plain, q, forced=True)
     assert not torch.equal(own, forced)  # forcing changes the routing of some held-out token
@@ -209,7 +210,7 @@ def test_paired_gate_statistics():
 
 def test_router_gate_off_or_no_held_out_tunes_with_the_router_term_only():
     block, nxt, targets, q, nkw = _setup()
-    for config in ({"router_gate": False, "holdout": 0.25}, {"holdout": 0.0}):
+    for config in ({"gate": False, "holdout": 0.25}, {"holdout": 0.0}):
         _, res = _tune(block, nxt, targets, q, nkw, "vsraq", **config)
         assert set(res.arms) == {"router"} and res.decision is RouterDecision.UNGATED
 
@@ -223,9 +224,9 @@ def test_router_balance_combines_the_gradients_as_documented(balance):
     block, nxt, targets, q, nkw = _setup()
     lam = 0.1
     with suspended_offloading(block, nxt):
-        tuner = BlockTuner(block, targets, RouterLossConfig(objective="vsraq"),
-                           TuningConfig(iters=4, batch_size=2, min_expert_tokens=0, holdout=0.0, router_weight=lam,
-                                        router_balance=balance), [nxt], next_kwargs=[nkw])
+        tuner = BlockTuner(block, targets,
+                           TuningConfig(objective="vsraq", iters=4, batch_size=2, holdout=0.0, router_weight=lam,
+                                        rounding={"min_expert_tokens": 0}, loss={"balance": balance}), [nxt], next_kwargs=[nkw])
         reference = tuner.reference(q)
         idx = torch.tensor([1, 5])
         params = [p for w in tuner.weights for p in w.parameters()]
@@ -272,7 +273,8 @@ def test_next_router_is_found_past_layers_without_one(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"), dtype=torch.float32)
     ids = calibration_ids(rows=8, seq_len=24)
     mod = RouterAlignedRoundingModifier(objective="vsraq", iters=4, batch_size=2, scheme="W4A16", targets="Linear",
-                                        ignore=["lm_head"], min_expert_tokens=0, router_headroom=False)
+                                        ignore=["lm_head"], rounding={"min_expert_tokens": 0},
+                                        gate={"headroom": False})
     oneshot(model=model, dataset=Dataset.from_dict({"input_ids": ids.tolist()}), recipe=mod,
             num_calibration_samples=8, max_seq_length=24)
     rows = {r["layer"]: r for r in mod.report}
@@ -316,7 +318,7 @@ def test_tuning_forwards_use_the_batched_experts(monkeypatch, batched):
 
     monkeypatch.setattr(experts, "batched_forward", counted)
     block, nxt, targets, q, nkw = _setup()
-    _tune(block, nxt, targets, q, nkw, "none", iters=2, holdout=0.0, batched_experts=batched)
+    _tune(block, nxt, targets, q, nkw, "none", iters=2, holdout=0.0, memory={"batched_experts": batched})
     assert (len(calls) > 0) == batched
 
 
@@ -329,7 +331,7 @@ def test_mse_init_starts_every_tuned_weight_at_its_reconstruction_optimal_clip()
     block, nxt, targets, q, nkw = _setup()
     starts = []
     for init in ("mse", "minmax"):
-        tuner, result = _tune(block, nxt, targets, q, nkw, "none", iters=1, holdout=0.0, init=init)
+        tuner, result = _tune(block, nxt, targets, q, nkw, "none", iters=1, holdout=0.0, rounding={"init": init})
         assert result.arms["plain"]["best_iter"] == 0
         starts.append(_state(tuner))
     expected, rtn = [], []
@@ -359,10 +361,10 @@ def test_amp_runs_the_tuning_matmuls_in_bfloat16_and_keeps_losses_and_targets_fl
 
     handle = block.self_attn.q_proj.register_forward_hook(hook)
     try:
-        amp_tuner, amp = _tune(block, nxt, targets, q, nkw, "none", iters=3, amp=True)
+        amp_tuner, amp = _tune(block, nxt, targets, q, nkw, "none", iters=3, rounding={"amp": True})
         with_amp = dict(seen)
         seen.clear()
-        _, plain = _tune(block, nxt, targets, q, nkw, "none", iters=3, amp=False)
+        _, plain = _tune(block, nxt, targets, q, nkw, "none", iters=3, rounding={"amp": False})
     finally:
         handle.remove()
     assert with_amp[True] == {torch.bfloat16}  # the tuning steps (and held-out losses)
@@ -395,10 +397,10 @@ def test_lm_head_criterion_is_the_whole_model_kl_with_this_block_quantized():
     q = BlockInputs(h, kwargs[names[0]])
     tail = LMTail(rest, [kwargs[n] for n in names[1:]], model.model.norm, model.lm_head)
     with suspended_offloading(block, *rest):
-        tuner = BlockTuner(block, targets, RouterLossConfig(objective="vsraq"),
-                           TuningConfig(iters=6, batch_size=2, min_expert_tokens=0, holdout=0.25, holdout_every=3,
-                                        decide_on="lm_head", iteration_on="lm_head", router_headroom=False,
-                                        router_gate_z=0.0),
+        tuner = BlockTuner(block, targets,
+                           TuningConfig(objective="vsraq", iters=6, batch_size=2, rounding={"min_expert_tokens": 0},
+                                        holdout={"fraction": 0.25, "every": 3, "decide_on": "lm_head", "iteration_on": "lm_head"},
+                                        gate={"headroom": False, "z": 0.0}),
                            [rest[0]], next_kwargs=[kwargs[names[1]]], lm_tail=tail)
         res = tuner.tune(q, q)
         _, held = tuner.split(8)
@@ -434,7 +436,7 @@ def test_refined_router_arm_continues_the_plain_arm_for_a_fraction_of_the_steps(
     BlockTuner.minibatch_losses = counted
     try:
         _, res = _tune(block, nxt, targets, q, nkw, "vsraq", holdout=0.25, router_weight=1.0, seed=1,
-                       router_gate_z=0.0, router_headroom=False, router_arm="refine", refine_fraction=0.25, lr=0.05)
+                       gate={"z": 0.0, "headroom": False, "arm": "refine", "refine_fraction": 0.25}, lr=0.05)
     finally:
         BlockTuner.minibatch_losses = original
     assert [router for router, _ in steps] == [False] * 12 + [True] * 3
@@ -451,9 +453,9 @@ def test_target_stream_quantized_fits_the_block_on_its_own_input_and_keeps_the_u
     results, tuners = {}, {}
     for stream in ("unquantized", "quantized"):
         with suspended_offloading(block, nxt):
-            tuner = BlockTuner(block, targets, RouterLossConfig(objective="none"),
-                               TuningConfig(iters=6, batch_size=2, min_expert_tokens=0, holdout=0.0,
-                                            target_stream=stream), [nxt], next_kwargs=[nkw])
+            tuner = BlockTuner(block, targets,
+                               TuningConfig(objective="none", iters=6, batch_size=2, holdout=0.0,
+                                            rounding={"min_expert_tokens": 0, "target_stream": stream}), [nxt], next_kwargs=[nkw])
             results[stream], tuners[stream] = tuner.tune(q, fp), tuner
     # the next block's unquantized stream is the unquantized block on the unquantized stream either way
     assert torch.equal(results["unquantized"].outputs, results["quantized"].outputs)

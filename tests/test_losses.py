@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from routealign.losses import OBJECTIVES, RouterLoss, RouterLossConfig
+from routealign.losses import OBJECTIVES, LossSettings, RouterLoss
+from routealign.modifiers.rounding import TuningConfig
 from routealign.losses.expertquant import gap_hinge, soft_rank_jaccard
 from routealign.losses.kl import kl as kl_term
 from routealign.losses.vsraq import rank_loss
@@ -32,7 +33,7 @@ def sig(x):
 def test_zero_when_quantized_equals_full_precision(model_type, objective):
     family, router = _router(model_type)
     z = torch.randn(64, router.num_experts, generator=torch.Generator().manual_seed(0)) * 2
-    loss = RouterLoss(RouterLossConfig(objective=objective), family, router)
+    loss = RouterLoss(objective, LossSettings(), family, router)
     tgt = loss.target(z)
     value = loss(z.clone().requires_grad_(), tgt)
     assert value.item() == pytest.approx(0.0, abs=1e-6)
@@ -55,7 +56,7 @@ def test_vsraq_hand_computed():
     sigm = (w3 * (sig(2.5) - sig(3)) ** 2 + w2 * (sig(2.2) - sig(2)) ** 2) / 2
     margin = ((2.2 - 1.1) - (2 - 1)) ** 2
     for anchor, rank in ((False, sp(-(2.5 - 2.2))), (True, sp(-(2.5 - 2.2)) - sp(-(3 - 2)))):
-        loss = RouterLoss(RouterLossConfig(objective="vsraq", rank_anchor=anchor), family, router)
+        loss = RouterLoss("vsraq", LossSettings(vsraq={"rank_anchor": anchor}), family, router)
         terms = loss.terms(z_q, loss.target(z_fp))
         assert terms["topk_mse"].item() == pytest.approx(topk, rel=1e-6)
         assert terms["sigmoid_mse"].item() == pytest.approx(sigm, rel=1e-5)
@@ -67,21 +68,21 @@ def test_vsraq_hand_computed():
 
 def test_anchored_rank_is_zero_when_gap_grows():
     family, router, z_fp, _ = _hand_case()
-    loss = RouterLoss(RouterLossConfig(objective="vsraq"), family, router)
+    loss = RouterLoss("vsraq", LossSettings(), family, router)
     wider = torch.tensor([[3.5, 2.0, 1.0, 0.0]])
     assert rank_loss(loss, wider, loss.target(z_fp)).item() == 0.0
-    paper = RouterLoss(RouterLossConfig(objective="vsraq", rank_anchor=False), family, router)
+    paper = RouterLoss("vsraq", LossSettings(vsraq={"rank_anchor": False}), family, router)
     assert rank_loss(paper, wider, paper.target(z_fp)).item() == pytest.approx(sp(-1.5))
 
 
 def test_topk_mse_kl_gap_hinge_hand_computed():
     family, router, z_fp, z_q = _hand_case()
-    tgt = RouterLoss(RouterLossConfig(), family, router).target(z_fp)
-    kl = RouterLoss(RouterLossConfig(objective="kl"), family, router)
+    tgt = RouterLoss("vsraq", LossSettings(), family, router).target(z_fp)
+    kl = RouterLoss("kl", LossSettings(), family, router)
     p = [sig(1.0), 1 - sig(1.0)]  # softmax over the two chosen logits (norm_topk_prob)
     q = [sig(0.3), 1 - sig(0.3)]
     assert kl_term(kl, z_q, tgt).item() == pytest.approx(sum(a * math.log(a / b) for a, b in zip(p, q)), rel=1e-5)
-    eq = RouterLoss(RouterLossConfig(objective="expertquant"), family, router)
+    eq = RouterLoss("expertquant", LossSettings(), family, router)
     assert gap_hinge(eq, z_q, tgt).item() == pytest.approx((3 - 2) - (2.5 - 2.2), rel=1e-6)
 
 
@@ -89,7 +90,7 @@ def test_soft_jaccard_tends_to_exact_rank_weighted_jaccard():
     family, router = _router("qwen3_moe", num_experts=8, num_experts_per_tok=4)
     z_fp = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0, -1.0, -2.0, -3.0]])
     z_q = torch.tensor([[4.0, 3.0, 0.9, 1.0, 0.0, -1.0, -2.0, -3.0]])  # experts 2 and 3 swap
-    loss = RouterLoss(RouterLossConfig(objective="expertquant", tau=1e-3), family, router)
+    loss = RouterLoss("expertquant", LossSettings(expertquant={"tau": 1e-3}), family, router)
     exact = 1 - rank_weighted_jaccard(torch.tensor([[0, 1, 2, 3]]), torch.tensor([[0, 1, 3, 2]])).item()
     assert soft_rank_jaccard(loss, z_q, loss.target(z_fp)).item() == pytest.approx(exact, abs=1e-4)
     dropped = torch.tensor([[4.0, 3.0, 2.0, -0.5, 0.0, -1.0, -2.0, -3.0]])  # expert 3 leaves, 4 enters
@@ -102,7 +103,7 @@ def test_gradients_push_toward_full_precision_order():
     z_q = torch.tensor([[2.0, 2.4, 1.0, 0.0]], requires_grad=True)  # top-2 order inverted
     for objective in ("vsraq", "expertquant", "topk_mse", "kl"):
         z = z_q.detach().clone().requires_grad_()
-        loss = RouterLoss(RouterLossConfig(objective=objective), family, router)
+        loss = RouterLoss(objective, LossSettings(), family, router)
         loss(z, loss.target(z_fp)).backward()
         assert z.grad[0, 0] < 0 and z.grad[0, 1] > 0, objective  # descent raises expert 0, lowers expert 1
 
@@ -110,7 +111,7 @@ def test_gradients_push_toward_full_precision_order():
 def test_sigmoid_family_uses_corrected_scores_and_groups():
     family, router = _router("deepseek_v3")
     z = torch.randn(16, router.num_experts, generator=torch.Generator().manual_seed(3))
-    loss = RouterLoss(RouterLossConfig(objective="vsraq"), family, router)
+    loss = RouterLoss("vsraq", LossSettings(), family, router)
     tgt = loss.target(z)
     selected = family.route(router, z).indices
     assert torch.equal(tgt.order[:, : loss.k].sort(-1).values, selected.sort(-1).values)
@@ -134,7 +135,7 @@ def test_structure_terms_on_logits_by_default_for_sigmoid_routers():
     s = lambda z, e: sig(z) + (0.3 if e == 1 else 0.0)  # noqa: E731
     # full-precision order by selection score: expert 1 (0.922), expert 0 (0.731), then 2, 3
     for space in ("logits", "scores"):
-        loss = RouterLoss(RouterLossConfig(objective="vsraq", structure_space=space), family, router)
+        loss = RouterLoss("vsraq", LossSettings(structure_space=space), family, router)
         tgt = loss.target(z_fp)
         assert tgt.order[0, :3].tolist() == [1, 0, 2]
         terms = loss.terms(z_q, tgt)
@@ -147,7 +148,7 @@ def test_structure_terms_on_logits_by_default_for_sigmoid_routers():
         rank = max(0.0, sp(-gap_q) - sp(-gap_fp))
         assert terms["rank"].item() == pytest.approx(rank, rel=1e-5), space
         assert terms["margin"].item() == pytest.approx(margin, rel=1e-5), space
-        eq = RouterLoss(RouterLossConfig(objective="expertquant", structure_space=space), family, router)
+        eq = RouterLoss("expertquant", LossSettings(structure_space=space), family, router)
         assert eq.terms(z_q, eq.target(z_fp))["gap_hinge"].item() == pytest.approx(max(0.0, gap_fp - gap_q), rel=1e-5)
 
 
@@ -155,7 +156,7 @@ def test_structure_space_makes_no_difference_for_softmax_routers():
     family, router, z_fp, z_q = _hand_case()
     values = {}
     for space in ("logits", "scores"):
-        loss = RouterLoss(RouterLossConfig(objective="vsraq", structure_space=space), family, router)
+        loss = RouterLoss("vsraq", LossSettings(structure_space=space), family, router)
         values[space] = loss(z_q, loss.target(z_fp))
     assert torch.equal(values["logits"], values["scores"])
 
@@ -165,7 +166,8 @@ def test_logit_space_margin_gradient_is_not_damped_by_the_sigmoid():
     grads = {}
     for space in ("logits", "scores"):
         z_q = torch.tensor([[1.0, 0.5, -0.5, -2.0]], requires_grad=True)  # boundary margin shrunk by 0.5
-        loss = RouterLoss(RouterLossConfig(objective="vsraq", structure_space=space, alpha=0.0, beta_rank=0.0),
+        loss = RouterLoss("vsraq", LossSettings(structure_space=space,
+                                           vsraq={"alpha": 0.0, "beta_rank": 0.0}),
                           family, router)
         terms = loss.terms(z_q, loss.target(z_fp))
         terms["margin"].backward()
@@ -177,34 +179,46 @@ def test_logit_space_margin_gradient_is_not_damped_by_the_sigmoid():
 
 def test_a_new_objective_is_one_module(tmp_path, monkeypatch):
     """A module in the objectives' package that registers an Objective is found by name: the modifier's field
-    accepts it and the loss computes its terms; an unknown name is refused with the list of known ones."""
+    accepts it, its own settings are the recipe's ``loss: {abs_topk: ...}`` section (validated, documented), and the
+    loss computes its terms with them; an unknown name is refused with the list of known ones."""
     import routealign.losses as losses
     from routealign.losses.base import REGISTRY
+    from routealign.modifiers.fields import field_lines
 
     (tmp_path / "abs_topk.py").write_text(
+        "from pydantic import BaseModel, Field\n"
         "from routealign.losses.base import Objective, gather, register\n\n"
+        "class AbsTopKSettings(BaseModel):\n"
+        "    \"\"\"Absolute top-k error.\"\"\"\n"
+        "    scale: float = Field(2.0, gt=0, description='weight of the absolute error.')\n\n"
         "@register\n"
         "class AbsTopK(Objective):\n"
-        "    name = 'abs_topk'\n\n"
+        "    name = 'abs_topk'\n"
+        "    Settings = AbsTopKSettings\n\n"
         "    def terms(self, loss, zq, tgt):\n"
         "        idx = tgt.order[:, : loss.k]\n"
         "        return {'abs': (gather(zq, idx) - gather(tgt.logits, idx)).abs().mean()}\n\n"
-        "    def weights(self, config):\n"
-        "        return {'abs': 2.0}\n")
+        "    def weights(self, params):\n"
+        "        return {'abs': params.scale}\n")
     monkeypatch.setattr(losses, "__path__", [*losses.__path__, str(tmp_path)])
     monkeypatch.setattr("routealign.losses.base.REGISTRY", REGISTRY)
     try:
         assert "abs_topk" in losses.names()
         family, router = _router("qwen3_moe", num_experts=4, num_experts_per_tok=2)
-        loss = RouterLoss(RouterLossConfig(objective="abs_topk"), family, router)
-        z_fp = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
-        value = loss(torch.tensor([[2.5, 2.2, 1.1, 0.0]]), loss.target(z_fp))
-        assert value.item() == pytest.approx(2.0 * (0.5 + 0.2) / 2, rel=1e-6)
+        z_fp, z_q = torch.tensor([[3.0, 2.0, 1.0, 0.0]]), torch.tensor([[2.5, 2.2, 1.1, 0.0]])
+        loss = RouterLoss("abs_topk", LossSettings(), family, router)
+        assert loss(z_q, loss.target(z_fp)).item() == pytest.approx(2.0 * (0.5 + 0.2) / 2, rel=1e-6)
         from routealign import RouterAlignedRoundingModifier
 
-        assert RouterAlignedRoundingModifier(objective="abs_topk", scheme="W4A16", targets="Linear").objective \
-            == "abs_topk"
+        modifier = RouterAlignedRoundingModifier(objective="abs_topk", loss={"abs_topk": {"scale": 3.0}},
+                                                 scheme="W4A16", targets="Linear")
+        assert modifier.objective == "abs_topk" and modifier.params.scale == 3.0
+        loss = RouterLoss("abs_topk", modifier.loss, family, router)
+        assert loss(z_q, loss.target(z_fp)).item() == pytest.approx(3.0 * (0.5 + 0.2) / 2, rel=1e-6)
+        with pytest.raises(ValueError, match=r"loss\.abs_topk\.scale: Input should be greater than 0"):
+            LossSettings(abs_topk={"scale": -1})
+        assert "    - `loss.abs_topk.scale` (2.0): weight of the absolute error." in field_lines(TuningConfig)
     finally:
         REGISTRY.pop("abs_topk", None)
     with pytest.raises(ValueError, match=r"unknown router objective 'abs_topk'; known: none, expertquant, kl"):
-        RouterLossConfig(objective="abs_topk")
+        TuningConfig(objective="abs_topk")

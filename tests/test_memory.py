@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from routealign.distributed import suspended_offloading
-from routealign.losses import RouterLossConfig
 from routealign.modifiers.rounding import BlockTuner, TuningConfig
 from routealign.modifiers.rounding.memory import arms_of, layer_bytes
 
@@ -22,12 +21,13 @@ def _tune(dtype, chunk, objective):
     # experts large beside the attention, the next block's float32 copy and the activations (not per element)
     block, nxt, targets, q, nkw = _block(EXPERTS, dtype=dtype, rows=8, seq_len=16, moe_intermediate_size=1024)
     # both arms run (no headroom pre-test): the router term's gradients are combined with the MSE's
-    config = TuningConfig(iters=2, batch_size=1, min_expert_tokens=0, holdout=0.25, holdout_every=1,
-                          expert_chunk=chunk, router_headroom=False)
+    config = TuningConfig(objective=objective, iters=2, batch_size=1, rounding={"min_expert_tokens": 0},
+                          holdout={"fraction": 0.25, "every": 1}, memory={"expert_chunk": chunk},
+                          gate={"headroom": False})
 
     def run():
         with suspended_offloading(block, nxt):
-            tuner = BlockTuner(block, targets, RouterLossConfig(objective=objective), config, [nxt],
+            tuner = BlockTuner(block, targets, config, [nxt],
                                next_kwargs=[nkw])
             return tuner, tuner.tune(q, q)
 
@@ -116,16 +116,18 @@ def test_max_tuning_gib_keeps_the_measured_peak_inside_the_budget(peaks, monkeyp
     monkeypatch.setenv("ROUTEALIGN_PIECE_ELEMENTS", "65536")
     budget = 0.4 * peaks[(torch.bfloat16, 0, "none")][0]
     block, nxt, targets, q, nkw = _block(EXPERTS, dtype=torch.bfloat16, rows=8, seq_len=16, moe_intermediate_size=1024)
-    config = TuningConfig(iters=2, batch_size=1, min_expert_tokens=0, holdout=0.25, max_tuning_gib=budget / GIB)
+    config = TuningConfig(objective="none", iters=2, batch_size=1, holdout=0.25, rounding={"min_expert_tokens": 0},
+                          memory={"max_tuning_gib": budget / GIB})
 
     def run():
         with suspended_offloading(block, nxt):
-            tuner = BlockTuner(block, targets, RouterLossConfig(objective="none"), config, [nxt], next_kwargs=[nkw])
+            tuner = BlockTuner(block, targets, config, [nxt], next_kwargs=[nkw])
             return tuner, tuner.tune(q, q)
 
     (tuner, _), peak, _ = peak_bytes(run)
     assert 1 <= tuner.experts.size < EXPERTS and tuner.experts.count > 1
     assert peak <= 1.15 * budget, (peak, budget, tuner.experts.size)
-    explicit = BlockTuner(block, targets, RouterLossConfig(objective="none"),
-                          config.model_copy(update={"expert_chunk": 3}), [nxt], next_kwargs=[nkw])
+    both = config.model_copy(update={"memory": config.memory.model_copy(update={"expert_chunk": 3})})
+    assert both.memory.max_tuning_gib == config.memory.max_tuning_gib
+    explicit = BlockTuner(block, targets, both, [nxt], next_kwargs=[nkw])
     assert explicit.experts.size == 3

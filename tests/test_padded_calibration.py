@@ -2,7 +2,6 @@
 padded positions take part in no loss, statistic, routed-token count or activation maximum, and the text-dataset
 flow of llm-compressor's examples runs with every shipped recipe."""
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,12 +15,11 @@ from transformers import AutoModelForCausalLM
 import routealign  # noqa: F401
 from routealign import ExpertAwareSmoothingModifier, RouterAlignedRoundingModifier
 from routealign.calibration import CalibrationTokens, draw_calibration
+from routealign.distributed import suspended_offloading
 from routealign.errors import InputError
-from routealign.losses import RouterLossConfig
+from routealign.modifiers.rounding import BlockTuner, TuningConfig
 from routealign.streams import BlockInputs, StreamEngine
 from routealign.tiny import byte_tokenizer, save_tiny, tiny_model
-from routealign.distributed import suspended_offloading
-from routealign.modifiers.rounding import BlockTuner, TuningConfig
 
 from .conftest import FIXTURES
 
@@ -36,7 +34,7 @@ def _sequences(lengths=LENGTHS, seed=0):
 def _quantize(folder, rows, masks, batch_size, scheme="W4A16", smooth=False, **data_args):
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     mod = RouterAlignedRoundingModifier(objective="vsraq", iters=6, batch_size=2, holdout=0.25, scheme=scheme,
-                                        targets="Linear", ignore=["lm_head"], router_gate_z=0)
+                                        targets="Linear", ignore=["lm_head"], gate={"z": 0})
     recipe = [ExpertAwareSmoothingModifier(mode="search", grid=[0.0, 0.5]), mod] if smooth else mod
     columns = {"input_ids": rows} if masks is None else {"input_ids": rows, "attention_mask": masks}
     oneshot(model=model, dataset=Dataset.from_dict(columns), recipe=recipe, num_calibration_samples=len(rows),
@@ -89,8 +87,8 @@ def _layer0(model_type="qwen3_moe", objective="none"):
     targets = {n: args for n, m in block.named_modules() if isinstance(m, torch.nn.Linear) and n != "mlp.gate"}
 
     def tuner(length):
-        return BlockTuner(block, targets, RouterLossConfig(objective=objective),
-                          TuningConfig(iters=0, min_expert_tokens=0), [nxt],
+        return BlockTuner(block, targets,
+                          TuningConfig(objective=objective, iters=0, rounding={"min_expert_tokens": 0}), [nxt],
                           next_kwargs=[engine.layer_kwargs(length)[names[1]]])
 
     return model, engine, names, tuner

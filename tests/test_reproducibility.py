@@ -36,7 +36,7 @@ save_tiny("qwen3_moe", folder / "m", seed=3, hidden_size=256, moe_intermediate_s
 model = AutoModelForCausalLM.from_pretrained(str(folder / "m"), dtype=torch.float32)
 ids = torch.randint(3, 320, (8, 64), generator=torch.Generator().manual_seed(0))
 oneshot_windows(model, RouterAlignedRoundingModifier(objective="vsraq", scheme="W4A16", targets="Linear",
-                ignore=["lm_head"], iters=8, batch_size=2, lr=0.005, holdout=0.25, holdout_every=4), ids)
+                ignore=["lm_head"], iters=8, batch_size=2, lr=0.005, holdout={"fraction": 0.25, "every": 4}), ids)
 save_compressed(model, folder / "q")
 print("DIGEST", hashlib.sha256((folder / "q" / "model.safetensors").read_bytes()).hexdigest())
 """

@@ -58,8 +58,9 @@ def test_none_with_zero_iters_equals_rtn_checkpoint(tmp_path, tiny, model_type, 
     ids = calibration_ids(rows=4, seq_len=32)
     model_dir = tiny / f"{model_type}-bf16"
     quantize_with_llmcompressor(model_dir, tmp_path / "rtn", scheme, ids, dtype=torch.bfloat16)
-    ours = RouterAlignedRoundingModifier(objective="none", iters=0, min_expert_tokens=0, scheme=scheme,
-                                         full_range=False, targets="Linear", ignore=["lm_head"], expert_chunk=chunk)
+    ours = RouterAlignedRoundingModifier(objective="none", iters=0, scheme=scheme, targets="Linear",
+                                         ignore=["lm_head"], rounding={"min_expert_tokens": 0, "full_range": False},
+                                         memory={"expert_chunk": chunk})
     _run(model_dir, ours, ids, dtype=torch.bfloat16, out=tmp_path / "ours")
     a = load_file(tmp_path / "rtn" / "model.safetensors")
     b = load_file(tmp_path / "ours" / "model.safetensors")
@@ -73,7 +74,7 @@ def test_none_with_zero_iters_equals_rtn_nvfp4_values(tmp_path, tiny):
     ids = calibration_ids(rows=4, seq_len=32)
     model_dir = tiny / "qwen3_moe-bf16"
     quantize_with_llmcompressor(model_dir, tmp_path / "rtn", "NVFP4A16", ids, dtype=torch.bfloat16)
-    ours = RouterAlignedRoundingModifier(objective="none", iters=0, min_expert_tokens=0, scheme="NVFP4A16",
+    ours = RouterAlignedRoundingModifier(objective="none", iters=0, rounding={"min_expert_tokens": 0}, scheme="NVFP4A16",
                                          targets="Linear", ignore=["lm_head"])
     _run(model_dir, ours, ids, dtype=torch.bfloat16, out=tmp_path / "ours")
     a = load_file(tmp_path / "rtn" / "model.safetensors")
@@ -106,7 +107,7 @@ def test_tuned_checkpoint_reloads_to_the_in_memory_model(tmp_path, tiny, scheme,
     packing: the reloaded checkpoint computes the in-memory model's logits bit for bit."""
     ids = calibration_ids(rows=16, seq_len=32, seed=2)
     mod = RouterAlignedRoundingModifier(objective="vsraq", router_scope="both", iters=9, batch_size=4, lr=0.02,
-                                        holdout_every=3, router_gate=False, scheme=scheme, targets="Linear",
+                                        holdout={"every": 3}, gate={"enabled": False}, scheme=scheme, targets="Linear",
                                         ignore=["lm_head"])
     name = "glm4_moe" if dtype == torch.float32 else "glm4_moe-bf16"
     model, logits = _run(tiny / name, mod, ids, dtype=dtype)
@@ -187,7 +188,7 @@ def test_starved_expert_gets_rtn_fallback_and_is_logged(tmp_path):
     lines = []
     sink = logger.add(lambda m: lines.append(str(m)), level="INFO")
     try:
-        mod = RouterAlignedRoundingModifier(objective="vsraq", iters=3, batch_size=2, min_expert_tokens=1,
+        mod = RouterAlignedRoundingModifier(objective="vsraq", iters=3, batch_size=2, rounding={"min_expert_tokens": 1},
                                             scheme="W4A16", targets="Linear", ignore=["lm_head"])
         _run(tmp_path / "ref", mod, calibration_ids(rows=4, seq_len=32))
     finally:
@@ -279,7 +280,6 @@ def test_router_scope_reaches_the_documented_weights():
     """The block's own router depends only on attention weights; the next block's router on everything."""
     from compressed_tensors.quantization import preset_name_to_scheme
 
-    from routealign.losses import RouterLossConfig
     from routealign.tiny import tiny_model
     from routealign.streams import BlockInputs
     from routealign.distributed import suspended_offloading
@@ -299,8 +299,8 @@ def test_router_scope_reaches_the_documented_weights():
         q = BlockInputs(h, {"position_embeddings": model.model.rotary_emb(h, pos), "attention_mask": None})
     for scope in ("block", "next"):
         with suspended_offloading(block, nxt):
-            tuner = BlockTuner(block, targets, RouterLossConfig(objective="vsraq"),
-                               TuningConfig(iters=1, router_scope=scope, router_weight=1.0), nxt)
+            tuner = BlockTuner(block, targets,
+                               TuningConfig(objective="vsraq", iters=1, router_scope=scope, router_weight=1.0), nxt)
             reference = tuner.reference(q)
             with torch.enable_grad():
                 _, router = tuner.step_losses(q, reference, torch.arange(2), use_router=True)
@@ -320,7 +320,7 @@ def test_activation_scale_tokens_routed_versus_all(tmp_path, tiny):
     scales = {}
     for tokens in ("routed", "all"):
         mod = RouterAlignedRoundingModifier(objective="none", iters=0, scheme="NVFP4", targets="Linear",
-                                            ignore=["lm_head"], activation_scale_tokens=tokens)
+                                            ignore=["lm_head"], rounding={"activation_scale_tokens": tokens})
         model, _ = _run(tiny / "qwen3_moe", mod, ids)
         experts = model.model.layers[1].mlp.experts
         scales[tokens] = torch.stack([experts[e].gate_proj.input_global_scale.float() for e in range(8)]).flatten()
@@ -336,7 +336,6 @@ def test_nvfp4_tuning_sees_activation_quantization():
 
     from llmcompressor.modeling.moe.linearize import linearize_moe
 
-    from routealign.losses import RouterLossConfig
     from routealign.tiny import tiny_model
     from routealign.streams import BlockInputs
     from routealign.distributed import suspended_offloading
@@ -356,9 +355,9 @@ def test_nvfp4_tuning_sees_activation_quantization():
     first = {}
     for simulate, batched in ((False, True), (True, True), (True, False)):
         with suspended_offloading(block, nxt):
-            tuner = BlockTuner(block, targets, RouterLossConfig(objective="none"),
-                               TuningConfig(iters=1, batch_size=4, quantize_activations=simulate,
-                                            batched_experts=batched), nxt, activations=activations)
+            tuner = BlockTuner(block, targets,
+                               TuningConfig(objective="none", iters=1, batch_size=4, rounding={"quantize_activations": simulate},
+                                            memory={"batched_experts": batched}), nxt, activations=activations)
             result = tuner.tune(q, q)
         first[simulate, batched] = result.history[0]
         assert not any(m._forward_pre_hooks for m in block.modules())  # hooks are only on during the loop
@@ -375,8 +374,8 @@ def test_full_range_checkpoint_reloads_exactly_and_passes_check(tmp_path, tiny, 
     from routealign.preflight import check_checkpoint
 
     ids = calibration_ids(rows=16, seq_len=32, seed=2)
-    mod = RouterAlignedRoundingModifier(objective="none", iters=9, batch_size=4, lr=0.02, holdout_every=3,
-                                        full_range=True, scheme=scheme, targets="Linear", ignore=["lm_head"])
+    mod = RouterAlignedRoundingModifier(objective="none", iters=9, batch_size=4, lr=0.02, holdout={"every": 3},
+                                        rounding={"full_range": True}, scheme=scheme, targets="Linear", ignore=["lm_head"])
     model, logits = _run(tiny / "glm4_moe", mod, ids)
     assert all(it > 0 for it in _kept_iterations(mod.report)[1:]), _kept_iterations(mod.report)  # learned codes
     save_compressed(model, tmp_path / "q")

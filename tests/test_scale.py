@@ -14,7 +14,6 @@ from llmcompressor.modeling.moe.linearize import linearize_moe
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from routealign.distributed import suspended_offloading
-from routealign.losses import RouterLossConfig
 from routealign.modifiers.rounding import BlockTuner, TuningConfig
 from routealign.schemes import WeightQuantizer, _RoundSTE
 from routealign.streams import BlockInputs, StreamEngine
@@ -120,9 +119,9 @@ def _iteration_dispatches(num_experts: int, objective: str, holdout: float, **tu
     block, nxt, targets, q, nkw = _block(num_experts)
     counts = []
     with suspended_offloading(block, nxt):
-        tuner = BlockTuner(block, targets, RouterLossConfig(objective=objective),
-                           TuningConfig(**{"iters": 3, "batch_size": 2, "min_expert_tokens": 0, "holdout": holdout,
-                                           "holdout_every": 10, "router_gate": False, **tuning}),
+        tuner = BlockTuner(block, targets,
+                           TuningConfig(**{"objective": objective, "iters": 3, "batch_size": 2, "holdout": holdout,
+                                           "rounding": {"min_expert_tokens": 0}, "gate": False, **tuning}),
                            [nxt], next_kwargs=[nkw])
         losses, step = tuner.minibatch_losses, tuner.step
 
@@ -169,7 +168,7 @@ def test_host_reads_per_iteration_in_an_accelerators_layouts(layout, chunk, offl
     monkeypatch.setenv("ROUTEALIGN_PIECE_ELEMENTS", str(1 << 26))
     monkeypatch.setattr(accelerator, "LAYOUT", layout)
     with accelerator.simulated((9, 0)):
-        _, reads, _ = _iteration_dispatches(8, "vsraq", 0.25, expert_chunk=chunk, offload_activations=offload)
+        _, reads, _ = _iteration_dispatches(8, "vsraq", 0.25, memory={"expert_chunk": chunk, "offload_activations": offload})
         staged = (accelerator.STAGED.copies, accelerator.STAGED.pinned)
     assert all(r == expected for r in reads[1:]), reads
     if offload:  # every minibatch reached the device from a pinned staging buffer
@@ -199,8 +198,8 @@ def test_frozen_experts_of_a_stack_keep_their_mse_clipped_rtn(monkeypatch):
     monkeypatch.setattr(TunedWeight, "drop_offsets", lambda self: None)  # keep the last step's offsets to look at
     block, nxt, targets, q, nkw = _block(8)
     with suspended_offloading(block, nxt):
-        tuner = BlockTuner(block, targets, RouterLossConfig(objective="none"),
-                           TuningConfig(iters=4, batch_size=2, lr=0.05, holdout=0.0), [nxt], next_kwargs=[nkw])
+        tuner = BlockTuner(block, targets,
+                           TuningConfig(objective="none", iters=4, batch_size=2, lr=0.05, holdout=0.0), [nxt], next_kwargs=[nkw])
         counts = tuner.expert_token_counts(q)
         # expert 2 starves (no routed token), every other one has enough
         starved = {n: torch.where(torch.arange(8) == 2, 0, v + 100) for n, v in counts.items()}
@@ -317,9 +316,9 @@ def _chunked(chunk: int, iters: int = 9, num_experts: int = 8):
 
     block, nxt, targets, q, nkw = _block(num_experts, rows=16, seq_len=32)
     with suspended_offloading(block, nxt):
-        tuner = BlockTuner(block, targets, RouterLossConfig(objective="none"),
-                           TuningConfig(iters=iters, batch_size=4, lr=0.02, holdout=0.25, holdout_every=3,
-                                        expert_chunk=chunk), [nxt], next_kwargs=[nkw])
+        tuner = BlockTuner(block, targets,
+                           TuningConfig(objective="none", iters=iters, batch_size=4, lr=0.02, holdout={"fraction": 0.25, "every": 3},
+                                        memory={"expert_chunk": chunk}), [nxt], next_kwargs=[nkw])
         reference = tuner.reference(q).outputs
         result = tuner.tune(q, q)
         result.write()
@@ -390,9 +389,9 @@ def test_activations_kept_on_the_host_give_the_same_rounding(capability):
     for offload in (False, True):
         block, nxt, targets, q, nkw = _block(8)
         with accelerator.simulated(capability), suspended_offloading(block, nxt):
-            tuner = BlockTuner(block, targets, RouterLossConfig(objective="vsraq"),
-                               TuningConfig(iters=4, batch_size=2, holdout=0.25, holdout_every=2,
-                                            offload_activations=offload), [nxt], next_kwargs=[nkw])
+            tuner = BlockTuner(block, targets,
+                               TuningConfig(objective="vsraq", iters=4, batch_size=2, holdout={"fraction": 0.25, "every": 2},
+                                            memory={"offload_activations": offload}), [nxt], next_kwargs=[nkw])
             reference = []
             original = tuner.reference
             tuner.reference = lambda fp, **kw: reference.append(original(fp, **kw)) or reference[-1]
@@ -435,9 +434,9 @@ def test_the_rest_of_the_model_is_onloaded_one_module_at_a_time():
 
     tail = LMTail(rest, [kwargs[n] for n in names[1:]], model.model.norm, model.lm_head, onload=onload)
     with suspended_offloading(block, rest[0]):
-        tuner = BlockTuner(block, targets, RouterLossConfig(objective="vsraq"),
-                           TuningConfig(iters=2, batch_size=2, holdout=0.25, decide_on="lm_head", router_gate_z=0.0,
-                                        router_headroom=False), [rest[0]], next_kwargs=[kwargs[names[1]]],
+        tuner = BlockTuner(block, targets,
+                           TuningConfig(objective="vsraq", iters=2, batch_size=2, holdout={"fraction": 0.25, "decide_on": "lm_head"},
+                                        gate={"z": 0.0, "headroom": False}), [rest[0]], next_kwargs=[kwargs[names[1]]],
                            lm_tail=tail)
         assert not any(".experts." in n for n in tuner.runner._next32[0])  # the experts' own weights are used
         tuner.tune(BlockInputs(h, kwargs[names[0]]), BlockInputs(h, kwargs[names[0]]))

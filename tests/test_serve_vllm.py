@@ -72,7 +72,7 @@ def test_vllm_cpu_serves_our_w4a16_checkpoint(tmp_path):
     ids = calibration_ids(rows=16, seq_len=64)
     oneshot(model=model, dataset=Dataset.from_dict({"input_ids": ids.tolist()}), num_calibration_samples=16,
             max_seq_length=64, recipe=RouterAlignedRoundingModifier(objective="vsraq", iters=8, scheme="W4A16",
-                                                                    full_range=True, targets="Linear",
+                                                                    rounding={"full_range": True}, targets="Linear",
                                                                     ignore=["lm_head"]))
     save_compressed(model, tmp_path / "w4a16", tokenizer=byte_tokenizer())
     # the full-range grid's signed scales (as llm-compressor's AutoRoundModifier writes them): vLLM must serve

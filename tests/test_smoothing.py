@@ -10,12 +10,18 @@ from llmcompressor.modeling.moe.linearize import linearize_moe
 from transformers import AutoModelForCausalLM
 
 import routealign  # noqa: F401
-from routealign import ExpertAwareSmoothingModifier, RouterAlignedRoundingModifier
+from routealign import ExpertAwareSmoothingModifier
 from routealign.checkpoint import load_model, save_compressed
 from routealign.errors import InputError
+from routealign.modifiers.smoothing.folds import (
+    aggregate_scales,
+    fold_norm_into_consumers,
+    fold_up_down,
+    fold_v_o,
+    smooth_scales,
+)
 from routealign.preflight import check_checkpoint
 from routealign.routing import RouterTap, find_moe_layers
-from routealign.modifiers.smoothing.folds import aggregate_scales, fold_norm_into_consumers, fold_up_down, fold_v_o, smooth_scales
 from routealign.tiny import TINY_FAMILIES, save_tiny
 
 from .conftest import calibration_ids
@@ -79,7 +85,7 @@ def test_search_mode_is_exact_and_reports_the_local_errors_it_chose_by(tmp_path,
     rows = [r for r in mod.report if "error_before" in r]
     assert rows and all(r["error_after"] <= r["error_before"] for r in rows)
     assert any(r["error_after"] < r["error_before"] for r in rows)
-    assert all((r["alpha"] is None) == (not r["folded"]) for r in rows)
+    assert all((r["strength"] is None) == (not r["folded"]) for r in rows)
 
 
 def test_formula_and_folds_on_a_hand_made_case():
@@ -136,8 +142,10 @@ def test_unknown_mapping_and_bad_fields_are_clear_errors(tmp_path):
         ExpertAwareSmoothingModifier(mappings=["moe_input", "gate_up"])
     with pytest.raises(Exception, match=r"mode[\s\S]*'search' or 'expertquant'"):
         ExpertAwareSmoothingModifier(mode="awq")
-    with pytest.raises(Exception, match=r"alpha[\s\S]*less than or equal to 1"):
-        ExpertAwareSmoothingModifier(alpha=2)
+    with pytest.raises(Exception, match=r"smoothing_strength[\s\S]*less than or equal to 1"):
+        ExpertAwareSmoothingModifier(smoothing_strength=2)
+    with pytest.raises(Exception, match=r"'alpha' is now smoothing_strength"):
+        ExpertAwareSmoothingModifier(alpha=0.5)
     model = _load(tmp_path, "qwen3_moe")
     with pytest.raises(InputError, match=r"s_min \(10.0\) must be below s_max \(1.0\)"):
         _oneshot(model, ExpertAwareSmoothingModifier(s_min=10.0, s_max=1.0))
@@ -176,8 +184,9 @@ def test_refuses_a_later_static_activation_quantizer(tmp_path):
 def test_gptq_hessians_are_rescaled_with_the_fold(tmp_path, monkeypatch):
     """Composed with GPTQ in one recipe, the Hessian GPTQ uses for a smoothed module is the one of the smoothed
     inputs: H' = diag(1/s) H diag(1/s), with H what GPTQ alone accumulates on the same data."""
-    import routealign.modifiers.smoothing.sites as glue
     from llmcompressor.modifiers.gptq import GPTQModifier
+
+    import routealign.modifiers.smoothing.sites as glue
 
     seen: dict[str, torch.Tensor] = {}
     real = GPTQModifier.compress_module_list

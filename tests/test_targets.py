@@ -41,7 +41,7 @@ def test_lm_head_without_ignore_gets_rtn_not_garbage(tmp_path, model_dir, scheme
     ids = calibration_ids(rows=4, seq_len=32)
     embeddings = AutoModelForCausalLM.from_pretrained(str(model_dir)).get_input_embeddings().weight.detach().clone()
     ours = _run(model_dir, RouterAlignedRoundingModifier(objective="none", iters=0, scheme=scheme, targets="Linear",
-                                                          full_range=False, ignore=[]), ids)
+                                                          rounding={"full_range": False}, ignore=[]), ids)
     assert torch.equal(ours.get_input_embeddings().weight, embeddings)  # untied, not quantized with the head
     save_compressed(ours, tmp_path / "ours")
     rtn = _run(model_dir, QuantizationModifier(scheme=scheme, targets="Linear", ignore=ROUTERS), ids)
@@ -70,7 +70,7 @@ def test_another_modifiers_targets_are_left_to_it(tmp_path, model_dir):
     attention = "re:.*self_attn.(q|k|v|o)_proj$"
     both = _run(model_dir, [GPTQModifier(targets=attention, scheme="W4A16"),
                             RouterAlignedRoundingModifier(objective="vsraq", iters=3, batch_size=2, scheme="W4A16",
-                                                          targets="re:.*experts.*proj$", min_expert_tokens=0)], ids)
+                                                          targets="re:.*experts.*proj$", rounding={"min_expert_tokens": 0})], ids)
     alone = _run(model_dir, GPTQModifier(targets=attention, scheme="W4A16"), ids)
     for name, module in alone.named_modules():
         if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")):

@@ -70,14 +70,14 @@ def test_token_ids_outside_the_vocabulary_fail_before_calibration(tmp_path):
 def test_boundary_wider_than_the_experts_outside_top_k_names_the_field(tmp_path):
     model = _model(tmp_path)  # 8 experts, top-2: 6 margins exist
     with pytest.raises(InputError, match=r"boundary=7: model.layers.0.mlp.gate has 8 experts and top_k 2, so at most 6"):
-        _oneshot(model, _modifier(boundary=7), calibration_ids(rows=2, seq_len=16))
+        _oneshot(model, _modifier(loss={"vsraq": {"boundary": 7}}), calibration_ids(rows=2, seq_len=16))
 
 
 def test_out_of_range_recipe_fields_fail_with_pydantic_message():
     with pytest.raises(Exception, match=r"iters[\s\S]*greater than or equal to 0"):
         _modifier(iters=-1)
     with pytest.raises(Exception, match=r"alpha[\s\S]*less than or equal to 1"):
-        _modifier(alpha=1.5)
+        _modifier(loss={"vsraq": {"alpha": 1.5}})
     with pytest.raises(Exception, match=r"lr[\s\S]*greater than 0"):
         _modifier(lr=0)
 

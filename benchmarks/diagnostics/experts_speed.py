@@ -35,7 +35,6 @@ def main() -> None:
     from llmcompressor.modeling.moe.linearize import linearize_moe
     from transformers import AutoModelForCausalLM
 
-    from routealign.losses import RouterLossConfig
     from routealign.streams import BlockInputs
     from routealign.distributed import suspended_offloading
     from routealign.modifiers.rounding import BlockTuner, TuningConfig
@@ -57,8 +56,8 @@ def main() -> None:
     rows = {}
     for batched in (False, True, False, True):
         with suspended_offloading(block, nxt):
-            tuner = BlockTuner(block, targets, RouterLossConfig(objective="vsraq"),
-                               TuningConfig(iters=args.iters, batch_size=args.batch, batched_experts=batched, holdout=0.0), nxt,
+            tuner = BlockTuner(block, targets,
+                               TuningConfig(objective="vsraq", iters=args.iters, batch_size=args.batch, memory={"batched_experts": batched}, holdout=0.0), nxt,
                                activations=activations)
             tuner.reference(q)  # warm-up
             if device == "cuda":
@@ -80,8 +79,8 @@ def main() -> None:
         from torch.profiler import ProfilerActivity, profile
 
         with suspended_offloading(block, nxt):
-            tuner = BlockTuner(block, targets, RouterLossConfig(objective="vsraq"),
-                               TuningConfig(iters=5, batch_size=args.batch, batched_experts=False, holdout=0.0), nxt,
+            tuner = BlockTuner(block, targets,
+                               TuningConfig(objective="vsraq", iters=5, batch_size=args.batch, memory={"batched_experts": False}, holdout=0.0), nxt,
                                activations=activations)
             tuner.reference(q)  # warm-up
             with profile(activities=[ProfilerActivity.CPU]) as prof:

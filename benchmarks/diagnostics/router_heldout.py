@@ -48,7 +48,6 @@ def main() -> None:
     from llmcompressor.utils.pytorch import infer_sequential_targets
     from transformers import AutoModelForCausalLM
 
-    from routealign.losses import RouterLossConfig
     from routealign.metrics import overlap_at_k
     from routealign.routing import find_moe_layers
     from routealign.streams import BlockInputs, StreamEngine, run_block
@@ -118,12 +117,11 @@ def main() -> None:
             block.load_state_dict(original)
             fields = {"iters": args.iters, "seed": args.seed, **fields}
             tuning = TuningConfig(**{k: v for k, v in fields.items() if k in TuningConfig.model_fields},
-                                  holdout=0.0, min_expert_tokens=0)
-            losses = RouterLossConfig(**{k: v for k, v in fields.items() if k in RouterLossConfig.model_fields})
+                                  holdout=0.0, rounding={"min_expert_tokens": 0})
             start = time.perf_counter()
             downstream = [model.get_submodule(n) for n in chain]
             with suspended_offloading(block, *downstream):
-                tuner = BlockTuner(block, targets, losses, tuning, downstream, name,
+                tuner = BlockTuner(block, targets, tuning, downstream, name,
                                    next_kwargs=[kwargs[n] for n in chain])
                 result = tuner.tune(BlockInputs(train, kwargs[name]), BlockInputs(train, kwargs[name]))
             result.write()

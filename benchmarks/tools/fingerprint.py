@@ -23,20 +23,23 @@ import torch
 
 RUNS = {
     "qwen_none_w4": ("qwen3_moe", [("round", {"objective": "none", "scheme": "W4A16"})]),
-    "glm_vsraq_gated_w4": ("glm4_moe", [("round", {"objective": "vsraq", "scheme": "W4A16", "router_gate_z": 0.0})]),
-    "ds_vsraq_lm_w3": ("deepseek_v3", [("round", {"objective": "vsraq", "scheme": "W3A16", "decide_on": "lm_head",
-                                                 "router_gate_z": 0.0, "router_headroom": False})]),
+    "glm_vsraq_gated_w4": ("glm4_moe", [("round", {"objective": "vsraq", "scheme": "W4A16", "gate": {"z": 0.0}})]),
+    "ds_vsraq_lm_w3": ("deepseek_v3", [("round", {"objective": "vsraq", "scheme": "W3A16",
+                                                 "holdout": {"decide_on": "lm_head"},
+                                                 "gate": {"z": 0.0, "headroom": False}})]),
     "qwen_smooth_nvfp4": ("qwen3_moe", [("smooth", {"mode": "search"}),
-                                        ("round", {"objective": "vsraq", "scheme": "NVFP4", "router_gate": False})]),
+                                        ("round", {"objective": "vsraq", "scheme": "NVFP4", "gate": False})]),
     "glm_expertquant_nvfp4": ("glm4_moe", [("round", {"objective": "expertquant", "scheme": "NVFP4",
-                                                      "decide_on": "lm_head", "router_gate_z": 0.0})]),
-    "nemotron_vsraq_w4": ("nemotron_h", [("round", {"objective": "vsraq", "scheme": "W4A16", "router_gate": False,
+                                                      "holdout": {"decide_on": "lm_head"}, "gate": {"z": 0.0}})]),
+    "nemotron_vsraq_w4": ("nemotron_h", [("round", {"objective": "vsraq", "scheme": "W4A16", "gate": False,
                                                     "router_scope": "both"})]),
-    "qwen_padded_w4": ("qwen3_moe", [("round", {"objective": "vsraq", "scheme": "W4A16", "router_headroom": False})]),
-    "qwen_chunked_vsraq_w4": ("qwen3_moe", [("round", {"objective": "vsraq", "scheme": "W4A16", "expert_chunk": 3,
-                                                       "router_gate_z": 0.0, "router_headroom": False})]),
-    "glm_output_balance_w4": ("glm4_moe", [("round", {"objective": "vsraq", "scheme": "W4A16", "router_gate": False,
-                                                      "router_balance": "output"})]),
+    "qwen_padded_w4": ("qwen3_moe", [("round", {"objective": "vsraq", "scheme": "W4A16",
+                                                "gate": {"headroom": False}})]),
+    "qwen_chunked_vsraq_w4": ("qwen3_moe", [("round", {"objective": "vsraq", "scheme": "W4A16",
+                                                       "memory": {"expert_chunk": 3},
+                                                       "gate": {"z": 0.0, "headroom": False}})]),
+    "glm_output_balance_w4": ("glm4_moe", [("round", {"objective": "vsraq", "scheme": "W4A16", "gate": False,
+                                                      "loss": {"balance": "output"}})]),
 }
 
 
@@ -65,9 +68,9 @@ def run(name: str, folder: Path) -> dict[str, str]:
         if kind == "smooth":
             recipe.append(ExpertAwareSmoothingModifier(**fields))
         else:
-            recipe.append(RouterAlignedRoundingModifier(iters=12, batch_size=2, lr=0.01, holdout=0.25,
-                                                        holdout_every=3, targets="Linear", ignore=["lm_head"],
-                                                        **fields))
+            holdout = {"fraction": 0.25, "every": 3, **fields.get("holdout", {})}
+            recipe.append(RouterAlignedRoundingModifier(iters=12, batch_size=2, lr=0.01, targets="Linear",
+                                                        ignore=["lm_head"], **{**fields, "holdout": holdout}))
     oneshot(model=model, dataset=data, recipe=recipe, num_calibration_samples=8, max_seq_length=32)
     out = folder / name
     save_compressed(model, out)

@@ -60,8 +60,9 @@ def _modifiers(recipe: dict) -> list:
 
 
 def run(model_dir: Path, recipe: dict, ids: torch.Tensor) -> tuple[float, dict, list]:
-    from routealign import oneshot_windows
     from transformers import AutoModelForCausalLM
+
+    from routealign import oneshot_windows
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16)
     modifiers = _modifiers(recipe)
@@ -110,7 +111,7 @@ def main() -> None:
         rows[name] = {"wall_s": round(wall, 2), "functions_s": seconds, "router": decisions}
         print(f"{name}: {wall:.1f} s; router decisions {decisions}", flush=True)
     base = list(rows)[-1]
-    print(f"\n| function (cumulative s) | " + " | ".join(rows) + " |")
+    print("\n| function (cumulative s) | " + " | ".join(rows) + " |")
     print("|---|" + "---|" * len(rows))
     print("| wall | " + " | ".join(f"{r['wall_s']:.1f} ({r['wall_s'] / rows[base]['wall_s']:.2f}x)" for r in rows.values()) + " |")
     for label in WATCH:

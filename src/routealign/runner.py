@@ -29,7 +29,7 @@ __all__ = ["BlockRunner", "LMTail", "float_params"]
 
 @dataclass
 class LMTail:
-    """The rest of the model after a block, run unquantized for decisions at the LM head (``decide_on:
+    """The rest of the model after a block, run unquantized for decisions at the LM head (``holdout.decide_on:
     lm_head``): the later decoder layers with their keyword arguments, the final norm and the LM head. They are run
     one module at a time, each inside ``onload(module)`` (the modifier's: compressed-tensors' onloading with the
     offloading taken off; default: nothing), so a model larger than the accelerator is never on it whole."""

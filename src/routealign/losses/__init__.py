@@ -18,7 +18,8 @@ router's logits ``z_fp`` on the same tokens, in float32, in the router family's 
 Objectives (the ``objective`` field), one module each, found by name (:func:`names`, :func:`objective`):
 ``none`` (plain learned rounding), ``topk_mse`` (EAC-MoE), ``kl`` (EAQuant), ``vsraq`` (VSRAQ eqs. 7-17),
 ``expertquant`` (ExpertQuant eqs. 5-9); each module's docstring gives its formula. A new objective is one module
-here with an :class:`Objective` subclass decorated with :func:`register`: nothing else changes.
+here with an :class:`Objective` subclass decorated with :func:`register` (and its own ``Settings``, the recipe's
+``loss: {<name>: ...}`` section): nothing else changes.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ import importlib
 import pkgutil
 
 from .base import REGISTRY, Objective, RouterLoss, RouterTarget, register
-from .config import RouterLossConfig, StructureSpace
+from .config import LossSettings, RouterBalance, StructureSpace
 
-__all__ = ["Objective", "StructureSpace", "RouterLossConfig", "RouterTarget", "RouterLoss", "OBJECTIVES", "names",
+__all__ = ["Objective", "StructureSpace", "RouterBalance", "LossSettings", "RouterTarget", "RouterLoss", "OBJECTIVES",
+           "names",
            "objective", "register"]
 
 _SHARED = {"base", "config"}  # the modules that are not objectives

@@ -14,7 +14,9 @@ import torch
 from ..routing import RouterFamily
 
 if TYPE_CHECKING:
-    from .config import RouterLossConfig
+    from pydantic import BaseModel
+
+    from .config import LossSettings
 
 __all__ = ["RouterTarget", "RouterLoss", "Objective", "register", "REGISTRY", "gather", "adjacent_gaps"]
 
@@ -22,17 +24,26 @@ REGISTRY: dict[str, "Objective"] = {}
 
 
 class Objective:
-    """A router objective: its ``name`` (the ``objective`` field's value), its named ``terms`` on one router's
-    quantized logits ``zq`` (``[T, E]`` float32) against the target, and each term's weight from the config. A new
+    """A router objective: its ``name`` (the ``objective`` field's value), its own typed ``Settings`` (a pydantic
+    model, the ``loss: {<name>: ...}`` section of a recipe; None without any), its named ``terms`` on one router's
+    quantized logits ``zq`` (``[T, E]`` float32) against the target, and each term's weight from its settings. A new
     objective is one module of :mod:`routealign.losses` defining a subclass decorated with :func:`register`."""
 
     name: ClassVar[str]
+    Settings: ClassVar["type[BaseModel] | None"] = None
 
     def terms(self, loss: "RouterLoss", zq: torch.Tensor, tgt: "RouterTarget") -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def weights(self, config) -> dict[str, float]:
+    def weights(self, params) -> dict[str, float]:
         raise NotImplementedError
+
+    def extra(self, params, k: int) -> int:
+        """Experts beyond the top-k the target keeps in full-precision order (capped by the router's experts)."""
+        return k
+
+    def check(self, params, layers, where: str) -> None:
+        """Refuse settings the model's routers cannot satisfy (an :class:`~routealign.errors.InputError`)."""
 
 
 def register(cls: type[Objective]) -> type[Objective]:
@@ -70,14 +81,17 @@ class RouterTarget:
 class RouterLoss:
     """One router's objective: ``target(z_fp)`` once, then ``loss(z_q, target)`` per step."""
 
-    def __init__(self, config: RouterLossConfig, family: RouterFamily, router: torch.nn.Module):
-        self.config = config
+    def __init__(self, objective: str, settings: "LossSettings", family: RouterFamily, router: torch.nn.Module):
+        from . import objective as registered
+
+        self.objective = registered(objective)
+        self.params = settings.of(objective)  # the objective's own settings
+        self.structure_space = settings.structure_space
         self.family = family
         self.router = router
         self.k = int(router.top_k)
         self.num_experts = int(router.num_experts)
-        self.extra = max(config.boundary, config.candidates if config.candidates is not None else self.k)
-        self.extra = min(self.extra, self.num_experts - self.k)
+        self.extra = min(self.objective.extra(self.params, self.k), self.num_experts - self.k)
 
     def selection(self, logits: torch.Tensor) -> torch.Tensor:
         """Selection-space scores without group masking (differentiable)."""
@@ -88,29 +102,23 @@ class RouterLoss:
 
     def structure(self, logits: torch.Tensor) -> torch.Tensor:
         """Where the structure terms measure gaps (``structure_space``): logits, or selection scores."""
-        return logits.float() if self.config.structure_space == "logits" else self.selection(logits)
+        return logits.float() if self.structure_space == "logits" else self.selection(logits)
 
     @torch.no_grad()
     def target(self, logits_fp: torch.Tensor) -> RouterTarget:
         z = logits_fp.reshape(-1, logits_fp.shape[-1]).float()
         scores = self.family.rank_scores(self.router, z)
         order = torch.topk(scores, self.k + self.extra, dim=-1).indices
-        structure = scores if self.config.structure_space == "scores" else z.masked_fill(scores.isneginf(), -math.inf)
+        structure = scores if self.structure_space == "scores" else z.masked_fill(scores.isneginf(), -math.inf)
         return RouterTarget(logits=z, scores=scores, order=order, structure=structure)
 
     # -- the objective ------------------------------------------------------------------------------------
-    @property
-    def objective(self) -> Objective:
-        from . import objective  # the registry, every objective module imported
-
-        return objective(self.config.objective)
-
     def terms(self, logits_q: torch.Tensor, tgt: RouterTarget) -> dict[str, torch.Tensor]:
         """The named terms of the configured objective (unweighted)."""
         return self.objective.terms(self, logits_q.reshape(-1, logits_q.shape[-1]).float(), tgt)
 
     def weights(self) -> dict[str, float]:
-        return self.objective.weights(self.config)
+        return self.objective.weights(self.params)
 
     def __call__(self, logits_q: torch.Tensor, tgt: RouterTarget) -> torch.Tensor:
         terms = self.terms(logits_q, tgt)

@@ -1,54 +1,72 @@
-"""Hyperparameters of the router objectives (:class:`RouterLossConfig`), declared once:
-:class:`~routealign.modifiers.rounding.RouterAlignedRoundingModifier` inherits them."""
+"""The ``loss`` settings group of :class:`~routealign.modifiers.rounding.RouterAlignedRoundingModifier`
+(:class:`LossSettings`): how the router term enters the step, where its structure terms measure gaps, and one
+section per objective with that objective's own typed settings (``loss: {vsraq: {alpha: 0.3}}``), declared by the
+objective's module (:attr:`~routealign.losses.base.Objective.Settings`)."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-__all__ = ["RouterLossConfig", "StructureSpace"]
+__all__ = ["LossSettings", "StructureSpace", "RouterBalance"]
 
 StructureSpace = Literal["logits", "scores"]
+RouterBalance = Literal["none", "grad_norm", "output"]
 
 
-class RouterLossConfig(BaseModel):
-    """Hyperparameters of the router objectives; defaults are the papers'. The one declaration of these fields:
-    :class:`~routealign.modifiers.rounding.RouterAlignedRoundingModifier` inherits them."""
+class LossSettings(BaseModel):
+    """How the router objective is weighed and measured; each objective's own settings under its name."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")
 
-    objective: str = "vsraq"  # a registered objective (routealign.losses.names())
-    # where the structure terms (VSRAQ rank and margin, ExpertQuant gap hinge) measure gaps: the raw logits, as
-    # both papers write them (VSRAQ eqs. 13-15, ExpertQuant eqs. 6-8), or the selection scores
-    structure_space: StructureSpace = "logits"
-    # VSRAQ (Table 1)
-    alpha: float = Field(0.3, ge=0, le=1)
-    gamma: float = Field(1.0, ge=0)
-    eps: float = Field(1e-3, ge=0)
-    rank_margin: float = 0.0
-    beta_rank: float = Field(0.01, ge=0)
-    beta_margin: float = Field(0.05, ge=0)
-    boundary: int = Field(1, ge=1)
-    rank_anchor: bool = True
-    # ExpertQuant (Sec. 3.3-3.4, App. B)
-    raj_beta: float = Field(0.95, gt=0, le=1)
-    lambda_raj: float = Field(1.0, ge=0)
-    lambda_gh: float = Field(1.0, ge=0)
-    gh_gamma: float = Field(0.0, ge=0)
-    tau: float = Field(0.5, gt=0)
-    candidates: int | None = Field(None, ge=1)  # extra candidates beyond k for the soft Jaccard (default k)
+    balance: RouterBalance = Field("grad_norm", description=(
+        "how the router term's gradient joins the MSE gradient before the sign step: `none` adds `router_weight` "
+        "times it; `grad_norm` rescales it per tensor to `router_weight` times the MSE gradient's norm (signed steps "
+        "ignore magnitudes, so an unbalanced router gradient would decide every sign it outweighs); `output` "
+        "balances the two at the block's output, so one backward through the block forms the step, not two "
+        "(`router_scope: next` only)."))
+    structure_space: StructureSpace = Field("logits", description=(
+        "where the structure terms (VSRAQ's rank and margin, ExpertQuant's gap hinge) measure gaps: the raw "
+        "`logits`, as both papers write them, or the selection `scores` (differs for sigmoid routers only)."))
 
-    @field_validator("objective")
+    @model_validator(mode="before")
     @classmethod
-    def _registered(cls, value: str) -> str:
-        from . import names
+    def _sections(cls, data):
+        if not isinstance(data, dict):
+            return data
+        from . import names, objective
 
-        if value not in names():
-            raise ValueError(f"unknown router objective '{value}'; known: {', '.join(names())}")
-        return value
+        out = dict(data)
+        for key, value in data.items():
+            if key in cls.model_fields:
+                continue
+            if key not in names():
+                raise ValueError(f"loss.{key}: neither a loss setting ({', '.join(cls.model_fields)}) nor a router "
+                                 f"objective ({', '.join(names())})")
+            settings = objective(key).Settings
+            if settings is None:
+                raise ValueError(f"loss.{key}: router objective '{key}' has no settings")
+            try:
+                out[key] = value if isinstance(value, settings) else settings.model_validate(value or {})
+            except ValidationError as exc:
+                raise ValueError("; ".join(f"loss.{key}.{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                           for e in exc.errors())) from None
+        return out
 
     @classmethod
-    def of(cls, settings) -> "RouterLossConfig":
-        """The config carried by ``settings`` (an object with these fields, e.g. the modifier)."""
-        return cls(**{name: getattr(settings, name) for name in cls.model_fields})
+    def sections(cls) -> dict[str, type[BaseModel]]:
+        """Each registered objective's settings model, by objective name (the sections this group takes)."""
+        from . import names, objective
+
+        return {name: objective(name).Settings for name in names() if objective(name).Settings is not None}
+
+    def of(self, name: str) -> BaseModel | None:
+        """The settings of objective ``name``: its section, or its defaults; None for an objective without any."""
+        from . import objective
+
+        section = (self.model_extra or {}).get(name)
+        if section is not None:
+            return section
+        settings = objective(name).Settings
+        return None if settings is None else settings()

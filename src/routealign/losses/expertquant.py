@@ -12,17 +12,33 @@ full-precision gap among them. The exact ``J_W`` (no gradient) is :func:`routeal
 from __future__ import annotations
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from .base import Objective, RouterTarget, adjacent_gaps, gather, register
 
-__all__ = ["ExpertQuant", "gap_hinge", "soft_rank_jaccard"]
+__all__ = ["ExpertQuant", "ExpertQuantSettings", "gap_hinge", "soft_rank_jaccard"]
+
+
+class ExpertQuantSettings(BaseModel):
+    """ExpertQuant's terms (defaults: the paper's Sec. 3.3-3.4, App. B)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    raj_beta: float = Field(0.95, gt=0, le=1, description="β: rank discount of the rank-aware Jaccard.")
+    lambda_raj: float = Field(1.0, ge=0, description="λ_RAJ: weight of the soft rank-aware Jaccard term.")
+    lambda_gh: float = Field(1.0, ge=0, description="λ_GH: weight of the gap-hinge term.")
+    gh_gamma: float = Field(0.0, ge=0, description="γ_GH: margin of the gap hinge.")
+    tau: float = Field(0.5, gt=0, description=(
+        "temperature of the soft ranks, in units of the token's mean adjacent full-precision gap."))
+    candidates: int | None = Field(None, ge=1, description=(
+        "candidates beyond the top-k for the soft Jaccard (none: k)."))
 
 
 def gap_hinge(loss, sq: torch.Tensor, tgt: RouterTarget) -> torch.Tensor:
     if loss.k < 2:
         return sq.new_zeros(())
     idx = tgt.order[:, : loss.k]
-    gap = adjacent_gaps(tgt.structure, idx) - adjacent_gaps(sq, idx) + loss.config.gh_gamma
+    gap = adjacent_gaps(tgt.structure, idx) - adjacent_gaps(sq, idx) + loss.params.gh_gamma
     return gap.clamp_min(0).mean()
 
 
@@ -34,8 +50,8 @@ def _soft_affinity(loss, s: torch.Tensor, cand: torch.Tensor, valid: torch.Tenso
     above = torch.sigmoid((v.unsqueeze(1) - v.unsqueeze(2)) / tau.view(-1, 1, 1))  # [t, e, e']: e' above e
     above = above * valid.unsqueeze(1) * (1 - torch.eye(n, device=v.device, dtype=v.dtype))
     rank = 1 + above.sum(-1)
-    member = torch.sigmoid((loss.k + 0.5 - rank) / loss.config.tau)
-    return loss.config.raj_beta ** (rank - 1) * member * valid
+    member = torch.sigmoid((loss.k + 0.5 - rank) / loss.params.tau)
+    return loss.params.raj_beta ** (rank - 1) * member * valid
 
 
 def soft_rank_jaccard(loss, sq: torch.Tensor, tgt: RouterTarget) -> torch.Tensor:
@@ -44,7 +60,7 @@ def soft_rank_jaccard(loss, sq: torch.Tensor, tgt: RouterTarget) -> torch.Tensor
     valid = torch.isfinite(fp)
     fp_valid = torch.where(valid, fp, fp[:, :1])
     spread = fp_valid[:, 0] - fp_valid.min(-1).values
-    tau = (loss.config.tau * spread / max(cand.shape[1] - 1, 1)).clamp_min(1e-6)
+    tau = (loss.params.tau * spread / max(cand.shape[1] - 1, 1)).clamp_min(1e-6)
     a_fp = _soft_affinity(loss, tgt.scores.nan_to_num(neginf=-1e4), cand, valid, tau)
     a_q = _soft_affinity(loss, sq, cand, valid, tau)
     num = torch.minimum(a_fp, a_q).sum(-1)
@@ -55,10 +71,14 @@ def soft_rank_jaccard(loss, sq: torch.Tensor, tgt: RouterTarget) -> torch.Tensor
 @register
 class ExpertQuant(Objective):
     name = "expertquant"
+    Settings = ExpertQuantSettings
 
     def terms(self, loss, zq, tgt):
         return {"raj": soft_rank_jaccard(loss, loss.selection(zq), tgt),
                 "gap_hinge": gap_hinge(loss, loss.structure(zq), tgt)}
 
-    def weights(self, config):
-        return {"raj": config.lambda_raj, "gap_hinge": config.lambda_gh}
+    def weights(self, params):
+        return {"raj": params.lambda_raj, "gap_hinge": params.lambda_gh}
+
+    def extra(self, params, k):
+        return params.candidates if params.candidates is not None else k

@@ -28,5 +28,5 @@ class KL(Objective):
     def terms(self, loss, zq, tgt):
         return {"kl": kl(loss, zq, tgt)}
 
-    def weights(self, config):
+    def weights(self, params):
         return {"kl": 1.0}

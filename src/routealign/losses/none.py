@@ -14,5 +14,5 @@ class NoObjective(Objective):
     def terms(self, loss, zq, tgt):
         return {}
 
-    def weights(self, config):
+    def weights(self, params):
         return {}

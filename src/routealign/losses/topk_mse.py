@@ -21,5 +21,5 @@ class TopKMSE(Objective):
     def terms(self, loss, zq, tgt):
         return {"topk_mse": topk_mse(loss, zq, tgt)}
 
-    def weights(self, config):
+    def weights(self, params):
         return {"topk_mse": 1.0}

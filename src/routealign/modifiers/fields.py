@@ -11,23 +11,52 @@ import re
 import sys
 from pathlib import Path
 
-from pydantic import BaseModel
+from pydantic import BaseModel, model_validator
 from pydantic_core import PydanticUndefined
 
-__all__ = ["own_fields", "default_text", "field_lines", "document", "readme_section", "update_readme"]
+__all__ = ["own_fields", "groups", "default_text", "field_lines", "document", "readme_section", "update_readme",
+           "renamed"]
 
 BEGIN = "<!-- generated from {name}'s Field descriptions (python -m routealign.modifiers.fields README.md) -->"
 END = "<!-- end of {name}'s fields -->"
 
 
-def own_fields(cls: type[BaseModel], base: type | None = None) -> dict:
-    """The fields ``cls`` declares beyond ``base``'s (llm-compressor's ``Modifier`` by default)."""
-    if base is None:
-        from llmcompressor.modifiers import Modifier
-
-        base = Modifier
-    inherited = set(getattr(base, "model_fields", {}))
+def own_fields(cls: type[BaseModel]) -> dict:
+    """The fields ``cls`` declares itself or inherits from routealign's settings, not those of llm-compressor's
+    classes (``Modifier``, ``QuantizationMixin``: their fields are theirs to document)."""
+    inherited = set()
+    for base in cls.__mro__[1:]:
+        if isinstance(base, type) and issubclass(base, BaseModel) and not base.__module__.startswith("routealign"):
+            inherited |= set(base.model_fields)
     return {name: info for name, info in cls.model_fields.items() if name not in inherited}
+
+
+def groups(info) -> dict[str, type[BaseModel]]:
+    """The settings a field nests: its own model's fields (a group such as ``gate``), plus, for a group with
+    ``sections()`` (``loss``), each section's model by name."""
+    kind = info.annotation
+    if not (isinstance(kind, type) and issubclass(kind, BaseModel)):
+        return {}
+    out = {"": kind}
+    sections = getattr(kind, "sections", None)
+    if sections is not None:
+        out.update(sections())
+    return out
+
+
+def _walk(cls: type[BaseModel], fields: dict, prefix: str = ""):
+    """``(dotted name, FieldInfo or None, text)`` for ``fields`` and every field nested in their groups, in
+    declaration order; a section (``loss.vsraq``) comes as a name without FieldInfo and its model's first doc line."""
+    for name, info in fields.items():
+        if not info.description:
+            raise ValueError(f"{cls.__name__}.{prefix}{name} has no Field(description=...)")
+        yield prefix + name, info, info.description
+        for section, model in groups(info).items():
+            inner = f"{prefix}{name}."
+            if section:
+                inner += f"{section}."
+                yield inner[:-1], None, (model.__doc__ or "").strip().splitlines()[0]
+            yield from _walk(model, dict(model.model_fields), inner)
 
 
 def default_text(info) -> str:
@@ -46,20 +75,23 @@ def default_text(info) -> str:
     return str(value)
 
 
-def field_lines(cls: type[BaseModel], base: type | None = None) -> list[str]:
-    """``- `name` (default): description`` per own field of ``cls``; a field without a description is an error."""
+def field_lines(cls: type[BaseModel]) -> list[str]:
+    """``- `name` (default): description`` per own field of ``cls``, each group's fields indented under it; a field
+    without a description is an error."""
     lines = []
-    for name, info in own_fields(cls, base).items():
-        if not info.description:
-            raise ValueError(f"{cls.__name__}.{name} has no Field(description=...)")
-        lines.append(f"- `{name}` ({default_text(info)}): {info.description}")
+    for name, info, text in _walk(cls, own_fields(cls)):
+        depth = name.count(".")
+        default = "section" if info is None else "group" if groups(info) else default_text(info)
+        lines.append(f"{'  ' * depth}- `{name}` ({default}): {text}")
     return lines
 
 
 def document(cls: type[BaseModel]) -> type[BaseModel]:
-    """Class decorator: append the field list (``:param name: description``) to the docstring."""
-    params = [f"    :param {name}: {info.description} (default {default_text(info)})"
-              for name, info in own_fields(cls).items()]
+    """Class decorator: append the field list (``:param name: description``, nested fields by dotted name) to the
+    docstring."""
+    params = [f"    :param {name}: {text}"
+              + ("" if info is None or groups(info) else f" (default {default_text(info)})")
+              for name, info, text in _walk(cls, own_fields(cls))]
     cls.__doc__ = (cls.__doc__ or "").rstrip() + "\n\n    Fields:\n\n" + "\n".join(params) + "\n"
     return cls
 
@@ -85,11 +117,24 @@ def update_readme(path: Path, classes: list[type[BaseModel]]) -> bool:
     return new != text
 
 
+def renamed(moves: dict[str, str]):
+    """A model validator refusing each old field name in ``moves`` with its new place (``'alpha' is now ...``)."""
+
+    def check(cls, data):
+        old = [key for key in data if key in moves] if isinstance(data, dict) else []
+        if old:
+            raise ValueError("; ".join(f"'{key}' is now {moves[key]}" for key in old))
+        return data
+
+    return model_validator(mode="before")(classmethod(check))
+
+
 def documented() -> list[type[BaseModel]]:
     """The modifiers whose fields README §7 lists from their descriptions."""
+    from .rounding import RouterAlignedRoundingModifier
     from .smoothing import ExpertAwareSmoothingModifier
 
-    return [ExpertAwareSmoothingModifier]
+    return [RouterAlignedRoundingModifier, ExpertAwareSmoothingModifier]
 
 
 if __name__ == "__main__":

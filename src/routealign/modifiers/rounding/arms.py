@@ -1,8 +1,8 @@
 """The comparison of a block's tuning with and without the router term (the router gate), and what it returns.
 
-With a router objective and ``router_gate`` the block is tuned twice from the same start on the same minibatches
+With a router objective and ``gate`` the block is tuned twice from the same start on the same minibatches
 (:func:`~.loop.run_arm`), with and without the router term, and the arm with the smaller held-out error
-(``decide_on``) is kept (:func:`~.heldout.paired_gate`); ``router_headroom`` first asks whether forcing the
+(``holdout.decide_on``) is kept (:func:`~.heldout.paired_gate`); ``gate.headroom`` first asks whether forcing the
 unquantized expert choices downstream would help at all (:func:`headroom_rule`). :func:`tune_arms` returns an
 :class:`ArmOutcome`.
 """
@@ -57,21 +57,21 @@ def tune_arms(tuner, q: BlockInputs, heldout: HeldOut, reference: Reference, tra
     """The arm or arms (both with the router gate) over ``tuner``'s weights being tuned; the kept arm's decisions
     are restored into them."""
     cfg = tuner.config
-    if cfg.init == "mse":
+    if cfg.rounding.init == "mse":
         for w in tuner.weights:
             if w.trainable:
                 w.mse_clip(CLIP_GRID)
     tuned = [w for w in tuner.weights if w.trainable]
     arms = ["router"] if tuner.scoped else ["plain"]
-    if tuner.scoped and cfg.router_gate and held.numel() and cfg.router_weight > 0:
+    if tuner.scoped and cfg.gate.enabled and held.numel() and cfg.router_weight > 0:
         arms = ["plain", "router"]
-    simulate = cfg.quantize_activations and bool(tuner.activations)
+    simulate = cfg.rounding.quantize_activations and bool(tuner.activations)
     start = [w.start() for w in tuned]
     kept: dict[str, list[Snapshot]] = {}
     info: dict[str, dict] = {}
     history: dict[str, list[float]] = {}
     gate = headroom = None
-    all_tokens = cfg.activation_scale_tokens == "all"
+    all_tokens = cfg.rounding.activation_scale_tokens == "all"
     with tuner.runner.simulating(tuner.runner.activation_quantizers(q, all_tokens=all_tokens) if simulate else {}):
         first = arms[0]
         reset(tuned, start)
@@ -89,10 +89,10 @@ def tune_arms(tuner, q: BlockInputs, heldout: HeldOut, reference: Reference, tra
             if headroom is not None and not headroom["keep"]:
                 gate, decision = {"keep": False, "headroom": headroom}, RouterDecision.NOT_TRIED
             else:
-                if cfg.router_arm == "refine":  # from the plain arm's last iteration, a fraction of the steps
+                if cfg.gate.arm == "refine":  # from the plain arm's last iteration, a fraction of the steps
                     for w, clips in zip(tuned, last):
                         w.resume(clips)
-                    iters = max(1, round(cfg.iters * cfg.refine_fraction))
+                    iters = max(1, round(cfg.iters * cfg.gate.refine_fraction))
                 else:
                     reset(tuned, start)
                     iters = cfg.iters
@@ -101,7 +101,7 @@ def tune_arms(tuner, q: BlockInputs, heldout: HeldOut, reference: Reference, tra
                 restore(tuned, kept["router"])
                 router = heldout.errors()
                 info["router"]["downstream_heldout"] = mean_of(router)
-                gate = {**paired_gate(router - plain, cfg.router_gate_z), "headroom": headroom}
+                gate = {**paired_gate(router - plain, cfg.gate.z), "headroom": headroom}
                 decision = RouterDecision.KEPT if gate["keep"] else RouterDecision.DROPPED
     chosen = "router" if decision.router_used else "plain"
     restore(tuned, kept[chosen])
@@ -111,11 +111,11 @@ def tune_arms(tuner, q: BlockInputs, heldout: HeldOut, reference: Reference, tra
 
 def headroom_rule(tuner, heldout: HeldOut, own: torch.Tensor) -> dict | None:
     """With the plain arm's kept parameters set and ``own`` its held-out errors: whether forcing the
-    unquantized expert choices at the next routers lowers them significantly (``router_headroom``;
+    unquantized expert choices at the next routers lowers them significantly (``gate.headroom``;
     ``keep`` false: nothing to gain). None where the rule does not apply."""
     cfg = tuner.config
-    if not (cfg.router_headroom and tuner.runner.chain and tuner.next_layers
+    if not (cfg.gate.headroom and tuner.runner.chain and tuner.next_layers
             and any(scope == "next" for scope, _ in tuner.scoped)):
         return None
     forced = heldout.errors(forced=True)
-    return {**paired_gate(forced - own, cfg.router_gate_z), "own": mean_of(own), "forced": mean_of(forced)}
+    return {**paired_gate(forced - own, cfg.gate.z), "own": mean_of(own), "forced": mean_of(forced)}

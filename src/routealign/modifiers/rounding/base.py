@@ -21,13 +21,14 @@ from llmcompressor.modifiers.utils.hooks import HooksMixin
 
 from ...distributed import all_reduce, refuse_disk_offload, suspended_offloading, world_size, write_parameters
 from ...errors import InputError, NotMoEError
-from ...losses import RouterLossConfig
+from ...losses import objective
 from ...routing import find_moe_layers
 from ...runner import LMTail
 from ...schemes import WeightQuantizer, input_global_scale
-from ...validation import check_group_sizes, check_router_settings
+from ...validation import check_group_sizes
 from ..common import (CausalCalibration, decoder_layer_order, final_norm, keep_pipeline_passes_skipped,
                       restore_pipeline_passes, skip_pipeline_passes)
+from ..fields import document
 from .config import TuningConfig
 from .report import layer_report, unreachable_routers
 from .tune import BlockTuner
@@ -36,7 +37,8 @@ from .weights import TunedWeight, quantized_writes
 __all__ = ["RouterAlignedRoundingModifier"]
 
 
-class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, RouterLossConfig):
+@document
+class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig):
     """Learned rounding (AutoRound-style signed gradient descent on rounding offsets and clip ranges, block by
     block) whose loss adds a router-alignment objective, so that the quantized model keeps the full-precision
     model's expert choices. Writes ordinary compressed-tensors parameters: ``save_pretrained(save_compressed=True)``
@@ -51,11 +53,14 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
           objective: vsraq          # none | topk_mse | kl | vsraq | expertquant
           router_scope: next        # block | next | both
           router_weight: 0.1
-          holdout: 0.125            # held-out sequences choose the iteration and whether the router term stays
           iters: 200
           scheme: W4A16             # W4A16, W4A16_ASYM, W3A16, W2A16, NVFP4, NVFP4A16
           targets: [Linear]
           ignore: [lm_head]
+          holdout: {fraction: 0.125, decide_on: lm_head}   # what the held-out sequences decide
+          gate: {z: 0.0, headroom: false}                   # the router term kept per block where it wins
+          memory: {max_tuning_gib: 60}                      # experts tuned in chunks that fit
+          loss: {vsraq: {alpha: 0.3}}                       # each objective's own settings
     ```
 
     Routers and ``shared_expert_gate`` are added to ``ignore`` automatically (vLLM needs them unquantized).
@@ -75,54 +80,18 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
           previous layer's tuning computed with :mod:`routealign.streams` (each layer run as the model's forward
           runs it: its own causal mask and attention; llm-compressor's propagated activations are not used)
         - :class:`~routealign.modifiers.rounding.tune.BlockTuner`: unquantized targets, starving-expert fallback, tuning loop
-          (with and without the router term when ``router_gate``), the iteration and arm chosen on held-out data
+          (with and without the router term when ``gate``), the iteration and arm chosen on held-out data
         - write quantize-dequantized weights, ``weight_scale``, ``weight_zero_point``, ``weight_global_scale``, and
           for activation-quantized NVFP4 ``input_global_scale`` from routed tokens
     - on_calibration_end
         - remove hooks; freeze quantization (observers removed, quantization enabled)
     - on_finalize
         - refuse a run in which a decoder layer with targets was never tuned (its scales would be uninitialised)
-
-    :param objective: router objective (see :mod:`routealign.losses`); ``none`` is plain learned rounding
-    :param router_scope: which routers the objective sees (see :mod:`routealign.modifiers.rounding.tune`)
-    :param router_weight: λ, weight of the router objective against the block-output MSE
-    :param iters: tuning iterations per block (0: RTN)
-    :param lr: signed-gradient step, decayed linearly to 0 (default 1/iters)
-    :param batch_size: calibration sequences per iteration
-    :param min_expert_tokens: experts routed fewer calibration tokens get MSE-clipped RTN
-    :param activation_scale_tokens: NVFP4 activation global scales of experts from their ``routed`` calibration
-        tokens or from ``all`` tokens (default: an upper bound on what any routing can send them; routed-token
-        maxima underestimate what rarely-routed experts see on new text, measured in benchmarks/RESULTS.md)
-    :param seed: seed of the minibatch sampling
-    :param quantize_activations: for schemes with quantized input activations (NVFP4), simulate them in the
-        tuning forward (compressed-tensors' dynamic group quantization with the layer's global scales,
-        straight-through gradient) and in the propagated quantized stream
-    :param holdout: fraction of the calibration sequences held out of the tuning steps (default 1/8): the
-        iteration kept is the one with the lowest held-out loss, and the router term is kept in a block only if it
-        lowers the held-out error downstream (``router_gate``)
-    :param holdout_every: iterations between held-out evaluations
-    :param router_gate: with a router objective, also tune each block without it and keep the result with the
-        router term only when its held-out error at the output of the first routing layer downstream is
-        significantly smaller (reported per layer: ``router``, ``arms``, ``gate``)
-    :param router_headroom: with the gate and ``router_scope`` next: tune with the router term only where forcing the
-        unquantized expert choices at the next router significantly lowers the held-out downstream error of the
-        block tuned without it (what any router objective could at most gain there); elsewhere the block costs what
-        plain rounding costs (reported per layer in ``gate["headroom"]``)
-    :param router_gate_z: how many standard errors of the paired per-sequence difference the router arm must win
-        by (default 1.645, one-sided 95%; 0 keeps any mean improvement)
-    :param structure_space: ``logits`` (the papers') or ``scores``: where VSRAQ's rank/margin and ExpertQuant's
-        gap-hinge terms measure gaps (differs only for sigmoid routers)
-    :param amp: bfloat16 autocast for the tuning iterations and the held-out loss (AutoRound's default on bf16
-        devices; faster on tensor cores and AMX); rounding parameters, targets and losses stay float32
-    :param init: where the clip ranges start: ``minmax`` (RTN, AutoRound's start) or ``mse`` (per group the clip
-        factor minimising the weight reconstruction error)
-    :param batched_experts: run the experts stacked (batched matmuls over routed tokens) in the tuning loop
-        instead of llm-compressor's per-expert Python loop (same values up to float summation order)
     """
 
     requires_calibration_data: bool = True
     routealign_own_streams: ClassVar[bool] = True  # nothing taken from llm-compressor's pipeline passes
-    # every algorithm field (and its default and range) is declared once, in TuningConfig and RouterLossConfig
+    # every algorithm field (its default, range and description) is declared once, in TuningConfig
     _layer_names: dict[int, str] = PrivateAttr(default_factory=dict)
     _layer_order: list[str] = PrivateAttr(default_factory=list)
     _calibration: CausalCalibration | None = PrivateAttr(default=None)
@@ -131,9 +100,6 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
     _report: list[dict] = PrivateAttr(default_factory=list)
     _targets: set[str] = PrivateAttr(default_factory=set)
     _outside: list[str] = PrivateAttr(default_factory=list)
-
-    def loss_config(self) -> RouterLossConfig:
-        return RouterLossConfig.of(self)
 
     def tuning_config(self) -> TuningConfig:
         return TuningConfig.of(self)
@@ -177,8 +143,8 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
             self._resolve_targets(model, where)
         check_group_sizes(model, where)
         self._check_packable_bits(model, where)
-        if self.objective == "vsraq":
-            check_router_settings(moe_layers, self.boundary, where)
+        if self.params is not None:
+            objective(self.objective).check(self.params, moe_layers, where)
         self._calibration, summary = CausalCalibration.draw(state, self._layer_order, where)
         if summary is not None and summary.samples < self.batch_size:
             logger.warning(f"{where}: {summary.samples} calibration sequences, fewer than batch_size "
@@ -277,7 +243,7 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
         start = time.perf_counter()
         downstream = [model.get_submodule(n) for n in chain]
         lm_tail = None
-        if "lm_head" in (self.decide_on, self.iteration_on):
+        if "lm_head" in (self.holdout.decide_on, self.holdout.iteration_on):
             rest = self._layer_order[self._layer_order.index(name) + 1:]
             # the rest of the model is onloaded one module at a time when it runs, never whole
             lm_tail = LMTail([model.get_submodule(n) for n in rest], [layer_kwargs[n] for n in rest],
@@ -286,7 +252,7 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
         with HooksMixin.disable_hooks(), align_modules([block] + downstream):
             output_norm = final_norm(model) if not chain else None
             with suspended_offloading(*_distinct(block, *downstream, output_norm)):
-                tuner = BlockTuner(block, targets, self.loss_config(), self.tuning_config(), downstream, name,
+                tuner = BlockTuner(block, targets, self.tuning_config(), downstream, name,
                                    output_norm=output_norm, activations=activations,
                                    next_kwargs=[layer_kwargs[n] for n in chain], lm_tail=lm_tail)
                 unreachable = unreachable_routers(tuner, name)
@@ -294,11 +260,11 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
             result.write()
             with suspended_offloading(block):
                 scales = tuner.runner.input_global_scales(q, list(activations),
-                                                          all_tokens=self.activation_scale_tokens == "all")
+                                                          all_tokens=self.rounding.activation_scale_tokens == "all")
                 modules = {n: block.get_submodule(n) for n in scales}
                 write_parameters([(modules[n], "input_global_scale", scale.to(modules[n].input_global_scale.dtype))
                                   for n, scale in scales.items()])
-                simulate = self.quantize_activations and bool(activations)
+                simulate = self.rounding.quantize_activations and bool(activations)
                 quantizers = tuner.runner.activation_quantizers(q, scales) if simulate else {}
                 self._q_hidden = tuner.runner.propagate(q, quantizers).cpu()
         self._fp_hidden = result.outputs.cpu()
@@ -324,7 +290,7 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig, R
         for n in self._outside:
             module = model.get_submodule(n)
             with _onloaded(module):
-                quantizer = WeightQuantizer(module.quantization_scheme.weights, full_range=self.full_range)
+                quantizer = WeightQuantizer(module.quantization_scheme.weights, full_range=self.rounding.full_range)
                 scale = quantizer.global_scale(module.weight.detach()) if quantizer.uses_global_scale else None
                 writes += quantized_writes(TunedWeight(n, module, quantizer, scale, None), n)
                 if _needs_input_scale(module) and self._q_hidden is not None:

@@ -1,4 +1,5 @@
-"""A block's tuned weights as the chunks of experts they are tuned in (``expert_chunk``, ``max_tuning_gib``).
+"""A block's tuned weights as the chunks of experts they are tuned in (``memory.expert_chunk``,
+``memory.max_tuning_gib``).
 
 Stacks of expert weights (one per projection of an experts container) carry no tuning state themselves; each chunk
 is a part of every stack (:meth:`~.weights.TunedWeight.part`), tuned against the experts before it quantized (their

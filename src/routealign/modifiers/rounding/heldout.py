@@ -3,8 +3,8 @@
 The unquantized side of a block (:class:`Reference`: outputs and router targets on the unquantized stream) and the
 held-out evaluations of the block's current rounding (:class:`HeldOut`): the loss that picks the iteration kept,
 and the per-sequence errors the router gate and the headroom rule compare (:func:`paired_gate`), measured either at
-the first routing layer downstream (``decide_on: next_router``) or as the next-token KL at the LM head with every
-later layer unquantized (``decide_on: lm_head``).
+the first routing layer downstream (``holdout.decide_on: next_router``) or as the next-token KL at the LM head with
+every later layer unquantized (``holdout.decide_on: lm_head``).
 """
 
 from __future__ import annotations

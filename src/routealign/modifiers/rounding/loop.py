@@ -42,7 +42,7 @@ def run_arm(tuner, q: BlockInputs, reference: Reference, heldout: HeldOut, tuned
     curve: list[tuple[int, float]] = []
     with torch.enable_grad():
         for it in range(iters + 1):
-            if heldout and (it % cfg.holdout_every == 0 or it == iters):
+            if heldout and (it % cfg.holdout.every == 0 or it == iters):
                 check_losses(tuner.name, losses, it, best_loss, best_it)
                 curve.append((it, heldout.loss(use_router)))
                 if curve[-1][1] < best_loss:

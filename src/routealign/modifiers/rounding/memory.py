@@ -1,5 +1,5 @@
 """Memory of learned rounding, per tuned weight element: the one formula the tuner plans expert chunks with
-(``max_tuning_gib``) and ``benchmarks/tools/cost_model.py`` predicts with.
+(``memory.max_tuning_gib``) and ``benchmarks/tools/cost_model.py`` predicts with.
 
 Per element of a weight being tuned, at the peak (the backward of a tuning step):
 
@@ -11,7 +11,7 @@ Per element of a weight being tuned, at the peak (the backward of a tuning step)
 - the gradients of every tuned tensor, alive until the step: 4;
 - one projection's fake-quantized weight recomputed in the backward, or its weight gradient: 4 bytes for a third
   of a layer's expert elements (gate, up and down are multiplied one after the other);
-- with a router objective balanced against the MSE (``router_balance: grad_norm``): the router gradients are taken
+- with a router objective balanced against the MSE (``loss.balance: grad_norm``): the router gradients are taken
   first and kept while the MSE backward forms each tensor's gradient, one projection's worth more: 4/3.
 
 Not counted: the activations (they scale with the minibatch's tokens, not with the weights), and conversions of
@@ -49,21 +49,22 @@ def layer_bytes(expert_elements: int, experts: int, other_elements: int, weight_
 def arms_of(config, objective: str) -> tuple[int, bool]:
     """``(decisions kept, whether the router term's gradient is balanced)`` of a block tuned with ``config``."""
     router = objective != "none" and config.router_weight > 0
-    arms = 2 if router and config.router_gate and config.holdout > 0 else 1
-    return arms, router and config.router_balance == "grad_norm"
+    arms = 2 if router and config.gate.enabled and config.holdout.fraction > 0 else 1
+    return arms, router and config.loss.balance == "grad_norm"
 
 
 def expert_chunk(bases: list, singles: list, config, objective: str = "none") -> int:
-    """Experts tuned at once per stack: ``config.expert_chunk``, or with ``config.max_tuning_gib`` the largest count
+    """Experts tuned at once per stack: ``config.memory.expert_chunk``, or with ``config.memory.max_tuning_gib`` the
+    largest count
     whose :func:`layer_bytes` fits (0: all at once)."""
-    if config.expert_chunk or not bases or config.max_tuning_gib is None:
-        return int(config.expert_chunk)
+    if config.memory.expert_chunk or not bases or config.memory.max_tuning_gib is None:
+        return int(config.memory.expert_chunk)
     experts = max(len(b.modules) for b in bases)
     per_expert = sum(b.weight[0].numel() for b in bases)
     other = sum(w.weight.numel() for w in singles)
     weight_bytes = bases[0].weight.element_size()
     arms, router = arms_of(config, objective)
-    budget = config.max_tuning_gib * GIB
+    budget = config.memory.max_tuning_gib * GIB
 
     def need(chunk: int) -> float:
         return layer_bytes(per_expert, experts, other, weight_bytes, arms, chunk, router)
@@ -71,6 +72,6 @@ def expert_chunk(bases: list, singles: list, config, objective: str = "none") ->
     for chunk in range(experts, 0, -1):
         if need(chunk) <= budget:
             return 0 if chunk == experts else chunk
-    logger.warning(f"max_tuning_gib {config.max_tuning_gib}: even one expert at a time is predicted to need "
+    logger.warning(f"max_tuning_gib {config.memory.max_tuning_gib}: even one expert at a time is predicted to need "
                    f"{need(1) / GIB:.1f} GiB; tuning one at a time")
     return 1

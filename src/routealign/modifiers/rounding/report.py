@@ -23,7 +23,7 @@ def layer_report(name: str, chain: list[str], samples: int, tuner: BlockTuner, r
            "routers": [f"{w}:{(name if w == 'block' else chain[-1])}.{l.router_name}" for w, l in tuner.scoped],
            "router": result.decision.value, "arms": result.arms, "gate": result.gate,
            "router_scale": result.router_scale}
-    if result.chunks:  # expert_chunk: each chunk's experts, decision and arms (the row's own are the first's)
+    if result.chunks:  # memory.expert_chunk: each chunk's experts, decision and arms (the row's own are the first's)
         row["chunks"] = result.chunks
         decisions = {c["router"] for c in result.chunks}
         row["router"] = decisions.pop() if len(decisions) == 1 else "mixed"

@@ -2,8 +2,8 @@
 
 - :func:`signed_update`: ``p -= lr * sign(grad)`` for every tuned tensor at once, then each kept in its range;
 - :func:`balanced_per_tensor`: the MSE and router gradients taken apart and joined per tensor (per expert in a
-  stack), the router's rescaled to ``lam`` times the MSE's norm (``router_balance: grad_norm``);
-- :func:`balanced_at_output`: the two joined at the block's output, then one backward (``router_balance: output``);
+  stack), the router's rescaled to ``lam`` times the MSE's norm (``loss.balance: grad_norm``);
+- :func:`balanced_at_output`: the two joined at the block's output, then one backward (``loss.balance: output``);
 - :func:`sign_flips`: how many coordinates' step sign the weighted router gradient changes.
 
 Each balancing function returns, when asked to ``record``, how the router term compares with the MSE (the
@@ -135,7 +135,7 @@ def balanced_per_tensor(ranks: Ranks, params: list[torch.Tensor], owners: dict, 
 
 def balanced_at_output(ranks: Ranks, params: list[torch.Tensor], y: torch.Tensor | None, mse: torch.Tensor | None,
                        router: torch.Tensor | None, lam: float, record: bool) -> dict | None:
-    """``router_balance: output``: the MSE's and the router term's gradients at the block's output ``y`` (the
+    """``loss.balance: output``: the MSE's and the router term's gradients at the block's output ``y`` (the
     router's backward goes through the next layer only), the router's rescaled to ``lam`` times the MSE's norm over
     the minibatch (every rank's tokens), then one backward through the block; gradients summed over ranks. With
     ``record``, returns the loss and gradient-norm ratios measured at the output."""

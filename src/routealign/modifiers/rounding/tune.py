@@ -6,8 +6,9 @@ and maximum before the scale is computed. Signed gradient descent (``p -= lr_t *
 rate decaying linearly from ``lr`` (default ``1/iters``) to 0; each iteration takes the next ``batch_size``
 calibration sequences of a shuffled pass over the tuning part of the calibration set (AutoRound's sampler). A fraction ``holdout`` of the calibration sequences is held
 out of the steps: the parameters kept are those of the iteration with the lowest loss *on the held-out sequences*
-(evaluated every ``holdout_every`` iterations; with nothing held out, the lowest minibatch loss, as AutoRound).
-With ``iters=0`` the result is plain RTN (with ``full_range=False`` identical to llm-compressor's QuantizationModifier).
+(evaluated every ``holdout.every`` iterations; with nothing held out, the lowest minibatch loss, as AutoRound).
+With ``iters=0`` the result is plain RTN (with ``rounding.full_range: false`` identical to llm-compressor's
+QuantizationModifier).
 
 Loss: mean-squared error between the tuned block's output on the *quantized model's* input activations and the
 unquantized block's output on the *unquantized model's* input activations (for the last decoder block, after the
@@ -23,15 +24,15 @@ made the model worse than RTN on tiny-qwen3_moe), plus ``router_weight`` times t
 - ``both``.
 
 Router objectives fit the calibration tokens' routing and need not generalise (benchmarks/RESULTS.md). So with a
-router objective and ``router_gate`` (default) the block is tuned twice from the same start on the same
+router objective and ``gate`` (default) the block is tuned twice from the same start on the same
 minibatches, with and without the router term, and the result whose error on the held-out sequences is smaller
 *at the output of the first routing layer downstream* is kept (the layers in between unquantized, every router
 choosing its experts itself, so a changed expert choice counts by what it does to the values). The router term is
 thus used in a block only where it helps on text it was not tuned on; the choice is reported per layer.
 
-Experts that the router sends fewer than ``min_expert_tokens`` calibration tokens cannot be tuned from data: they
-get MSE-optimal clipping RTN (per group, the clip factor on a grid that minimises the weight reconstruction error)
-and are listed in a log line with their token counts.
+Experts that the router sends fewer than ``rounding.min_expert_tokens`` calibration tokens cannot be tuned from data:
+they get MSE-optimal clipping RTN (per group, the clip factor on a grid that minimises the weight reconstruction
+error) and are listed in a log line with their token counts.
 
 The tuning forward runs in float32 on float32 copies of the block's parameters (the model is not modified until
 the modifier writes :attr:`TuneResult.writes`), with compressed-tensors' quantized forward and llm-compressor's all-experts calibration
@@ -76,7 +77,7 @@ class TuneResult:
     headroom: dict | None = None  # forced-routing statistics of the headroom rule
     router_scale: dict | None = None  # the router term against the MSE at the first router iteration
     fallback: dict[str, int] | None = None  # weights of starved experts (MSE-clipped RTN): routed tokens
-    chunks: list[dict] | None = None  # expert_chunk: per chunk of experts its experts, decision and arms
+    chunks: list[dict] | None = None  # memory.expert_chunk: per chunk of experts its experts, decision and arms
 
     def write(self) -> None:
         """Write :attr:`writes` into the model (compressed-tensors' ``update_offload_parameter``)."""
@@ -95,40 +96,42 @@ class BlockTuner:
     the model is not modified until its writes are written.
     """
 
-    def __init__(self, block: torch.nn.Module, targets: dict, loss_config, config: TuningConfig,
+    def __init__(self, block: torch.nn.Module, targets: dict, config: TuningConfig,
                  next_block: torch.nn.Module | list | None = None, name: str = "block",
                  output_norm: torch.nn.Module | None = None, activations: dict | None = None,
                  next_kwargs: list[dict] | None = None, lm_tail: LMTail | None = None):
         chain = [] if next_block is None else list(next_block) if isinstance(next_block, (list, tuple)) else [next_block]
-        at_head = config.decide_on == "lm_head" or config.iteration_on == "lm_head"
+        at_head = config.holdout.decide_on == "lm_head" or config.holdout.iteration_on == "lm_head"
         if at_head and lm_tail is None:
-            raise ValueError(f"{name}: decide_on / iteration_on 'lm_head' needs the rest of the model (lm_tail)")
-        self.block, self.name, self.config, self.loss_config = block, name, config, loss_config
+            raise ValueError(f"{name}: holdout.decide_on / holdout.iteration_on 'lm_head' needs the rest of the model "
+                             "(lm_tail)")
+        self.block, self.name, self.config = block, name, config
         self.runner = BlockRunner(block, chain, next_kwargs, output_norm,
                                   lm_tail if at_head else None, activations,
-                                  config.batched_experts, name)
+                                  config.memory.batched_experts, name)
         self.activations = self.runner.activations
         # the stacks of expert weights (no tuning state of their own) and the other targets; tuning runs on
         # `weights`: the other targets and, per stack, the part of its experts being tuned (all of them at once
         # unless expert_chunk / max_tuning_gib split them)
-        every = tuned_weights(block, targets, config.full_range)
-        self.experts = ExpertChunks(every, config, loss_config.objective)
+        every = tuned_weights(block, targets, config.rounding.full_range)
+        self.experts = ExpertChunks(every, config, config.objective)
         self.weights: list[TunedWeight] = self.experts.select(0)
         self.own_layers, self.next_layers = self.runner.own_layers, self.runner.next_layers
-        scope = config.router_scope if loss_config.objective != "none" else None
+        scope = config.router_scope if config.objective != "none" else None
         self.scoped: list[tuple[str, MoELayer]] = []
         if scope in ("block", "both"):
             self.scoped += [("block", l) for l in self.own_layers]
         if scope in ("next", "both"):
             self.scoped += [("next", l) for l in self.next_layers]
-        self.losses = {(scope, l.name): RouterLoss(loss_config, l.family, l.router) for scope, l in self.scoped}
+        self.losses = {(scope, l.name): RouterLoss(config.objective, config.loss, l.family, l.router)
+                       for scope, l in self.scoped}
         self._names = {id(m): n for n, m in block.named_modules()}
         tuned = {f"{self._names[id(m)]}.weight" for w in every for m in w.modules}
         # float32 copies of what is not tuned (the tuned weights are bound per forward: fake-quantized or unquantized)
         self._params32 = float_params(block, exclude=tuned)
         self._router_scale: dict | None = None
         self.ranks = Ranks()  # sums over data-parallel ranks (each the value itself in one process)
-        self._output: torch.Tensor | None = None  # the block output of the last minibatch (router_balance: output)
+        self._output: torch.Tensor | None = None  # the block output of the last minibatch (loss.balance: output)
 
     @property
     def device(self) -> torch.device:
@@ -143,10 +146,10 @@ class BlockTuner:
     @torch.no_grad()
     def reference(self, fp: BlockInputs, per_pass: int = 8) -> Reference:
         """The unquantized block's outputs and router targets on the unquantized stream ``fp``; with
-        ``offload_activations`` the outputs in host memory (each chunk moved there as it is computed: the whole set is
-        never on the accelerator), pinned for an accelerator."""
+        ``memory.offload_activations`` the outputs in host memory (each chunk moved there as it is computed: the whole set
+        is never on the accelerator), pinned for an accelerator."""
         runner = self.runner
-        offload = self.config.offload_activations
+        offload = self.config.memory.offload_activations
         outs, own, nxt = [], {l.name: [] for l in self.own_layers}, {l.name: [] for l in self.next_layers}
         mask = fp.mask()
         params, stacked = self.bind(quantized=False)
@@ -183,18 +186,19 @@ class BlockTuner:
         return counts
 
     def _fallback(self, counts: dict[str, torch.Tensor]) -> dict[str, int]:
-        """MSE-clipped RTN for the weights of experts routed fewer than ``min_expert_tokens`` tokens (any MoE
+        """MSE-clipped RTN for the weights of experts routed fewer than ``rounding.min_expert_tokens`` tokens (any MoE
         layer of the block); returns those weights with the token counts."""
         starving: dict[int, int] = {}
         for l in self.own_layers:
             for e, c in enumerate(counts[l.name].tolist()):
-                if c < self.config.min_expert_tokens:
+                if c < self.config.rounding.min_expert_tokens:
                     starving[e] = c
         self._starving = starving
         fallback = self._freeze_starving()
         if starving:
             listed = ", ".join(f"experts.{e} ({c} tokens)" for e, c in sorted(starving.items()))
-            logger.info(f"{self.name}: {len(starving)} experts with fewer than {self.config.min_expert_tokens} "
+            logger.info(f"{self.name}: {len(starving)} experts with fewer than "
+                        f"{self.config.rounding.min_expert_tokens} "
                         f"routed calibration tokens use MSE-clipped RTN: {listed}")
         return fallback
 
@@ -219,7 +223,7 @@ class BlockTuner:
     def split(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(tuning, held-out) calibration sequence indices: ``holdout`` of ``n``, drawn with the seed; none held
         out when that is less than one sequence or would leave none to tune on."""
-        held = int(n * self.config.holdout)
+        held = int(n * self.config.holdout.fraction)
         if held < 1 or held >= n:
             return torch.arange(n), torch.arange(0)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed + 1_000_003))
@@ -232,16 +236,16 @@ class BlockTuner:
             if self.scoped else None
         cfg = self.config
         return HeldOut(self.runner, reference, q, held, self.bind, router, cfg.router_weight,
-                       lm_head=cfg.decide_on == "lm_head", autocast=self._autocast, offset=offset,
-                       iteration_on_lm_head=cfg.iteration_on == "lm_head")
+                       lm_head=cfg.holdout.decide_on == "lm_head", autocast=self._autocast, offset=offset,
+                       iteration_on_lm_head=cfg.holdout.iteration_on == "lm_head")
 
     def tune(self, q: BlockInputs, fp: BlockInputs, offset: int = 0, total: int | None = None) -> TuneResult:
         """Tune on quantized-stream inputs ``q`` against unquantized-stream inputs ``fp``.
 
         With held-out sequences (``holdout``) the iteration kept is the one with the lowest held-out loss (checked
-        every ``holdout_every`` iterations and after the last); with a router objective and ``router_gate``, the
+        every ``holdout.every`` iterations and after the last); with a router objective and ``gate``, the
         block is tuned twice from the same start on the same minibatches, with and without the router term, and
-        the result with the smaller held-out error (``decide_on``) is kept.
+        the result with the smaller held-out error (``holdout.decide_on``) is kept.
 
         Under torch.distributed ``q`` and ``fp`` hold this rank's part of the calibration set: sequences
         ``offset`` onwards of ``total`` in a global order the ranks share. The held-out split and the minibatches are
@@ -252,7 +256,7 @@ class BlockTuner:
         check_finite(fp.hidden, f"{self.name}: calibration activations entering the layer (unquantized stream)")
         # the streams on the device (minibatches sliced there), or with offload_activations on the host, pinned
         # where an accelerator copies from it (asynchronous copies per minibatch)
-        offload = self.config.offload_activations
+        offload = self.config.memory.offload_activations
         place = (lambda t: to_host(t, self.device)) if offload else (lambda t: t.to(self.device))  # noqa: E731
         q = q.with_hidden(place(q.hidden))
         fp = q if fp.hidden is q.hidden else fp.with_hidden(place(fp.hidden))
@@ -260,7 +264,7 @@ class BlockTuner:
         # the next block's unquantized stream (where the reference outputs are: on the host when offloaded)
         outputs = reference.outputs.to(fp.hidden.dtype)
         check_finite(reference.outputs, f"{self.name}: the unquantized layer's output")
-        if self.config.target_stream == "quantized" and fp.hidden is not q.hidden:
+        if self.config.rounding.target_stream == "quantized" and fp.hidden is not q.hidden:
             # the block's own error only: the unquantized block on the quantized stream (router targets stay the
             # unquantized model's)
             local = self.reference(q)
@@ -295,7 +299,8 @@ class BlockTuner:
         Stacked}}``) of :meth:`BlockRunner.run`: the tuned weights fake-quantized with the current rounding
         parameters (``quantized``; gradients to them; bfloat16 under ``amp`` inside autocast) or unquantized."""
         kind = self.device.type
-        dtype = torch.get_autocast_dtype(kind) if quantized and self.config.amp and torch.is_autocast_enabled(kind) \
+        amp = quantized and self.config.rounding.amp and torch.is_autocast_enabled(kind)
+        dtype = torch.get_autocast_dtype(kind) if amp \
             else None
         params, stacked = dict(self._params32), {}
         for w in self.experts.singles:
@@ -306,7 +311,7 @@ class BlockTuner:
 
     def _autocast(self):
         """bfloat16 autocast on the block's device when ``amp`` (else nothing)."""
-        if not self.config.amp:
+        if not self.config.rounding.amp:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
@@ -326,7 +331,7 @@ class BlockTuner:
         loss = masked_mse(runner.normed(y), runner.normed(target), reference.valid(idx))
         with self._autocast():
             router = self._router_loss(reference, y, logits, kwargs, idx) if use_router else None
-        self._output = y if router is not None and self.config.router_balance == "output" else None
+        self._output = y if router is not None and self.config.loss.balance == "output" else None
         return loss, router
 
     def minibatch_losses(self, q: BlockInputs, reference: Reference, batch: torch.Tensor, use_router: bool,
@@ -350,7 +355,7 @@ class BlockTuner:
 
     def step(self, params: list[torch.Tensor], loss: torch.Tensor | None, router: torch.Tensor | None,
              total: torch.Tensor | None, it: int, iters: int) -> None:
-        """One signed step: gradients (balanced with ``router_balance``, :mod:`.steps`), summed over ranks, then
+        """One signed step: gradients (balanced with ``loss.balance``, :mod:`.steps`), summed over ranks, then
         :func:`~.steps.signed_update` at iteration ``it``'s learning rate. ``loss`` is None on a rank that holds none
         of the minibatch (it contributes zero gradients)."""
         cfg = self.config
@@ -360,14 +365,14 @@ class BlockTuner:
         # takes the same branch (the ranks' collectives must match)
         combine = self.ranks.any(router is not None and router.requires_grad)
         record, scale = self._router_scale is None, None
-        if combine and cfg.router_balance == "output":
+        if combine and cfg.loss.balance == "output":
             scale = balanced_at_output(self.ranks, params, self._output, loss, router, cfg.router_weight, record)
-        elif combine and (cfg.router_balance != "none" or it == 0):
+        elif combine and (cfg.loss.balance != "none" or it == 0):
             owners = {id(p): w for w in self.weights for p in w.parameters()}
             scale = balanced_per_tensor(self.ranks, params, owners, loss, router, cfg.router_weight,
-                                        measure_only=cfg.router_balance == "none", record=record)
+                                        measure_only=cfg.loss.balance == "none", record=record)
         self._output = None
-        if not combine or cfg.router_balance == "none":
+        if not combine or cfg.loss.balance == "none":
             if total is not None and total.requires_grad:
                 total.backward()
             self.ranks.grads(params)

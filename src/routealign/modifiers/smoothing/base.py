@@ -19,7 +19,7 @@ from ...errors import InputError, NotMoEError
 from ...routing import MoELayer, find_moe_layers
 from ...schemes import WeightQuantizer
 from ...streams import run_block
-from ..fields import document
+from ..fields import document, renamed
 from ..common import (CausalCalibration, decoder_layer_order, keep_pipeline_passes_skipped, restore_pipeline_passes,
                       skip_pipeline_passes)
 from .folds import (
@@ -88,8 +88,8 @@ class ExpertAwareSmoothingModifier(Modifier):
         - run the layer on the modifier's causal stream (:mod:`routealign.streams`: the model's own masks and
           attention; llm-compressor's propagated activations are bidirectional and are not used) to collect the
           statistics
-        - choose scales (``expertquant``: eq. 4 with ``alpha``; ``search``: best ``alpha`` on ``grid`` or none by
-          the quantized reconstruction error on routed tokens), fold them, rescale GPTQ Hessians of the modules
+        - choose scales (``expertquant``: eq. 4 with ``smoothing_strength``; ``search``: best strength on ``grid`` or
+          none by the quantized reconstruction error on routed tokens), fold them, rescale GPTQ Hessians of the modules
           whose inputs were rescaled
         - run the folded layer on the causal stream: the next layer's input
     - on_calibration_end
@@ -101,8 +101,9 @@ class ExpertAwareSmoothingModifier(Modifier):
 
     mode: Literal["search", "expertquant"] = Field("search", description=(
         "`search` (per mapping, the `a` on `grid`, or none, that minimises the quantized consumers' reconstruction "
-        "error on routed calibration tokens) or `expertquant` (the paper's eq. 4 with `alpha`)."))
-    alpha: float = Field(0.6, ge=0, le=1, description="migration strength `a` of `expertquant` mode (paper: 0.6).")
+        "error on routed calibration tokens) or `expertquant` (the paper's eq. 4 with `smoothing_strength`)."))
+    smoothing_strength: float = Field(0.6, ge=0, le=1, description=(
+        "migration strength `a` of `expertquant` mode (the paper's α, 0.6; SmoothQuantModifier's name)."))
     grid: list[float] = Field(default_factory=lambda: [round(0.1 * i, 1) for i in range(11)], description=(
         "candidate `a` values of `search` mode (no smoothing is always a candidate)."))
     mappings: list[Mapping] = Field(default_factory=lambda: list(MAPPINGS), description=(
@@ -114,6 +115,7 @@ class ExpertAwareSmoothingModifier(Modifier):
         "the quantization preset the search assumes when no quantizing modifier has configured the model."))
 
     _layers: dict[str, MoELayer] = PrivateAttr(default_factory=dict)
+    _renamed = renamed({"alpha": "smoothing_strength (SmoothQuantModifier's name; alpha is loss.vsraq.alpha)"})
     _norms: dict[str, str] = PrivateAttr(default_factory=dict)
     _decoder: list[str] = PrivateAttr(default_factory=list)
     _attn: list[tuple[str, str, int]] = PrivateAttr(default_factory=list)
@@ -132,7 +134,7 @@ class ExpertAwareSmoothingModifier(Modifier):
 
     @property
     def report(self) -> list[dict]:
-        """One row per fold site: mapping, module, chosen alpha, scale range, search errors, or why skipped."""
+        """One row per fold site: mapping, module, chosen strength, scale range, search errors, or why skipped."""
         return list(self._report)
 
     # -- lifecycle --------------------------------------------------------------------------------------------------
@@ -339,10 +341,10 @@ class ExpertAwareSmoothingModifier(Modifier):
             model, mlp, up_name, down_name, power, stats, self._context()))
 
     def _fold(self, site: Site) -> FoldPlan:
-        """The one skeleton of every mapping: choose a scale (``expertquant``: the formula at ``alpha``;
+        """The one skeleton of every mapping: choose a scale (``expertquant``: the formula at ``smoothing_strength``;
         ``search``: the grid or none, by ``site.error``), fold it (``site.apply`` returns the modules whose inputs
         it rescaled, with their input scales), rescale GPTQ Hessians accordingly, return the plan for the report."""
-        plan = _plan(site, self.mode, self.alpha, tuple(self.grid))
+        plan = _plan(site, self.mode, self.smoothing_strength, tuple(self.grid))
         if plan.scale is not None:
             _rescale_hessians(site.apply(plan.scale))
         plan.extra.update(site.extra)
@@ -386,7 +388,7 @@ def _plan(site: Site, mode: str, alpha: float, grid: tuple[float, ...]) -> FoldP
 
 
 def _report_row(plan: FoldPlan) -> dict:
-    row = {"mapping": plan.mapping, "where": plan.where, "alpha": plan.alpha, "folded": plan.scale is not None,
+    row = {"mapping": plan.mapping, "where": plan.where, "strength": plan.alpha, "folded": plan.scale is not None,
            "note": plan.note, **plan.extra}
     if plan.scale is not None:
         row.update(scale_min=float(plan.scale.min()), scale_max=float(plan.scale.max()))
