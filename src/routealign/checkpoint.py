@@ -11,7 +11,6 @@ unexpected tensor is an error that names it.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ import torch
 from loguru import logger
 from safetensors import SafetensorError, safe_open
 
+from .compat import fp4_unpacked_in, linearize_without_offload
 from .distributed import rank, world_size
 from .errors import CheckpointError, OutputExistsError
 
@@ -215,9 +215,7 @@ def checkpoint_renamer(model):
 def skeleton(config, dtype: torch.dtype | None = None, meta: bool = False):
     """The model of ``config`` with its experts linearized the way llm-compressor saves them (per-expert 2-D
     ``experts.E.{gate,up,down}_proj``). ``meta``: shapes only, no memory (for checks on models of any size)."""
-    from llmcompressor.modeling.moe import linear_experts
     from llmcompressor.modeling.moe.linearize import linearize_moe
-    from compressed_tensors.utils import patch_attr
     from transformers import AutoModelForCausalLM
 
     if not meta:
@@ -225,9 +223,9 @@ def skeleton(config, dtype: torch.dtype | None = None, meta: bool = False):
         linearize_moe(model)
         return model
     # on the meta device, llm-compressor's linearization would try to offload the new modules to "meta"
-    with torch.device("meta"), patch_attr(linear_experts, "offload_module", lambda *args, **kwargs: None):
+    with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        linearize_moe(model)
+        linearize_without_offload(model)
     return model
 
 
@@ -284,7 +282,7 @@ def _load_compressed(folder: Path, dtype: torch.dtype):
         raise CheckpointError(
             f"{folder}: checkpoint lacks {len(missing)} tensors the model needs, e.g. {', '.join(missing[:5])}"
         )
-    with _fp4_unpacked_in(dtype):
+    with fp4_unpacked_in(dtype):
         compressor.decompress_model(model)
     _weights_in(model, dtype)
     return model
@@ -300,19 +298,6 @@ def _weights_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
             tensor = module._parameters.get(name)
             if tensor is not None and tensor.is_floating_point() and tensor.dtype != dtype:
                 module._parameters[name] = torch.nn.Parameter(tensor.to(dtype), requires_grad=False)
-
-
-@contextlib.contextmanager
-def _fp4_unpacked_in(dtype: torch.dtype):
-    """compressed-tensors 0.19 unpacks NVFP4 weights to bfloat16 whatever the model's dtype; a float32 model would
-    then carry bf16-rounded dequantized weights. Unpack in the model's dtype instead (FP4 values are exact in any
-    float dtype; the dequantization arithmetic then matches the in-memory fake-quant model's)."""
-    from compressed_tensors.compressors.nvfp4 import base as nvfp4_base
-    from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
-    from compressed_tensors.utils import patch_attr
-
-    with patch_attr(nvfp4_base, "unpack_fp4_from_uint8", functools.partial(unpack_fp4_from_uint8, dtype=dtype)):
-        yield
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"):

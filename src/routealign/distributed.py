@@ -11,7 +11,7 @@ import torch
 
 from .errors import InputError
 
-__all__ = ["Ranks", "init_distributed", "synchronize_cpu_qparam_broadcasts", "world_size", "rank", "shard_bounds",
+__all__ = ["Ranks", "init_distributed", "world_size", "rank", "shard_bounds",
            "all_reduce", "all_sum", "gather_slices", "all_reduce_grads", "all_reduce_counts", "write_parameters",
            "suspended_offloading", "refuse_disk_offload"]
 
@@ -36,39 +36,10 @@ def init_distributed() -> bool:
         dist.init_process_group("gloo", init_method="env://", rank=int(os.environ["RANK"]),
                                 world_size=int(os.environ["WORLD_SIZE"]))
         dist.barrier()
+        from .compat import synchronize_cpu_qparam_broadcasts
+
         synchronize_cpu_qparam_broadcasts()
     return True
-
-
-def synchronize_cpu_qparam_broadcasts() -> None:
-    """Make llm-compressor's ``broadcast_qparams_and_cleanup`` end with a barrier (ranks on the CPU only).
-
-    llm-compressor 0.14.0.1's GPTQModifier and QuantizationModifier quantize each module on one rank, then call it to
-    broadcast the results; for modules that execute on the CPU it skips the broadcast (the weights are in memory the
-    ranks share) and nothing else waits, so a rank can run the pipeline's propagation through a module another rank
-    is still writing. Measured (GPTQ on the attention of a tiny Qwen3-MoE, 2 CPU ranks): 3 of 4 runs wrote layer 1
-    differently from one process (a rank calibrated it on a half-written layer 0); with the barrier 4 of 4 were
-    byte-identical to it. On accelerators the broadcasts synchronise the ranks and nothing is changed there."""
-    import functools
-
-    import torch.distributed as dist
-    from llmcompressor.modifiers.gptq import base as gptq_base
-    from llmcompressor.modifiers.quantization.quantization import base as quantization_base
-
-    for module in (gptq_base, quantization_base):
-        original = getattr(module, "broadcast_qparams_and_cleanup", None)
-        if original is None or getattr(original, "_routealign_synchronized", False):
-            continue
-
-        @functools.wraps(original)
-        def synchronized(*args, _original=original, **kwargs):
-            result = _original(*args, **kwargs)
-            if dist.is_initialized():
-                dist.barrier()
-            return result
-
-        synchronized._routealign_synchronized = True
-        module.broadcast_qparams_and_cleanup = synchronized
 
 
 def world_size() -> int:

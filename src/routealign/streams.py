@@ -193,7 +193,7 @@ def plain_forwards(module: torch.nn.Module, all_experts: bool = False, attn_impl
     activation quantization), without llm-compressor's all-experts calibration (unless ``all_experts``: every
     expert runs on every token, the block output still combines only the routed ones), under
     ``attn_implementation`` (default :func:`attention_implementation`)."""
-    from llmcompressor.modeling.moe import context as moe_context
+    from .compat import calibrate_all_experts
 
     saved = {}
     for sub in module.modules():
@@ -201,7 +201,7 @@ def plain_forwards(module: torch.nn.Module, all_experts: bool = False, attn_impl
             saved[sub] = sub.__dict__.pop("forward")
     try:
         with contextlib.ExitStack() as stack:
-            stack.enter_context(patch_attr(moe_context, "_CALIBRATE_ALL_EXPERTS", all_experts))
+            stack.enter_context(calibrate_all_experts(all_experts))
             stack.enter_context(_attention(module, attn_implementation or attention_implementation(module)))
             yield
     finally:

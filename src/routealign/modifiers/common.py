@@ -21,8 +21,7 @@ from ..distributed import shard_bounds, world_size
 from ..errors import InputError
 from ..streams import BlockInputs, StreamEngine, canonical_order
 
-__all__ = ["decoder_layer_order", "final_norm", "CausalCalibration", "gather_tokens", "skip_pipeline_passes",
-           "keep_pipeline_passes_skipped", "restore_pipeline_passes", "OWN_STREAMS"]
+__all__ = ["decoder_layer_order", "final_norm", "CausalCalibration", "gather_tokens"]
 
 
 def decoder_layer_order(model: torch.nn.Module, sequential_targets=None) -> list[str]:
@@ -138,61 +137,3 @@ def gather_tokens(tokens: CalibrationTokens) -> CalibrationTokens:
     for r, row in enumerate(rows):
         ids[r, : row.numel()] = row
     return CalibrationTokens(ids, None if bool((lengths == lengths.max()).all()) else lengths)
-
-
-# modifiers that take nothing from llm-compressor's sequential pipeline passes (every statistic and target comes from
-# their own causal streams): the class attribute marks them
-OWN_STREAMS = "routealign_own_streams"
-_SKIPPED = "_routealign_pipeline_forward"  # a decoder layer's instance forward while the pipeline's passes are skipped
-_SKIPPING = "_routealign_skipped_layers"  # on the model: the layers whose passes are skipped
-
-
-def _passthrough(hidden_states, *args, **kwargs):
-    return hidden_states
-
-
-def skip_pipeline_passes(model: torch.nn.Module, layers: list[str]) -> bool:
-    """When every modifier of the recipe takes its activations from its own causal streams (routealign's), make
-    llm-compressor's sequential pipeline's passes over the decoder layers ``layers`` free: each layer returns its
-    input there (no weight onloaded, no expert run), while routealign's own forwards (:func:`routealign.streams.
-    plain_forwards` removes instance forwards) run the real layer. The pipeline's calibration and propagation passes
-    compute activations nothing of such a recipe reads; another modifier in the recipe (GPTQ, AWQ, ...) needs them,
-    and then nothing is changed. Returns whether the passes are skipped. Taking compressed-tensors' offloading off a
-    layer and putting it back resets its forward: :func:`keep_pipeline_passes_skipped` after such work;
-    :func:`restore_pipeline_passes` at the end."""
-    from llmcompressor.core import active_session
-
-    if _SKIPPING in model.__dict__:
-        return True
-    try:
-        modifiers = list(active_session().lifecycle.recipe.modifiers)
-    except AttributeError:  # no active recipe (a modifier driven by hand)
-        return False
-    if not modifiers or not all(getattr(type(m), OWN_STREAMS, False) for m in modifiers):
-        return False
-    model.__dict__[_SKIPPING] = list(layers)
-    keep_pipeline_passes_skipped(model)
-    return True
-
-
-def keep_pipeline_passes_skipped(model: torch.nn.Module) -> None:
-    """Put the pass-through back on every layer whose forward was reset since (compressed-tensors' offloading
-    re-wraps a module's forward when it is put back); nothing when the passes are not skipped."""
-    for name in model.__dict__.get(_SKIPPING, ()):
-        layer = model.get_submodule(name)
-        current = layer.__dict__.get("forward")
-        if current is not _passthrough:
-            layer.__dict__[_SKIPPED] = current
-            layer.forward = _passthrough
-
-
-def restore_pipeline_passes(model: torch.nn.Module) -> None:
-    """Undo :func:`skip_pipeline_passes` (idempotent)."""
-    for name in model.__dict__.pop(_SKIPPING, ()):
-        layer = model.get_submodule(name)
-        if _SKIPPED in layer.__dict__:
-            original = layer.__dict__.pop(_SKIPPED)
-            if layer.__dict__.get("forward") is _passthrough:
-                layer.__dict__.pop("forward")
-                if original is not None:
-                    layer.forward = original

@@ -26,8 +26,9 @@ from ...routing import find_moe_layers
 from ...runner import LMTail
 from ...schemes import WeightQuantizer, input_global_scale
 from ...validation import check_group_sizes
-from ..common import (CausalCalibration, decoder_layer_order, final_norm, keep_pipeline_passes_skipped,
-                      restore_pipeline_passes, skip_pipeline_passes)
+from ...compat import (initialize_quantization, keep_pipeline_passes_skipped, restore_pipeline_passes,
+                      skip_pipeline_passes)
+from ..common import CausalCalibration, decoder_layer_order, final_norm
 from ..fields import document
 from .config import TuningConfig
 from .report import layer_report, unreachable_routers
@@ -130,12 +131,7 @@ class RouterAlignedRoundingModifier(Modifier, QuantizationMixin, TuningConfig):
             # (every rank computes the same values). Not otherwise: a disk-offloaded module's cache would then hold
             # the new parameters outside its index and fail to onload them (tested with disk offloading)
             with disable_onloading() if world_size() > 1 else contextlib.nullcontext():
-                try:
-                    QuantizationMixin.initialize_quantization(self, model)
-                except ValueError as exc:  # llm-compressor's group-size divisibility check (0.14) lists the layers
-                    if "not divisible by group_size" not in str(exc):
-                        raise
-                    raise InputError(f"{type(self).__name__} (scheme {self.scheme}): {exc}") from None
+                initialize_quantization(self, model)
         # everything checkable is checked now, before any calibration forward
         where = type(self).__name__
         self._layer_order = decoder_layer_order(model, kwargs.get("sequential_targets"))

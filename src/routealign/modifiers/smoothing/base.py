@@ -20,8 +20,8 @@ from ...routing import MoELayer, find_moe_layers
 from ...schemes import WeightQuantizer
 from ...streams import run_block
 from ..fields import document, renamed
-from ..common import (CausalCalibration, decoder_layer_order, keep_pipeline_passes_skipped, restore_pipeline_passes,
-                      skip_pipeline_passes)
+from ...compat import keep_pipeline_passes_skipped, restore_pipeline_passes, skip_pipeline_passes
+from ..common import CausalCalibration, decoder_layer_order
 from .folds import (
     MAPPINGS,
     FoldPlan,
