@@ -15,10 +15,24 @@ SRC = Path(compat.__file__).resolve().parent
 
 
 @pytest.mark.parametrize("package", sorted(compat.TARGETS))
-def test_the_installed_release_is_the_one_the_workarounds_target(package):
+def test_the_installed_and_pinned_release_is_the_one_the_workarounds_target(package):
+    pyproject = (SRC.parents[1] / "pyproject.toml").read_text()
+    assert f'"{package}=={compat.TARGETS[package]}"' in pyproject, f"pyproject.toml pins another {package}"
     assert version(package) == compat.TARGETS[package], (
         f"{package} {version(package)} is installed; routealign.compat's workarounds target "
         f"{compat.TARGETS[package]}: check each one against the new release, then update TARGETS")
+
+
+def test_no_module_outside_compat_imports_a_private_name_of_theirs():
+    offenders = []
+    for path in SRC.rglob("*.py"):
+        if path.name == "compat.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                    ("llmcompressor", "compressed_tensors", "transformers")):
+                offenders += [f"{path.name}:{node.lineno} {a.name}" for a in node.names if a.name.startswith("_")]
+    assert not offenders, offenders
 
 
 def test_no_module_outside_compat_patches_an_llmcompressor_or_compressed_tensors_attribute():

@@ -1,4 +1,5 @@
-"""Every workaround for the llm-compressor and compressed-tensors releases routealign is pinned to, in one place,
+"""Every workaround for the llm-compressor, compressed-tensors and transformers releases routealign is pinned to, in
+one place,
 each naming the version whose behaviour it works around (:data:`TARGETS`; ``tests/test_compat.py`` fails when an
 installed version differs, so that a pin bump revisits each of them).
 
@@ -17,6 +18,8 @@ Here:
   ``moe_calibrate_all_experts``); routealign's own forwards set it per forward, restored on exit.
 - :func:`linearize_without_offload` (llm-compressor 0.14.0.1): ``linearize_moe`` offloads each new expert module
   like the module it replaces, which on the meta device would offload to "meta".
+- :func:`default_gating` (transformers 5.17.0): a linearized gated expert computes ``act(gate) * up`` exactly when its
+  ``_apply_gate`` is transformers' private ``_default_apply_gate``; nothing public says so.
 - :func:`initialize_quantization` (llm-compressor 0.14.0.1): its group-size divisibility check raises a plain
   ``ValueError``; routealign reports it as an :class:`~routealign.errors.InputError` naming the modifier and scheme.
 
@@ -36,9 +39,9 @@ import torch
 
 __all__ = ["TARGETS", "OWN_STREAMS", "skip_pipeline_passes", "keep_pipeline_passes_skipped",
            "restore_pipeline_passes", "synchronize_cpu_qparam_broadcasts", "fp4_unpacked_in",
-           "initialize_quantization", "calibrate_all_experts", "linearize_without_offload"]
+           "initialize_quantization", "calibrate_all_experts", "linearize_without_offload", "default_gating"]
 
-TARGETS = {"llmcompressor": "0.14.0.1", "compressed-tensors": "0.19.0"}
+TARGETS = {"llmcompressor": "0.14.0.1", "compressed-tensors": "0.19.0", "transformers": "5.17.0"}
 
 
 # modifiers that take nothing from llm-compressor's sequential pipeline passes (every statistic and target comes from
@@ -175,3 +178,11 @@ def linearize_without_offload(model: torch.nn.Module) -> None:
 
     with patch_attr(linear_experts, "offload_module", lambda *args, **kwargs: None):
         linearize_moe(model)
+
+
+def default_gating(expert: torch.nn.Module) -> bool:
+    """Whether a linearized gated expert's gating is transformers' default ``act(gate) * up`` (5.17.0: its
+    ``_apply_gate`` is the private ``transformers.integrations.moe._default_apply_gate``)."""
+    from transformers.integrations.moe import _default_apply_gate
+
+    return getattr(getattr(expert, "_apply_gate", None), "__func__", None) is _default_apply_gate

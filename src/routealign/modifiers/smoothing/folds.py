@@ -157,11 +157,11 @@ def _act_name(act) -> str:
 def expert_fold_power(expert: torch.nn.Module) -> tuple[int | None, str]:
     """How an up->down fold is exact for one linearized expert: ``(power, "")`` or ``(None, reason)``."""
     from llmcompressor.modeling.moe.linear_experts import ExpertMLPWithGate, ExpertMLPWithoutGate
-    from transformers.integrations.moe import _default_apply_gate
+
+    from ...compat import default_gating
 
     if isinstance(expert, ExpertMLPWithGate):
-        gate = getattr(getattr(expert, "_apply_gate", None), "__func__", None)
-        if gate is _default_apply_gate:
+        if default_gating(expert):
             return 1, ""
         return None, f"{type(expert).__name__}: its gating is not act(gate) * up (not linear in the up branch)"
     if isinstance(expert, ExpertMLPWithoutGate):
