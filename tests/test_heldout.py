@@ -35,10 +35,8 @@ def _setup(model_type="qwen3_moe", rows=8, seq_len=24, seed=4):
 
 
 def _tune(block, nxt, targets, q, next_kwargs, objective, holdout=0.125, **config):
-    config = {"objective": objective, "iters": 12, "batch_size": 2, "rounding": {"min_expert_tokens": 0},
-              "holdout": {"fraction": holdout, "every": 3}, **config}
-    if "rounding" in config and "min_expert_tokens" not in config["rounding"]:
-        config["rounding"] = {"min_expert_tokens": 0, **config["rounding"]}
+    config = {"objective": objective, "iters": 12, "batch_size": 2, "holdout": {"fraction": holdout, "every": 3},
+              **config, "rounding": {"min_expert_tokens": 0, **config.get("rounding", {})}}
     with suspended_offloading(block, nxt):
         tuner = BlockTuner(block, targets, TuningConfig(**config), [nxt], next_kwargs=[next_kwargs])
         result = tuner.tune(q, q)

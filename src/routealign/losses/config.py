@@ -37,13 +37,13 @@ class LossSettings(BaseModel):
             return data
         from . import names, objective
 
-        out = dict(data)
+        out, known = dict(data), names()
         for key, value in data.items():
             if key in cls.model_fields:
                 continue
-            if key not in names():
+            if key not in known:
                 raise ValueError(f"loss.{key}: neither a loss setting ({', '.join(cls.model_fields)}) nor a router "
-                                 f"objective ({', '.join(names())})")
+                                 f"objective ({', '.join(known)})")
             settings = objective(key).Settings
             if settings is None:
                 raise ValueError(f"loss.{key}: router objective '{key}' has no settings")

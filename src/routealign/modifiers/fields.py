@@ -117,13 +117,19 @@ def update_readme(path: Path, classes: list[type[BaseModel]]) -> bool:
     return new != text
 
 
-def renamed(moves: dict[str, str]):
-    """A model validator refusing each old field name in ``moves`` with its new place (``'alpha' is now ...``)."""
+def renamed(moves, hint=None):
+    """A model validator refusing each old field name in ``moves`` (a dict, or a function returning one) with its new
+    place (``'alpha' is now ...``, plus ``hint(new place)`` in parentheses when given); a name that is a field of the
+    model itself is never refused."""
 
     def check(cls, data):
-        old = [key for key in data if key in moves] if isinstance(data, dict) else []
+        if not isinstance(data, dict):
+            return data
+        table = moves() if callable(moves) else moves
+        old = [key for key in data if key in table and key not in cls.model_fields]
         if old:
-            raise ValueError("; ".join(f"'{key}' is now {moves[key]}" for key in old))
+            raise ValueError("; ".join(f"'{key}' is now {table[key]}" + (f" ({hint(table[key])})" if hint else "")
+                                       for key in old))
         return data
 
     return model_validator(mode="before")(classmethod(check))

@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ...losses import LossSettings
+from ..fields import renamed
 
 __all__ = ["TuningConfig", "RouterScope", "HoldoutSettings", "GateSettings", "MemorySettings", "RoundingSettings",
            "MOVED", "moved"]
@@ -150,15 +151,8 @@ class TuningConfig(BaseModel):
             raise ValueError(f"unknown router objective '{value}'; known: {', '.join(names())}")
         return value
 
-    @model_validator(mode="before")
-    @classmethod
-    def _moved_names(cls, data):
-        if isinstance(data, dict):
-            old = [key for key in data if key in moved() and key not in cls.model_fields]
-            if old:
-                raise ValueError("; ".join(f"'{key}' is now {moved()[key]} (write {_nested(moved()[key])})"
-                                           for key in old))
-        return data
+    # moved() is defined below the class and reads the objectives at validation time
+    _moved_names = renamed(lambda: moved(), hint=lambda place: f"write {_nested(place)}")
 
     @model_validator(mode="after")
     def _output_balance_needs_next_scope(self):
